@@ -1,0 +1,111 @@
+"""RecastConfig and the presets named after the paper's variants."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+# Regexes on full dotted module names. Kept here, and only here, so no other file hard-codes names.
+_VIT_QKV = r"(^|.*\.)blocks\.\d+\.attn\.qkv"
+_VIT_MLP = r"(^|.*\.)blocks\.\d+\.mlp\.fc[12]"
+# Convolutions inside residual stages (timm ResNet `layerN.M.convK`, and `stages.N...` families);
+# the stem and the downsample shortcuts stay dense, as RECAST-resnet does.
+_RESIDUAL_CONV = r"(^|.*\.)(layer\d+|stages\.\d+)\.\d+\.(.*\.)?conv[^.]*"
+
+PRESETS: dict[str, dict] = {
+    "recast-mlp": {"target_modules": _VIT_MLP, "layer_types": ("linear",)},
+    "recast-attn": {"target_modules": _VIT_QKV, "layer_types": ("linear",)},
+    "recast-attn-mlp": {"target_modules": f"({_VIT_QKV})|({_VIT_MLP})", "layer_types": ("linear",)},
+    "recast-conv": {
+        "target_modules": _RESIDUAL_CONV,
+        "exclude_modules": [r".*downsample.*", r".*shortcut.*"],
+        "layer_types": ("conv",),
+    },
+    # every Linear/Conv2d except the classifier head (excluded at match time)
+    "all": {"target_modules": None, "layer_types": ("linear", "conv")},
+}
+
+
+@dataclass
+class RecastConfig:
+    """How a model is rewritten into template banks.
+
+    A layer's weight is ``W_l = (1/K) * sum_k sum_i coef[l, k, i] * T[g, i]``.
+    """
+
+    # regex on full dotted names, or a list of exact names / dotted suffixes; None = every layer
+    target_modules: str | list[str] | None = None
+    # regexes or names / suffixes never wrapped (applied after target_modules)
+    exclude_modules: list[str] = field(default_factory=list)
+    layer_types: tuple[str, ...] = ("linear", "conv")  # which of nn.Linear / nn.Conv2d may match
+    exclude_head: bool = True  # keep the classifier head dense (it changes per task)
+    layers_per_group: int | None = None  # cap on consecutive same-shape layers per bank; None = all
+    templates: int | None = None  # templates per bank; None = layers in the group (exact fit)
+    coef_sets: int = 2  # K coefficient sets per layer, averaged
+    seed: int = 0
+    preset: str | None = None  # name the config came from, for the record
+
+    def __post_init__(self) -> None:
+        if self.coef_sets < 1:
+            raise ValueError(f"coef_sets must be >= 1, got {self.coef_sets}")
+        if self.templates is not None and self.templates < 1:
+            raise ValueError(f"templates must be >= 1, got {self.templates}")
+        if self.layers_per_group is not None and self.layers_per_group < 1:
+            raise ValueError(f"layers_per_group must be >= 1, got {self.layers_per_group}")
+        bad = set(self.layer_types) - {"linear", "conv"}
+        if bad:
+            raise ValueError(f"unknown layer types {sorted(bad)}; use 'linear' and/or 'conv'")
+        if isinstance(self.target_modules, str):
+            _compile(self.target_modules)
+        for pattern in self.exclude_modules:
+            _compile(pattern)
+        self.layer_types = tuple(self.layer_types)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RecastConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown recast config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def matches(self, name: str) -> bool:
+        """Whether a module name is targeted (type and head checks happen in recast.py)."""
+        if self.target_modules is not None and not _name_matches(name, self.target_modules):
+            return False
+        return not any(_name_matches(name, pattern) for pattern in self.exclude_modules)
+
+
+def _compile(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"invalid module pattern {pattern!r}: {err}") from None
+
+
+def _name_matches(name: str, spec: str | list[str]) -> bool:
+    if isinstance(spec, str):
+        # a plain name is also accepted as a suffix, like peft does
+        return bool(_compile(spec).fullmatch(name)) or name == spec or name.endswith("." + spec)
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def preset_config(name: str, **overrides) -> RecastConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return RecastConfig(**{**PRESETS[name], **overrides, "preset": name})
+
+
+def default_preset(model: nn.Module) -> str:
+    """The paper's variant for a model family: attention+MLP for ViTs, residual convs for CNNs."""
+    names = [name for name, _ in model.named_modules()]
+    if any(re.fullmatch(_VIT_QKV, n) for n in names):
+        return "recast-attn-mlp"
+    if any(re.fullmatch(_RESIDUAL_CONV, n) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)):
+        return "recast-conv"
+    return "all"

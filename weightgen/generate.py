@@ -1,0 +1,114 @@
+"""The main job: weights for a timm architecture -> recast, fit, check, one artifact directory."""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .artifact import save
+from .config import PRESETS, RecastConfig, default_preset, preset_config
+from .io import WeightgenError, check_output_dir, load_checkpoint
+from .mimicry import METHODS, fit
+from .mimicry.fidelity import compare_features, record_features
+from .models import create_model, example_batch, load_into
+from .recast import recast
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateOptions:
+    arch: str
+    checkpoint: str | None = None
+    pretrained: bool = False
+    model_kwargs: dict = field(default_factory=dict)
+    preset: str | None = None
+    target: str | None = None  # regex on module names, instead of a preset
+    layers_per_group: int | None = None
+    templates: int | None = None
+    coef_sets: int = 2
+    method: str = "closed_form"
+    steps: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    out: str | None = None
+    overwrite: bool = False
+    logdir: str | None = None
+    vae: str | None = None
+    fidelity_batch: int = 4
+
+    def output_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("outputs") / f"{self.arch}-{self.method.replace('+', '_')}-s{self.seed}"
+
+
+def validate(opts: GenerateOptions) -> None:
+    """Every check that needs no model, before any work is done."""
+    if opts.preset and opts.target:
+        raise WeightgenError("pass either --preset or --target, not both")
+    if opts.preset and opts.preset not in PRESETS:
+        raise WeightgenError(f"unknown preset {opts.preset!r}; choose from {', '.join(PRESETS)}")
+    if opts.checkpoint and opts.pretrained:
+        raise WeightgenError("pass either --checkpoint or --pretrained, not both")
+    if opts.method not in METHODS:
+        raise WeightgenError(f"unknown method {opts.method!r}; choose from {', '.join(METHODS)}")
+    if opts.steps is not None and opts.steps < 0:
+        raise WeightgenError("--steps must be >= 0")
+    if opts.method == "closed_form" and opts.steps:
+        raise WeightgenError("--steps has no effect with --method closed_form; use closed_form+gradient")
+    if opts.fidelity_batch < 1:
+        raise WeightgenError("the fidelity batch must hold at least one input")
+    check_output_dir(opts.output_dir(), opts.overwrite)
+
+
+def recast_config(model: torch.nn.Module, opts: GenerateOptions) -> RecastConfig:
+    common = {"layers_per_group": opts.layers_per_group, "templates": opts.templates,
+              "coef_sets": opts.coef_sets, "seed": opts.seed}
+    try:
+        if opts.target:
+            return RecastConfig(target_modules=opts.target, **common)
+        return preset_config(opts.preset or default_preset(model), **common)
+    except ValueError as err:
+        raise WeightgenError(str(err)) from None
+
+
+def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]:
+    """Run the whole job; returns the artifact directory and its report."""
+    validate(opts)
+    start = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    model = create_model(opts.arch, opts.model_kwargs, pretrained=opts.pretrained)
+    if opts.checkpoint:
+        state = load_checkpoint(opts.checkpoint)
+        load_into(model, state, opts.checkpoint)
+    elif opts.pretrained:
+        state = model.state_dict()
+    else:
+        raise WeightgenError(f"no weights to start from for {opts.arch}: pass --checkpoint FILE "
+                             "(.safetensors/.pt/.pth/.bin) or --pretrained (needs a network)")
+    config = recast_config(model, opts)
+
+    with torch.no_grad():
+        batch = example_batch(model, opts.fidelity_batch, opts.seed)
+        reference = record_features(model, batch)
+    try:
+        recast(model, config, init="empty")
+    except ValueError as err:
+        raise WeightgenError(str(err)) from None
+    report = fit(model, state, opts.method, steps=opts.steps, lr=opts.lr, seed=opts.seed, progress=progress)
+    del state
+    gc.collect()
+    with torch.no_grad():
+        report["function"] = compare_features(reference, record_features(model, batch))
+    report.update(arch=opts.arch, model_kwargs=opts.model_kwargs, source="checkpoint" if opts.checkpoint else "pretrained")
+    if opts.logdir:
+        from .inspect import log_fit
+        log_fit(opts.logdir, model, report)
+
+    out = save(model, opts.output_dir(), report, arch=opts.arch, model_kwargs=opts.model_kwargs,
+               overwrite=opts.overwrite)
+    report["seconds_total"] = time.perf_counter() - start
+    return out, report

@@ -1,0 +1,68 @@
+"""Neural Mimicry: fit template banks and coefficients to a target dense state dict."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .closed_form import fit_closed_form, solve_bank
+from .fidelity import function_fidelity, weight_fidelity
+from .gradient import GradientSettings, fit_gradient
+
+METHODS = ("closed_form", "gradient", "closed_form+gradient", "decoder")
+DEFAULT_STEPS = {"gradient": 1000, "closed_form+gradient": 200, "decoder": 300}
+DEFAULT_LR = {"gradient": 1e-3, "closed_form+gradient": 1e-4, "decoder": 1e-2}
+
+
+def fit(model: nn.Module, target: dict[str, torch.Tensor], method: str = "closed_form", *,
+        steps: int | None = None, lr: float | None = None, seed: int | None = None,
+        progress: bool = False, on_step: Callable[[int, float], None] | None = None,
+        vae=None) -> dict:
+    """Fit a recast ``model`` in place to ``target``; returns the fit report."""
+    from ..recast import parameter_counts
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    seed = model.recast_config.seed if seed is None else seed
+    steps = DEFAULT_STEPS.get(method, 0) if steps is None else steps
+    lr = DEFAULT_LR.get(method, 0.0) if lr is None else lr
+    if steps < 0 or (method != "closed_form" and lr <= 0):
+        raise ValueError("steps must be >= 0 and lr > 0")
+    start = time.perf_counter()
+    history: list[float] = []
+    if method in ("closed_form", "closed_form+gradient"):
+        fit_closed_form(model, target)
+    if method == "gradient":
+        history = fit_gradient(model, target, "paper", GradientSettings(steps=steps, lr=lr), seed, progress, on_step)
+    elif method == "closed_form+gradient" and steps > 0:
+        history = fit_gradient(model, target, "refine", GradientSettings(steps=steps, lr=lr), seed, progress, on_step)
+    elif method == "decoder":
+        if vae is None:
+            raise ValueError("method 'decoder' needs a VAE (pass vae=...)")
+        from .decoder import fit_decoder
+        history = fit_decoder(model, target, vae, steps=steps, lr=lr, seed=seed, progress=progress, on_step=on_step)
+    seconds = time.perf_counter() - start
+    return build_report(model, target, method, seconds, history)
+
+
+def build_report(model: nn.Module, target: dict[str, torch.Tensor], method: str, seconds: float,
+                 history: list[float] | None = None) -> dict:
+    from ..recast import parameter_counts
+
+    layers = weight_fidelity(model, target)
+    cosines = [row["cosine"] for row in layers]
+    return {
+        "method": method,
+        "mean_cosine": sum(cosines) / len(cosines),
+        "min_cosine": min(cosines),
+        "seconds": seconds,
+        "layers": layers,
+        "params": parameter_counts(model),
+        "loss_history": history[:: max(1, len(history) // 200)] if history else [],
+    }
+
+
+__all__ = ["fit", "build_report", "solve_bank", "fit_closed_form", "fit_gradient", "GradientSettings",
+           "weight_fidelity", "function_fidelity", "METHODS"]

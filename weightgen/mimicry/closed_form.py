@@ -1,0 +1,107 @@
+"""Closed-form Neural Mimicry: per bank, a balanced least-squares fit via a small Gram matrix.
+
+All work on the big (L, D) weight matrix is two matmuls; the decisions happen on (L, L) matrices.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_EIG_REL_TOL = 1e-8  # eigenvalues below this fraction of the largest are treated as rank deficiency
+
+
+def solve_bank(weights: torch.Tensor, templates: int, balance: bool = True, steps: int = 300,
+               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit ``weights`` (L, D) ~= coefficients (L, n) @ templates (n, D).
+
+    Exact (to float rounding) when n >= rank. Under compression a plain SVD maximises the summed
+    *squared* cosines, which on nearly orthogonal layers fits a few layers perfectly and leaves the
+    rest near 0. With ``balance`` the template subspace is then refined to maximise the *mean
+    cosine* of the unit-normalised layers; the concave sqrt is what keeps every layer alive.
+    """
+    M = weights.float()  # (L, D)
+    L = M.shape[0]
+    norms = M.norm(dim=1).double()  # (L,)
+    alive = norms > 0
+    safe = torch.where(alive, norms, torch.ones_like(norms))
+    gram = (M @ M.T).double() / (safe[:, None] * safe[None, :])  # (L, L) Gram of unit rows
+    basis = _principal_basis(gram, min(templates, L))  # (L, r): templates = basis^T @ Mhat
+    if balance and templates < L and basis.shape[1] > 0:
+        basis = _balance(gram, basis, alive, steps)
+
+    directions = M.new_zeros((0, M.shape[1]))
+    if basis.shape[1] > 0:
+        directions = (basis / safe[:, None]).T.float() @ M  # (r, D), orthonormal rows
+    if directions.shape[0] < templates:
+        directions = torch.cat([directions, _orthogonal_fill(directions, templates - directions.shape[0], seed)])
+    # templates carry a typical layer norm so that coefficients stay O(1) for adaptation
+    typical = norms[alive].pow(2).mean().sqrt().item() if alive.any() else 1.0
+    bank = directions * typical  # (n, D)
+    return bank, least_squares_coefficients(M, bank)
+
+
+def _principal_basis(gram: torch.Tensor, rank_cap: int) -> torch.Tensor:
+    """B (L, r) with Mhat^T B the top right singular vectors of Mhat (B^T G B = I)."""
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0)[:rank_cap], evecs.flip(1)[:, :rank_cap]
+    keep = evals > max(evals[0].item(), 0.0) * _EIG_REL_TOL
+    return evecs[:, keep] / evals[keep].sqrt()
+
+
+def _captured(gram: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """f_l: fraction of unit layer l inside span(Mhat^T basis), for any (non-orthonormal) basis."""
+    proj = gram @ basis  # (L, r)
+    inner = basis.T @ gram @ basis  # (r, r)
+    return (torch.linalg.solve(inner, proj.T).T * proj).sum(1).clamp(0, 1)
+
+
+def _balance(gram: torch.Tensor, basis: torch.Tensor, alive: torch.Tensor, steps: int) -> torch.Tensor:
+    """Gradient ascent of mean_l sqrt(f_l) over the subspace, on (L, r) numbers only."""
+    def score(b):
+        return _captured(gram, b)[alive].clamp(min=1e-12).sqrt().mean()
+
+    param = basis.clone().requires_grad_(True)
+    opt = torch.optim.Adam([param], lr=1e-2 * basis.abs().mean().item())
+    best, best_score = basis, score(basis).item()
+    for _ in range(steps):
+        loss = -score(param)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if -loss.item() > best_score + 1e-9:
+            best, best_score = param.detach().clone(), -loss.item()
+    # re-orthonormalise so that templates are orthonormal directions
+    inner = best.T @ gram @ best
+    evals, evecs = torch.linalg.eigh(inner)
+    return best @ evecs / evals.clamp(min=1e-30).sqrt()
+
+
+def least_squares_coefficients(weights: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """argmin_A ||weights - A @ bank||, solved in float64 on the (n, n) normal equations."""
+    cross = (weights.float() @ bank.T).double()  # (L, n)
+    normal = (bank @ bank.T).double()  # (n, n)
+    return torch.linalg.lstsq(normal, cross.T).solution.T.float()  # (L, n)
+
+
+def _orthogonal_fill(directions: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Extra unit directions orthogonal to ``directions`` (more templates than rank)."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(count, directions.shape[1], generator=gen)  # (count, D)
+    q, _ = torch.linalg.qr(torch.cat([directions, noise]).T)  # (D, r + count)
+    return q[:, directions.shape[0]:].T.contiguous()
+
+
+def fit_closed_form(model: nn.Module, target: dict[str, torch.Tensor], balance: bool = True) -> None:
+    """Set every bank and coefficient of a recast ``model`` from ``target`` (a dense state dict)."""
+    from ..recast import banks_of, recast_layers
+
+    layers = recast_layers(model)
+    seed = model.recast_config.seed
+    for index, (group_name, bank) in enumerate(banks_of(model).items()):
+        stacked = torch.stack([target[f"{name}.weight"].reshape(-1).float() for name in bank.members])  # (L, D)
+        templates, coefficients = solve_bank(stacked, bank.num_templates, balance=balance, seed=seed + index)
+        del stacked
+        with torch.no_grad():
+            bank.templates.copy_(templates.reshape(bank.templates.shape))
+            for row, name in enumerate(bank.members):
+                layers[name].coefficients.copy_(coefficients[row].expand_as(layers[name].coefficients))

@@ -1,0 +1,248 @@
+"""Model-zoo token dataset: memory-mapped, lazily tokenised, split by model (never by token)."""
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Dataset
+
+from .tokenize import KINDS, TOKEN_SIZE, layer_kind, token_count, tokenize
+
+__all__ = ["list_zoo", "split_by_model", "ZooTokenDataset", "ZooDataModule"]
+
+log = logging.getLogger(__name__)
+
+_REQUIRED = ("arch", "layers")
+_LAYER_KEYS = ("name", "shape", "depth")
+
+
+def _valid_meta(meta) -> bool:
+    if not isinstance(meta, dict) or any(k not in meta for k in _REQUIRED):
+        return False
+    layers = meta["layers"]
+    return isinstance(layers, list) and bool(layers) and all(
+        isinstance(lay, dict) and all(k in lay for k in _LAYER_KEYS) for lay in layers
+    )
+
+
+def list_zoo(root) -> list[dict]:
+    """Metadata of every ``<id>.json`` in ``root`` that has a matching ``<id>.safetensors``.
+
+    Each dict is the JSON content plus ``model_id`` (the file stem) and ``weights`` (the path).
+    """
+    root = Path(root)
+    models = []
+    for meta_path in sorted(root.glob("*.json")) if root.is_dir() else []:
+        weights = meta_path.with_suffix(".safetensors")
+        if not weights.is_file():
+            continue  # e.g. a zoo-level summary json
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("skipping %s: unreadable json (%s)", meta_path, e)
+            continue
+        if not _valid_meta(meta):
+            log.warning("skipping %s: needs %s and a non-empty layers list of {name, shape, depth}",
+                        meta_path, "/".join(_REQUIRED))
+            continue
+        meta["model_id"] = meta_path.stem  # the file name is what locates the weights
+        meta["weights"] = str(weights)
+        models.append(meta)
+    if not models:
+        raise ValueError(f"no usable models in {root}")
+    return models
+
+
+def split_by_model(models: list[dict], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic (train_ids, val_ids); both non-empty when there are >= 2 models."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    ids = sorted({m["model_id"] for m in models})  # input order must not change the split
+    if len(ids) < 2:
+        return ids, []
+    n_val = min(max(1, round(val_fraction * len(ids))), len(ids) - 1)
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    val = sorted(ids[i] for i in perm[:n_val])
+    train = sorted(ids[i] for i in perm[n_val:])
+    return train, val
+
+
+class ZooTokenDataset(Dataset):
+    """One item per token: ``dict(values, mask, cond, kind)``.
+
+    The index (model, layer, token ids) comes from JSON metadata and safetensors headers; weights
+    are read lazily through ``safe_open`` (memory-mapped) and tokenised layers are kept in a small
+    LRU cache bounded in bytes. Each DataLoader worker holds its own copy of the cache.
+    """
+
+    def __init__(
+        self,
+        root,
+        model_ids: list[str] | None = None,
+        token_size: int = TOKEN_SIZE,
+        max_tokens_per_layer: int | None = None,
+        seed: int = 0,
+        cache_mb: float = 256.0,
+    ):
+        self.root = Path(root)
+        self.token_size = int(token_size)
+        self.cache_bytes = int(cache_mb * 2**20)
+        models = {m["model_id"]: m for m in list_zoo(root)}
+        if model_ids is not None:
+            missing = sorted(set(model_ids) - set(models))
+            if missing:
+                raise ValueError(f"model ids not in zoo {root}: {missing}")
+            models = {i: models[i] for i in sorted(set(model_ids))}
+        if not models:
+            raise ValueError(f"no models selected from {root}")
+        if max_tokens_per_layer is not None and max_tokens_per_layer <= 0:
+            raise ValueError(f"max_tokens_per_layer must be positive, got {max_tokens_per_layer}")
+
+        # layers[j] = (weights path, tensor key, kind, depth, shape, token ids or None = all)
+        self.layers: list[tuple[str, str, str, float, tuple[int, ...], np.ndarray | None]] = []
+        lengths = []
+        for mid, meta in models.items():
+            header = self._header_shapes(meta["weights"])
+            for li, layer in enumerate(meta["layers"]):
+                shape = tuple(int(s) for s in layer["shape"])
+                key = layer["name"] + ".weight"
+                if header.get(key) != shape:
+                    raise ValueError(f"{mid}: tensor {key!r} is {header.get(key)} in safetensors, json says {shape}")
+                kind = layer_kind(shape, int(layer.get("groups", 1)))
+                if not 0.0 <= float(layer["depth"]) <= 1.0:  # fail at index time, not mid-epoch
+                    raise ValueError(f"{mid}: layer {layer['name']!r} has depth {layer['depth']} outside [0, 1]")
+                n = token_count(shape, self.token_size)
+                ids = None
+                if max_tokens_per_layer is not None and n > max_tokens_per_layer:
+                    # seeded by model id, not position, so a model's subset never depends on the split
+                    rng = np.random.default_rng([seed, zlib.crc32(mid.encode()), li])
+                    ids = np.sort(rng.choice(n, size=max_tokens_per_layer, replace=False))
+                    n = max_tokens_per_layer
+                self.layers.append((meta["weights"], key, kind, float(layer["depth"]), shape, ids))
+                lengths.append(n)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (L + 1,)
+        self.model_ids = list(models)
+        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = OrderedDict()
+        self._cached_bytes = 0
+
+    @staticmethod
+    def _header_shapes(path: str) -> dict[str, tuple[int, ...]]:
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error type for corrupt headers
+            raise ValueError(f"cannot read safetensors header of {path}: {e}") from e
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _layer(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Tokenised layer ``j`` as (values, mask, cond, kind_id), through the LRU cache."""
+        hit = self._cache.get(j)
+        if hit is not None:
+            self._cache.move_to_end(j)
+            return hit
+        path, key, kind, depth, _, ids = self.layers[j]
+        with safe_open(path, framework="pt") as f:
+            weight = f.get_tensor(key)
+        t = tokenize(weight, kind, depth, self.token_size)
+        values, mask, cond = t.values, t.mask, t.cond
+        if ids is not None:
+            idx = torch.from_numpy(ids)
+            values, mask, cond = values[idx], mask[idx], cond[idx]
+        entry = (values, mask, cond, KINDS.index(kind))
+        size = sum(x.numel() * x.element_size() for x in entry[:3])
+        self._cache[j] = entry
+        self._cached_bytes += size
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= sum(x.numel() * x.element_size() for x in old[:3])
+        return entry
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} tokens")
+        index %= len(self)
+        j = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return j, index - int(self.offsets[j])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        j, k = self._locate(int(index))
+        values, mask, cond, kind_id = self._layer(j)
+        return {"values": values[k], "mask": mask[k], "cond": cond[k], "kind": torch.tensor(kind_id)}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        # DataLoader's batched fetch: visit each layer once per batch so a shuffled batch does not
+        # thrash the cache more than necessary.
+        located = [self._locate(int(i)) for i in indices]
+        order = sorted(range(len(located)), key=lambda n: located[n][0])
+        out: list[dict | None] = [None] * len(located)
+        for n in order:
+            out[n] = self.__getitem__(int(indices[n]))
+        return out  # type: ignore[return-value]
+
+
+class ZooDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        root,
+        batch_size: int = 1024,
+        val_fraction: float = 0.2,
+        num_workers: int = 0,
+        seed: int = 0,
+        max_tokens_per_layer: int | None = None,
+        token_size: int = TOKEN_SIZE,
+        cache_mb: float = 256.0,
+    ):
+        super().__init__()
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.num_workers = num_workers
+        self.seed = seed
+        self.max_tokens_per_layer = max_tokens_per_layer
+        self.token_size = token_size
+        self.cache_mb = cache_mb  # per dataset and worker; a zoo bigger than this re-reads layers
+        self.train_ids: list[str] = []
+        self.val_ids: list[str] = []
+        self.train_set: ZooTokenDataset | None = None
+        self.val_set: ZooTokenDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        models = list_zoo(self.root)
+        if len(models) < 2:
+            raise ValueError(f"need at least 2 models in {self.root} to split train/val, found {len(models)}")
+        self.train_ids, self.val_ids = split_by_model(models, self.val_fraction, self.seed)
+        kw = dict(token_size=self.token_size, max_tokens_per_layer=self.max_tokens_per_layer, seed=self.seed,
+                  cache_mb=self.cache_mb)
+        self.train_set = ZooTokenDataset(self.root, self.train_ids, **kw)
+        self.val_set = ZooTokenDataset(self.root, self.val_ids, **kw)
+        log.info(
+            "zoo %s: %d train models (%d tokens), %d val models (%d tokens)",
+            self.root, len(self.train_ids), len(self.train_set), len(self.val_ids), len(self.val_set),
+        )
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,124 @@
+"""LitWeightVAE: a thin Lightning wrapper that trains a WeightVAE and logs diagnostics."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from .model import VAEConfig, WeightVAE, kl_weight
+from .tokenize import COND_FIELDS, KINDS
+
+__all__ = ["LitWeightVAE"]
+
+log = logging.getLogger(__name__)
+
+_DEPTH_COL = COND_FIELDS.index("depth")
+_N_VIS_TOKENS = 8  # tokens drawn as images
+_N_EMBED = 300  # latent means sent to the projector
+_N_CACHE = 512  # validation tokens kept for the epoch-end visuals
+
+
+def _token_images(x: torch.Tensor) -> torch.Tensor:
+    """(n, token_size) -> (n, s, s) with s = ceil(sqrt(token_size)); 8x8 for 64-wide tokens."""
+    n, d = x.shape
+    s = math.ceil(math.sqrt(d))
+    return F.pad(x, (0, s * s - d)).view(n, s, s)
+
+
+class LitWeightVAE(pl.LightningModule):
+    def __init__(self, config: VAEConfig | dict, lr: float = 1e-3, weight_decay: float = 0.0):
+        super().__init__()
+        if isinstance(config, dict):  # as restored from hparams
+            config = VAEConfig(**config)
+        # store the config as a plain dict so checkpoints/hparams.yaml never need a custom class
+        self.save_hyperparameters({"config": dataclasses.asdict(config), "lr": lr, "weight_decay": weight_decay})
+        self.config = config
+        self.vae = WeightVAE(config)
+        self._vis_batch: dict[str, torch.Tensor] | None = None
+
+    def current_beta(self) -> float:
+        return kl_weight(self.config, self.global_step)
+
+    def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        x, mask, cond, kind = batch["values"], batch["mask"], batch["cond"], batch["kind"]
+        beta = self.current_beta()
+        out = self.vae.loss(x, mask, cond, beta)
+        bs = x.shape[0]
+        # train: per step; val: epoch means. Never both, so tags stay exactly "<stage>/<name>".
+        kw = {"on_step": stage == "train", "on_epoch": stage != "train"}
+        for name in ("loss", "recon", "kl"):
+            self.log(f"{stage}/{name}", out[name], batch_size=bs, prog_bar=name == "loss", **kw)
+        self.log(f"{stage}/beta", beta, batch_size=bs, **kw)
+
+        # Reconstruction cosine per layer kind, on the deterministic decode(mu).
+        with torch.no_grad():
+            m = mask.to(x.dtype)
+            x_mu = self.vae.decode(out["mu"].detach(), cond)  # (B, token_size)
+            cos = F.cosine_similarity(x * m, x_mu * m, dim=-1, eps=1e-8)  # (B,)
+            for kid, name in enumerate(KINDS):
+                sel = kind == kid
+                n = int(sel.sum())
+                if n:
+                    self.log(f"{stage}/cosine_{name}", cos[sel].mean(), batch_size=n, **kw)
+        return out["loss"]
+
+    def training_step(self, batch, batch_idx):
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0 and self._vis_batch is None:
+            self._vis_batch = {k: v[:_N_CACHE].detach().cpu() for k, v in batch.items()}
+        return self._common_step(batch, "val")
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        if not math.isfinite(total) or total <= 0:
+            return opt  # unknown run length (max_epochs=-1): constant LR
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(total), eta_min=self.hparams.lr * 0.05)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- TensorBoard diagnostics --------------------------------------------------------------
+    def _tensorboards(self) -> list:
+        writers = []
+        for logger in self.loggers:
+            exp = getattr(logger, "experiment", None)
+            if all(hasattr(exp, a) for a in ("add_image", "add_histogram", "add_embedding")):
+                writers.append(exp)
+        return writers
+
+    def on_validation_epoch_end(self) -> None:
+        batch, self._vis_batch = self._vis_batch, None
+        if batch is None or self.trainer.sanity_checking:
+            return
+        writers = self._tensorboards()
+        if not writers:
+            log.debug("no TensorBoard logger attached: skipping VAE diagnostics")
+            return
+        with torch.no_grad():
+            x, mask, cond = (batch[k].to(self.device) for k in ("values", "mask", "cond"))
+            mu, _ = self.vae.encode(x, cond)  # (n, latent_dim)
+            x_hat = self.vae.decode(mu, cond)  # (n, token_size)
+        x, mask, mu, x_hat = x.cpu(), mask.cpu(), mu.cpu(), x_hat.cpu()
+        step = self.global_step
+
+        # real vs decoded tokens, top row real, bottom row decoded, one shared colour scale
+        k = min(_N_VIS_TOKENS, x.shape[0])
+        real, dec = _token_images(x[:k] * mask[:k]), _token_images(x_hat[:k] * mask[:k])  # (k, s, s)
+        grid = torch.cat([torch.cat(list(real), dim=1), torch.cat(list(dec), dim=1)], dim=0)  # (2s, k*s)
+        lim = grid.abs().max().clamp_min(1e-8)
+        img = ((grid / lim + 1) / 2).clamp(0, 1).unsqueeze(0)  # (1, 2s, k*s) in [0, 1]
+
+        n = min(_N_EMBED, mu.shape[0])
+        depth = cond[:n, _DEPTH_COL].cpu()
+        labels = [f"{KINDS[int(kd)]}/d{min(int(dp * 4), 3)}" for kd, dp in zip(batch["kind"][:n], depth)]
+        for w in writers:
+            w.add_histogram("val/tokens_real", x[mask], step)
+            w.add_histogram("val/tokens_decoded", x_hat[mask], step)
+            w.add_image("val/tokens_real_top_decoded_bottom", img, step)
+            if n >= 2:
+                w.add_embedding(mu[:n], metadata=labels, tag="val/latent_mu", global_step=step)
