@@ -15,7 +15,8 @@ from .io import WeightgenError, check_output_dir, load_checkpoint
 from .mimicry import METHODS, fit
 from .mimicry.fidelity import compare_features, record_features
 from .models import create_model, example_batch, load_into
-from .recast import recast
+from .recast import head_names, recast
+from .vae.prior import activation_ranges, default_vae_dir, load_vae_bundle, sample_weights
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ def validate(opts: GenerateOptions) -> None:
         raise WeightgenError("--steps must be >= 0")
     if opts.method == "closed_form" and opts.steps:
         raise WeightgenError("--steps has no effect with --method closed_form; use closed_form+gradient")
+    if opts.method == "decoder" and not (opts.checkpoint or opts.pretrained):
+        raise WeightgenError("--method decoder fits a given model: pass --checkpoint FILE or --pretrained")
     if opts.fidelity_batch < 1:
         raise WeightgenError("the fidelity batch must hold at least one input")
     check_output_dir(opts.output_dir(), opts.overwrite)
@@ -81,14 +84,21 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
     start = time.perf_counter()
     torch.manual_seed(opts.seed)
     model = create_model(opts.arch, opts.model_kwargs, pretrained=opts.pretrained)
+    from_prior = not (opts.checkpoint or opts.pretrained)
+    vae = load_vae_bundle(opts.vae) if from_prior or opts.method == "decoder" else None
+    extra: dict = {}
     if opts.checkpoint:
         state = load_checkpoint(opts.checkpoint)
         load_into(model, state, opts.checkpoint)
     elif opts.pretrained:
         state = model.state_dict()
     else:
-        raise WeightgenError(f"no weights to start from for {opts.arch}: pass --checkpoint FILE "
-                             "(.safetensors/.pt/.pth/.bin) or --pretrained (needs a network)")
+        weights, stats, fallback = sample_weights(model, *vae, seed=opts.seed, skip=head_names(model), progress=progress)
+        with torch.no_grad():
+            for key, value in weights.items():
+                model.get_parameter(key).copy_(value)
+        state = model.state_dict()
+        extra["prior"] = {"vae": str(opts.vae or default_vae_dir()), "layers": stats, "fallback_layers": fallback}
     config = recast_config(model, opts)
 
     with torch.no_grad():
@@ -98,12 +108,15 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
         recast(model, config, init="empty")
     except ValueError as err:
         raise WeightgenError(str(err)) from None
-    report = fit(model, state, opts.method, steps=opts.steps, lr=opts.lr, seed=opts.seed, progress=progress)
+    report = fit(model, state, opts.method, steps=opts.steps, lr=opts.lr, seed=opts.seed, progress=progress, vae=vae)
     del state
     gc.collect()
     with torch.no_grad():
         report["function"] = compare_features(reference, record_features(model, batch))
-    report.update(arch=opts.arch, model_kwargs=opts.model_kwargs, source="checkpoint" if opts.checkpoint else "pretrained")
+        if from_prior:
+            report["activations"] = activation_ranges(model, batch)
+    source = "checkpoint" if opts.checkpoint else "pretrained" if opts.pretrained else "vae_prior"
+    report.update(arch=opts.arch, model_kwargs=opts.model_kwargs, source=source, **extra)
     if opts.logdir:
         from .inspect import log_fit
         log_fit(opts.logdir, model, report)

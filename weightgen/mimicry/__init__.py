@@ -39,12 +39,27 @@ def fit(model: nn.Module, target: dict[str, torch.Tensor], method: str = "closed
     elif method == "closed_form+gradient" and steps > 0:
         history = fit_gradient(model, target, "refine", GradientSettings(steps=steps, lr=lr), seed, progress, on_step)
     elif method == "decoder":
-        if vae is None:
-            raise ValueError("method 'decoder' needs a VAE (pass vae=...)")
-        from .decoder import fit_decoder
-        history = fit_decoder(model, target, vae, steps=steps, lr=lr, seed=seed, progress=progress, on_step=on_step)
+        return _fit_decoder(model, target, vae, steps, lr, seed, progress, on_step)
     seconds = time.perf_counter() - start
     return build_report(model, target, method, seconds, history)
+
+
+def _fit_decoder(model, target, vae, steps, lr, seed, progress, on_step) -> dict:
+    """Decoder mimicry, reported beside the closed-form fit it starts from."""
+    from .decoder import fit_decoder
+
+    if vae is None:
+        raise ValueError("method 'decoder' needs a VAE: pass vae=(WeightVAE, meta)")
+    start = time.perf_counter()
+    fit_closed_form(model, target)
+    baseline = build_report(model, target, "closed_form", time.perf_counter() - start)
+    start = time.perf_counter()
+    history, storage = fit_decoder(model, target, vae, steps=steps, lr=lr, seed=seed, progress=progress,
+                                   on_step=on_step)
+    report = build_report(model, target, "decoder", time.perf_counter() - start, history)
+    report["decoder"] = {**storage, "closed_form_mean_cosine": baseline["mean_cosine"],
+                         "closed_form_min_cosine": baseline["min_cosine"]}
+    return report
 
 
 def build_report(model: nn.Module, target: dict[str, torch.Tensor], method: str, seconds: float,

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Train a WeightVAE on a model zoo (scripts/build_zoo.py) and export it as safetensors + JSON.
+
+Lightning's accelerator/devices/strategy/num_nodes pass through, so the same script trains on GPUs
+or several nodes with DDP.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from weightgen.cli import run_cli
+from weightgen.vae.model import VAEConfig
+from weightgen.vae.train import train_vae
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--zoo", required=True, help="directory written by scripts/build_zoo.py")
+    p.add_argument("--out", required=True, help="output directory (vae.safetensors + vae.json)")
+    p.add_argument("--logdir", help="TensorBoard logs (and Lightning checkpoints for resuming)")
+    p.add_argument("--max-epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--latent-dim", type=int, default=VAEConfig.latent_dim)
+    p.add_argument("--hidden", type=int, default=VAEConfig.hidden)
+    p.add_argument("--max-tokens-per-layer", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", help="a Lightning .ckpt to resume from")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--devices", default="auto")
+    p.add_argument("--strategy", default="auto")
+    p.add_argument("--num-nodes", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = VAEConfig(latent_dim=args.latent_dim, hidden=args.hidden)
+    out, summary = train_vae(
+        args.zoo, args.out, logdir=args.logdir, max_epochs=args.max_epochs, batch_size=args.batch_size,
+        lr=args.lr, config=config, max_tokens_per_layer=args.max_tokens_per_layer, seed=args.seed,
+        overwrite=args.overwrite, resume=args.resume,
+        trainer_kwargs={"accelerator": args.accelerator, "devices": args.devices, "strategy": args.strategy,
+                        "num_nodes": args.num_nodes})
+    print(json.dumps(summary["reconstruction"], indent=2))
+    print(f"wrote {out} in {summary['seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(lambda: main(sys.argv[1:])))

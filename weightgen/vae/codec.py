@@ -1,0 +1,100 @@
+"""Whole layers through a WeightVAE: encode to latents, decode to weights, and a latent density."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .model import WeightVAE
+from .tokenize import KINDS, condition, detokenize, layer_kind, token_count, tokenize
+
+DEPTH_BUCKETS = 4
+_CHUNK = 65536  # tokens per decoder call: bounds memory on large layers
+
+
+def weight_layers(model: nn.Module) -> list[dict]:
+    """Every Linear / Conv2d weight (plain or recast) in model order with kind and relative depth."""
+    from ..layers import RecastLayer
+
+    found = [(n, tuple(m.bank.weight_shape) if isinstance(m, RecastLayer) else tuple(m.weight.shape), m)
+             for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) or isinstance(m, RecastLayer)]
+    last = max(len(found) - 1, 1)
+    return [{"name": name, "shape": shape, "groups": getattr(m, "groups", 1),
+             "kind": layer_kind(shape, getattr(m, "groups", 1)), "depth": i / last}
+            for i, (name, shape, m) in enumerate(found)]
+
+
+def _token_size(vae: WeightVAE) -> int:
+    return vae.config.token_size
+
+
+@torch.no_grad()
+def encode_layer(vae: WeightVAE, weight: torch.Tensor, kind: str, depth: float) -> tuple[torch.Tensor, float]:
+    """Latent means (N, latent_dim) of a layer's tokens and the layer's scale (RMS)."""
+    tokens = tokenize(weight, kind, depth, _token_size(vae))
+    mus = [vae.encode(tokens.values[i:i + _CHUNK], tokens.cond[i:i + _CHUNK])[0]
+           for i in range(0, tokens.values.shape[0], _CHUNK)]
+    return torch.cat(mus), tokens.scale
+
+
+def decode_layer(vae: WeightVAE, latents: torch.Tensor, shape, kind: str, depth: float,
+                 scale: float | torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight of ``shape`` from per-token latents (N, latent_dim); differentiable in the latents."""
+    cond = condition(shape, kind, depth, _token_size(vae)) if cond is None else cond
+    values = torch.cat([vae.decode(latents[i:i + _CHUNK], cond[i:i + _CHUNK])
+                        for i in range(0, latents.shape[0], _CHUNK)])  # (N, token_size)
+    return detokenize(values, shape, 1.0, _token_size(vae)) * scale
+
+
+def fit_latent_density(records: list[tuple[str, float, torch.Tensor]], latent_dim: int) -> dict:
+    """Diagonal Gaussian of latent means per layer kind and depth bucket (JSON-able).
+
+    records: (kind, depth, mu (N, latent_dim)). Empty cells fall back to the kind's pooled
+    statistics, then to the standard normal prior.
+    """
+    sums = {k: torch.zeros(DEPTH_BUCKETS + 1, latent_dim, dtype=torch.float64) for k in KINDS}
+    squares = {k: torch.zeros(DEPTH_BUCKETS + 1, latent_dim, dtype=torch.float64) for k in KINDS}
+    counts = {k: torch.zeros(DEPTH_BUCKETS + 1, dtype=torch.float64) for k in KINDS}
+    for kind, depth, mu in records:
+        for bucket in (depth_bucket(depth), DEPTH_BUCKETS):  # the last row pools every depth
+            sums[kind][bucket] += mu.double().sum(0)
+            squares[kind][bucket] += mu.double().pow(2).sum(0)
+            counts[kind][bucket] += mu.shape[0]
+    density = {}
+    for kind in KINDS:
+        n = counts[kind][:, None]
+        mean = torch.where(n > 0, sums[kind] / n.clamp(min=1), torch.zeros(1, dtype=torch.float64))
+        var = torch.where(n > 1, squares[kind] / n.clamp(min=1) - mean ** 2, torch.ones(1, dtype=torch.float64))
+        std = var.clamp(min=1e-6).sqrt()
+        pooled = counts[kind][DEPTH_BUCKETS] > 0
+        for b in range(DEPTH_BUCKETS):
+            if counts[kind][b] == 0 and pooled:
+                mean[b], std[b] = mean[DEPTH_BUCKETS], std[DEPTH_BUCKETS]
+        density[kind] = {"mean": mean[:DEPTH_BUCKETS].tolist(), "std": std[:DEPTH_BUCKETS].tolist(),
+                         "tokens": counts[kind][:DEPTH_BUCKETS].tolist(), "seen": bool(pooled)}
+    return density
+
+
+def depth_bucket(depth: float) -> int:
+    return min(int(depth * DEPTH_BUCKETS), DEPTH_BUCKETS - 1)
+
+
+def sample_latents(density: dict | None, kind: str, depth: float, count: int, latent_dim: int,
+                   generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
+    """(count, latent_dim) latents from the fitted density, or from N(0, I) without one."""
+    noise = torch.randn(count, latent_dim, generator=generator) * temperature
+    if not density or kind not in density:
+        return noise
+    cell = depth_bucket(depth)
+    mean = torch.tensor(density[kind]["mean"][cell], dtype=torch.float32)
+    std = torch.tensor(density[kind]["std"][cell], dtype=torch.float32)
+    return mean + noise * std
+
+
+def rms(weight: torch.Tensor) -> float:
+    return math.sqrt(weight.double().pow(2).mean().item()) if weight.numel() else 0.0
+
+
+__all__ = ["weight_layers", "encode_layer", "decode_layer", "fit_latent_density", "sample_latents",
+           "depth_bucket", "token_count", "rms"]
