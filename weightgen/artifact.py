@@ -61,7 +61,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         if not config.get("arch"):
             raise WeightgenError(f"{path} was made from a non-timm model; pass model=... to load it")
         model = create_model(config["arch"], config.get("model_kwargs"))
-    recast(model, RecastConfig.from_dict(config["recast"]), init="empty")
+    try:
+        recast(model, RecastConfig.from_dict(config["recast"]), init="empty")
+    except (ValueError, TypeError, KeyError) as err:
+        raise WeightgenError(f"{path}: cannot rebuild the recast model: {err}") from None
     saved_groups = {k: v["members"] for k, v in config.get("groups", {}).items()}
     if saved_groups != {g.name: list(g.members) for g in model.recast_groups}:
         raise WeightgenError(f"{path}: the model's layers do not group as the artifact's do")

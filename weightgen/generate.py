@@ -58,6 +58,8 @@ def validate(opts: GenerateOptions) -> None:
         raise WeightgenError(f"unknown method {opts.method!r}; choose from {', '.join(METHODS)}")
     if opts.steps is not None and opts.steps < 0:
         raise WeightgenError("--steps must be >= 0")
+    if opts.lr is not None and not opts.lr > 0:
+        raise WeightgenError("--lr must be > 0")
     if opts.method == "closed_form" and opts.steps:
         raise WeightgenError("--steps has no effect with --method closed_form; use closed_form+gradient")
     if opts.method == "decoder" and not (opts.checkpoint or opts.pretrained):

@@ -106,9 +106,8 @@ def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if not torch.is_tensor(value):
             continue  # optimizer steps, epochs and other bookkeeping
-        for prefix in _PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(_PREFIXES):  # in any order: DDP of a compiled model, or the reverse
+            key = key[len(next(p for p in _PREFIXES if key.startswith(p))):]
         out[key] = value
     if not out:
         raise WeightgenError(f"checkpoint {path} holds no tensors")
@@ -153,3 +152,6 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise WeightgenError(f"output path {out_dir} exists and is not a directory")
     if out_dir.exists() and not overwrite:
         raise WeightgenError(f"output directory {out_dir} already exists; pass --overwrite to replace it")
+    blocking = next((p for p in out_dir.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise WeightgenError(f"cannot create {out_dir}: {blocking} is a file")

@@ -22,8 +22,8 @@ def create_model(arch: str, model_kwargs: dict | None = None, pretrained: bool =
         raise WeightgenError(f"unknown architecture {arch!r}{hint}")
     try:
         model = timm.create_model(arch, pretrained=pretrained, **model_kwargs)
-    except TypeError as err:
-        raise WeightgenError(f"bad --model-kwargs for {arch}: {err}") from None
+    except (TypeError, ValueError, KeyError, AssertionError) as err:  # unknown keyword, or a value timm rejects
+        raise WeightgenError(f"bad --model-kwargs for {arch}: {type(err).__name__} {err}".rstrip()) from None
     except (OSError, RuntimeError) as err:
         if pretrained:
             raise WeightgenError(f"could not fetch pretrained weights for {arch} (no network?): "

@@ -15,6 +15,17 @@ log = logging.getLogger(__name__)
 BANKS_ATTR = "recast_banks"  # the ModuleDict on the root model that holds every bank once
 
 
+class Banks(nn.ModuleDict):
+    """Every bank of a model, registered once on its root as ``recast_banks``.
+
+    Its forward passes the input through: a recast ``nn.Sequential`` calls every child in turn,
+    this one included, and must still compute the same function.
+    """
+
+    def forward(self, x):
+        return x
+
+
 @dataclass(frozen=True)
 class Group:
     name: str  # bank key, "g0", "g1", ... in model order
@@ -101,13 +112,15 @@ def recast(model: nn.Module, config: RecastConfig | None = None, *, preset: str 
     modules = dict(model.named_modules())
     current = {f"{n}.weight": modules[n].weight.detach() for g in groups for n in g.members} if init == "fit" else {}
 
-    banks = nn.ModuleDict()
+    banks = Banks()
     for group in groups:
         n = config.templates or len(group.members)
-        banks[group.name] = TemplateBank(torch.zeros((n, *group.shape)), group.members)
+        like = modules[group.members[0]].weight  # banks live on the layers' device, in their dtype
+        kind = {"device": like.device, "dtype": like.dtype}
+        banks[group.name] = TemplateBank(torch.zeros((n, *group.shape), **kind), group.members)
         for name in group.members:
             base = modules[name]
-            layer = wrap(base, banks[group.name], torch.zeros(config.coef_sets, n))
+            layer = wrap(base, banks[group.name], torch.zeros(config.coef_sets, n, **kind))
             parent_name, _, child = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child, layer)
     model.add_module(BANKS_ATTR, banks)

@@ -61,6 +61,9 @@ def load_task(model: nn.Module, path: str | Path) -> None:
         raise WeightgenError(f"task file {path} lacks coefficients for {', '.join(missing[:3])}")
     head_keys = [k for k in state if k.rpartition(".")[0] in head_names(model)]
     head_weight = next((k for k in head_keys if k.endswith("weight")), None)
+    bad = [k for k in state if k not in head_keys and state[k].shape != current[k].shape]
+    if bad:  # checked before any head is rebuilt, so a refused file leaves the model as it was
+        raise WeightgenError(f"task file {path} has shapes that do not fit: {', '.join(bad[:3])}")
     if head_weight and state[head_weight].shape != current[head_weight].shape and hasattr(model, "reset_classifier"):
         model.reset_classifier(state[head_weight].shape[0])
         current = model.state_dict()

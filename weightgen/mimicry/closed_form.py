@@ -87,8 +87,11 @@ def _orthogonal_fill(directions: torch.Tensor, count: int, seed: int) -> torch.T
     """Extra unit directions orthogonal to ``directions`` (more templates than rank)."""
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(count, directions.shape[1], generator=gen)  # (count, D)
-    q, _ = torch.linalg.qr(torch.cat([directions, noise]).T)  # (D, r + count)
-    return q[:, directions.shape[0]:].T.contiguous()
+    q, _ = torch.linalg.qr(torch.cat([directions, noise]).T)  # (D, min(D, r + count))
+    extra = q[:, directions.shape[0]:].T
+    if extra.shape[0] < count:  # more templates than a weight has entries: the surplus stays zero
+        extra = torch.cat([extra, extra.new_zeros(count - extra.shape[0], directions.shape[1])])
+    return extra.contiguous()
 
 
 def fit_closed_form(model: nn.Module, target: dict[str, torch.Tensor], balance: bool = True) -> None:

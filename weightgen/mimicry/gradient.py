@@ -39,8 +39,9 @@ class _BankProblem(nn.Module):
     def __init__(self, bank, layers, target):
         super().__init__()
         self.bank, self.layers = bank, layers
-        self.templates = nn.Parameter(bank.templates.detach().reshape(bank.num_templates, -1).clone())
-        self.coefficients = nn.Parameter(torch.stack([layer.coefficients.detach() for layer in layers]).clone())
+        # optimised in float32 whatever the model's dtype; write_back casts to the bank's dtype
+        self.templates = nn.Parameter(bank.templates.detach().reshape(bank.num_templates, -1).float().clone())
+        self.coefficients = nn.Parameter(torch.stack([layer.coefficients.detach() for layer in layers]).float().clone())
         self.register_buffer("target", torch.stack([target[f"{n}.weight"].reshape(-1).float() for n in bank.members]))
         self.register_buffer("target_norm2", self.target.pow(2).sum(1).clamp(min=1e-30))
 

@@ -19,7 +19,7 @@ class VAEConfig:
     token_size: int = TOKEN_SIZE
     cond_dim: int = COND_DIM
     latent_dim: int = 16
-    hidden: int = 512
+    hidden: int = 256
     layers: int = 3  # hidden blocks (Linear -> LayerNorm -> GELU) in encoder and decoder
     beta: float = 1e-3  # final KL weight (after warm-up)
     warmup_steps: int = 500  # linear KL warm-up from 0 to beta

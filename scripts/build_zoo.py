@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Train the zoo of small timm models on sklearn digits and write it to --out.
+
+    python scripts/build_zoo.py --out zoo/ [--quick] [--overwrite] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from weightgen.zoo import ZooError, build_zoo, default_zoo_specs, quick_zoo_specs  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--quick", action="store_true", help="3 tiny models (< 1 min), for tests")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing zoo once the new one is complete")
+    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's own; 1 is far faster on a busy machine)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    specs = quick_zoo_specs(args.seed) if args.quick else default_zoo_specs(args.seed)
+    try:
+        index = build_zoo(args.out, specs, progress=not args.no_progress, overwrite=args.overwrite)
+    except ZooError as e:
+        print(f"build_zoo: error: {e}", file=sys.stderr)
+        return 2
+    width = max(len(r["model_id"]) for r in index["records"])
+    print(f"\n{'model_id':<{width}}  {'params':>9}  {'test_acc':>8}  {'seconds':>7}")
+    for r in index["records"]:
+        print(f"{r['model_id']:<{width}}  {r['params']:>9,}  {r['test_accuracy']:>8.4f}  "
+              f"{r['seconds']:>7.1f}")
+    print(f"{len(index['records'])} models, {index['total_params']:,} params, "
+          f"{index['seconds']:.1f}s total ({index['cpu_seconds']:.1f} cpu-s) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    # SIGTERM -> SystemExit, so build_zoo removes its temp dir instead of leaving it behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sys.exit(main())

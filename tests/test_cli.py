@@ -1,0 +1,255 @@
+"""scripts/generate_weights.py end to end, in-process: outputs, determinism, options, clean failures."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import weightgen as wg
+from weightgen.cli import run_cli
+
+torch.set_num_threads(1)  # tiny models: threads only add contention on a shared 2-core runner
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate_weights.py"
+OUTPUT_FILES = ["recast.safetensors", "recast_config.json", "report.json", "weights.safetensors"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("generate_weights_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generate_weights = _load_script()
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the script's main as its __main__ block does; returns (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = run_cli(lambda: generate_weights.main([str(a) for a in argv]))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def resnet_state(num_classes: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A test_resnet state dict whose residual branches matter (timm zero-inits their last BN)."""
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", num_classes=num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def logits_of(state: dict, num_classes: int = 1000) -> torch.Tensor:
+    model = timm.create_model("test_resnet", num_classes=num_classes).eval()
+    model.load_state_dict(state, strict=True)
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "resnet.safetensors"
+    save_file(resnet_state(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_runs(checkpoint, tmp_path_factory):
+    """The same command twice, into two output directories."""
+    root = tmp_path_factory.mktemp("runs")
+    results = []
+    for name in ("first", "second"):
+        out = root / name
+        code = run_cli(lambda: generate_weights.main(
+            ["--arch", "test_resnet", "--checkpoint", str(checkpoint), "--out", str(out)]))
+        results.append((code, out))
+    return results
+
+
+# ---------------------------------------------------------------- success
+
+
+def test_generate_writes_the_artifact(two_runs):
+    code, out = two_runs[0]
+    assert code == 0
+    assert sorted(os.listdir(out)) == OUTPUT_FILES
+    config = json.loads((out / "recast_config.json").read_text())
+    assert config["arch"] == "test_resnet" and config["recast"]["preset"] == "recast-conv"
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "closed_form" and report["source"] == "checkpoint"
+    assert report["min_cosine"] > 0.99999
+    assert report["function"]["top1_agreement"] == 1.0
+    assert len(report["layers"]) == 9
+
+
+def test_dense_weights_reproduce_the_original_logits(two_runs, checkpoint):
+    _, out = two_runs[0]
+    original = logits_of(load_file(str(checkpoint)))
+    generated = logits_of(load_file(str(out / "weights.safetensors")))  # strict load inside
+    assert (original.argmax(-1) == generated.argmax(-1)).all()
+    torch.testing.assert_close(generated, original, atol=1e-4, rtol=1e-4)
+    # and the recast artifact itself loads and agrees
+    model = wg.load(out)
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original, atol=1e-4, rtol=1e-4)
+
+
+def test_same_command_twice_is_byte_identical(two_runs):
+    (code_a, a), (code_b, b) = two_runs
+    assert code_a == code_b == 0
+    for name in ("recast.safetensors", "weights.safetensors", "recast_config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_prints_a_summary(checkpoint, tmp_path, capsys):
+    code, out, err = cli(["--arch", "test_resnet", "--checkpoint", checkpoint, "--out", tmp_path / "o",
+                          "--templates", "1"], capsys)
+    assert code == 0, err
+    assert "total: 9 layers" in out and f"wrote {tmp_path / 'o'}" in out
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["min_cosine"] < 0.999  # one template per bank really compresses
+
+
+def test_model_kwargs(tmp_path, capsys):
+    ckpt = tmp_path / "five.pt"
+    state = resnet_state(num_classes=5)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, ckpt)
+    out = tmp_path / "o"
+    code, _, err = cli(["--arch", "test_resnet", "--model-kwargs", "num_classes=5", "--checkpoint", ckpt,
+                        "--out", out], capsys)
+    assert code == 0, err
+    weights = load_file(str(out / "weights.safetensors"))
+    assert weights["fc.weight"].shape == (5, 96)
+    torch.testing.assert_close(logits_of(weights, 5), logits_of(state, 5), atol=1e-4, rtol=1e-4)
+    config = json.loads((out / "recast_config.json").read_text())
+    assert config["model_kwargs"] == {"num_classes": 5}
+    assert wg.load(out).fc.out_features == 5
+
+
+def test_closed_form_plus_gradient(checkpoint, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _, err = cli(["--arch", "test_resnet", "--checkpoint", checkpoint, "--out", out,
+                        "--method", "closed_form+gradient", "--steps", "5", "--templates", "1"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "closed_form+gradient"
+    assert len(report["loss_history"]) == 6
+    assert 0.3 < report["mean_cosine"] < 1.0
+
+
+def test_logdir_writes_tensorboard_events(checkpoint, tmp_path, capsys):
+    logdir = tmp_path / "tb"
+    code, _, err = cli(["--arch", "test_resnet", "--checkpoint", checkpoint, "--out", tmp_path / "o",
+                        "--logdir", logdir], capsys)
+    assert code == 0, err
+    events = list(logdir.rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 100 for e in events)
+
+
+def test_overwrite_replaces_an_existing_output(checkpoint, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    code, _, err = cli(["--arch", "test_resnet", "--checkpoint", checkpoint, "--out", out, "--overwrite"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == OUTPUT_FILES
+    assert os.listdir(tmp_path) == ["o"]
+
+
+# ---------------------------------------------------------------- failures
+
+
+def _assert_clean_failure(code: int, err: str, out_parent: Path) -> str:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    assert not out_parent.exists() or os.listdir(out_parent) == [], "left output or temp directories behind"
+    return lines[0]
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    vit_ckpt = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(vit_ckpt))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + os.urandom(64))
+    nan = tmp_path / "nan.pt"
+    state = resnet_state()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, nan)
+    return {"vit": vit_ckpt, "corrupt": corrupt, "nan": nan, "missing": tmp_path / "missing.safetensors"}
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("unknown_arch", ["unknown architecture", "resnet5", "did you mean", "resnet50"]),
+    ("other_arch", ["does not fit", "missing", "unexpected", "conv1.0.weight", "blocks.0"]),
+    ("missing", ["not found", "missing.safetensors"]),
+    ("corrupt", ["corrupt", "corrupt.safetensors"]),
+    ("nan", ["non-finite", "layer1.0.conv1.weight"]),
+    ("no_match", ["matched no layer", "nothing_here", "conv1.0"]),
+    ("steps_closed_form", ["--steps", "closed_form+gradient"]),
+    ("bad_kwargs", ["model-kwargs", "num_classes"]),
+    ("bad_regex", ["invalid module pattern"]),
+    ("bad_kwarg_value", ["model-kwargs", "test_resnet", "nope"]),
+    ("bad_kwarg_assert", ["model-kwargs", "test_resnet", "AssertionError"]),
+    ("zero_lr", ["--lr"]),
+    ("zero_templates", ["templates"]),
+])
+def test_bad_inputs_fail_cleanly(case, expect, checkpoint, bad_files, tmp_path, capsys):
+    out = tmp_path / "outs" / "run"
+    argv = {
+        "unknown_arch": ["--arch", "resnet5", "--checkpoint", checkpoint],
+        "other_arch": ["--arch", "test_resnet", "--checkpoint", bad_files["vit"]],
+        "missing": ["--arch", "test_resnet", "--checkpoint", bad_files["missing"]],
+        "corrupt": ["--arch", "test_resnet", "--checkpoint", bad_files["corrupt"]],
+        "nan": ["--arch", "test_resnet", "--checkpoint", bad_files["nan"]],
+        "no_match": ["--arch", "test_resnet", "--checkpoint", checkpoint, "--target", r"nothing_here\d"],
+        "steps_closed_form": ["--arch", "test_resnet", "--checkpoint", checkpoint, "--steps", "10"],
+        "bad_kwargs": ["--arch", "test_resnet", "--checkpoint", checkpoint, "--model-kwargs", "num_classes"],
+        "bad_regex": ["--arch", "test_resnet", "--checkpoint", checkpoint, "--target", "(unclosed"],
+        "bad_kwarg_value": ["--arch", "test_resnet", "--checkpoint", checkpoint, "--model-kwargs", "act_layer=nope"],
+        "bad_kwarg_assert": ["--arch", "test_resnet", "--checkpoint", checkpoint, "--model-kwargs", "output_stride=7"],
+        "zero_lr": ["--arch", "test_resnet", "--checkpoint", checkpoint, "--method", "gradient", "--lr", "0"],
+        "zero_templates": ["--arch", "test_resnet", "--checkpoint", checkpoint, "--templates", "0"],
+    }[case]
+    code, _, err = cli(argv + ["--out", out], capsys)
+    line = _assert_clean_failure(code, err, out.parent)
+    for fragment in expect:
+        assert fragment in line, (fragment, line)
+
+
+def test_existing_out_without_overwrite_is_untouched(checkpoint, tmp_path, capsys):
+    out = tmp_path / "outs" / "run"
+    out.mkdir(parents=True)
+    (out / "precious.txt").write_text("keep")
+    code, _, err = cli(["--arch", "test_resnet", "--checkpoint", checkpoint, "--out", out], capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "--overwrite" in err
+    assert os.listdir(out) == ["precious.txt"] and (out / "precious.txt").read_text() == "keep"
+    assert os.listdir(out.parent) == ["run"]
+
+
+@pytest.mark.parametrize("extra", [["--preset", "all", "--target", "fc"], ["--pretrained"]])
+def test_argparse_conflicts_exit_2(extra, checkpoint, tmp_path, capsys):
+    out = tmp_path / "outs" / "run"
+    with pytest.raises(SystemExit) as info:
+        cli(["--arch", "test_resnet", "--checkpoint", checkpoint, "--out", out] + extra, capsys)
+    assert info.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+    assert not out.parent.exists()

@@ -1,0 +1,115 @@
+"""Tests for weightgen.digits: offline data, training loop, evaluation, BN re-estimation."""
+import pytest
+import timm
+import torch
+from torch import nn
+
+from weightgen.digits import (
+    digits_model_kwargs, evaluate, load_digits_data, reestimate_batchnorm, train_classifier,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Shared 2-core box: 2 torch threads under contention run ~10x slower than 1; restore after.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_digits_data(image_size=32, in_chans=1, seed=0)
+
+
+def test_shapes_and_split_sizes(data):
+    sizes = [len(data.train), len(data.val), len(data.test)]
+    assert sum(sizes) == 1797
+    assert sizes == pytest.approx([0.7 * 1797, 0.1 * 1797, 0.2 * 1797], abs=6)
+    x, y = data.train.tensors
+    assert x.shape[1:] == (1, 32, 32) and x.dtype == torch.float32
+    assert y.dtype == torch.long and set(y.tolist()) == set(range(10))
+    assert (data.image_size, data.in_chans) == (32, 1)
+    # Stratified: every class is in every split in roughly the same proportion.
+    for split in (data.val, data.test):
+        counts = torch.bincount(split.tensors[1], minlength=10)
+        assert counts.min() > 0.7 * counts.float().mean()
+
+
+def test_normalisation_and_channels():
+    d = load_digits_data(image_size=16, in_chans=3, seed=1)
+    x = d.train.tensors[0]
+    assert x.shape[1:] == (3, 16, 16)
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
+    assert torch.equal(x[:, 0], x[:, 2])
+
+
+def test_deterministic_and_disjoint(data):
+    again = load_digits_data(image_size=32, in_chans=1, seed=0)
+    for a, b in zip((data.train, data.val, data.test), (again.train, again.val, again.test)):
+        assert all(torch.equal(t, u) for t, u in zip(a.tensors, b.tensors))
+    other = load_digits_data(image_size=32, in_chans=1, seed=1)
+    assert not torch.equal(data.test.tensors[0], other.test.tensors[0])
+    # No test image is also in train (digits has few exact duplicates, so allow a handful).
+    tr = {tuple(r) for r in data.train.tensors[0].flatten(1)[:, ::17].tolist()}
+    dup = sum(tuple(r) in tr for r in data.test.tensors[0].flatten(1)[:, ::17].tolist())
+    assert dup <= 5
+
+
+def test_train_classifier_learns(data):
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", **digits_model_kwargs("test_resnet"))
+    state = torch.get_rng_state()
+    losses = train_classifier(model, data, steps=60, seed=0)
+    assert torch.equal(state, torch.get_rng_state())  # caller's RNG untouched
+    assert len(losses) == 60
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    acc = evaluate(model, data.test)
+    assert not model.training
+    assert 0.6 < acc <= 1.0  # chance is 0.1; measured ~0.95
+
+
+def test_train_classifier_deterministic(data):
+    def run():
+        torch.manual_seed(3)
+        m = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 32), nn.Dropout(0.2), nn.ReLU(), nn.Linear(32, 10))
+        return m, train_classifier(m, data, steps=25, seed=5)
+
+    (m1, l1), (m2, l2) = run(), run()
+    assert l1 == l2
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+def test_reestimate_batchnorm_changes_stats(data):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    model(data.train.tensors[0][:2])  # materialise the lazy layer
+    bn = model[1]
+    bn.reset_running_stats()
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    reestimate_batchnorm(model, data.train, batches=3, batch_size=32)
+    assert not model.training and bn.momentum == 0.1
+    assert not torch.equal(before[0], bn.running_mean) and not torch.equal(before[1], bn.running_var)
+    # Cumulative average over 3 batches of 32 = exact stats of those 96 images.
+    with torch.no_grad():
+        h = model[0](data.train.tensors[0][:96])
+    torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_reestimate_batchnorm_noop_without_bn(data):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 10)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reestimate_batchnorm(model, data.train)
+    assert model.training  # untouched, mode included
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_digits_model_kwargs():
+    assert digits_model_kwargs("resnet18") == {"num_classes": 10, "in_chans": 1}
+    kw = digits_model_kwargs("vit_tiny_patch16_224", image_size=32, in_chans=3)
+    assert kw["img_size"] == 32 and 32 % kw["patch_size"] == 0 and kw["in_chans"] == 3
+    assert "patch_size" not in digits_model_kwargs("test_convnext")
+    assert digits_model_kwargs("test_vit", patch_size=4)["patch_size"] == 4
+    m = timm.create_model("test_vit", **digits_model_kwargs("test_vit"))
+    assert m(torch.zeros(2, 1, 32, 32)).shape == (2, 10)

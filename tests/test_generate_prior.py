@@ -1,0 +1,118 @@
+"""Generation from the shipped VAE's prior, decoder mimicry, and VAE bad inputs."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from weightgen.cli import run_cli
+from weightgen.generate import GenerateOptions, generate
+from weightgen.io import WeightgenError
+from weightgen.vae.prior import default_vae_dir, load_vae_bundle, sample_weights, trained_kinds
+
+import importlib.util
+import pathlib
+
+_SPEC = importlib.util.spec_from_file_location(
+    "generate_weights_script", pathlib.Path(__file__).parents[1] / "scripts" / "generate_weights.py")
+script = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(script)
+
+
+def _run(argv):
+    return run_cli(lambda: script.main(argv))
+
+
+def test_shipped_vae_loads_with_priors():
+    vae, meta = load_vae_bundle()
+    assert {"linear", "conv", "dwconv"} <= trained_kinds(meta)
+    assert sum(p.numel() for p in vae.parameters()) * 4 < 20e6
+    assert (default_vae_dir() / "vae.safetensors").stat().st_size < 20e6
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_vit"])
+def test_prior_generation_is_finite_sane_and_loads_strictly(arch, tmp_path):
+    out, report = generate(GenerateOptions(arch=arch, out=str(tmp_path / "a"), fidelity_batch=2))
+    assert report["source"] == "vae_prior"
+    dense = load_file(str(out / "weights.safetensors"))
+    assert all(torch.isfinite(v).all() for v in dense.values())
+    model = timm.create_model(arch)
+    model.load_state_dict(dense, strict=True)
+    acts = report["activations"]
+    assert acts["all_finite"]
+    assert acts["max_ratio"] < 100
+    # every generated layer has statistics next to timm's own init
+    assert report["prior"]["layers"] and all("timm_init_rms" in row for row in report["prior"]["layers"])
+    # generated weights are not timm's init
+    fresh = timm.create_model(arch).state_dict()
+    name = report["prior"]["layers"][0]["name"] + ".weight"
+    assert not torch.equal(fresh[name], dense[name])
+
+
+def test_prior_generation_is_deterministic_per_seed(tmp_path):
+    paths = []
+    for tag, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out, _ = generate(GenerateOptions(arch="test_resnet", seed=seed, out=str(tmp_path / tag), fidelity_batch=1))
+        paths.append(out / "weights.safetensors")
+    a, b, c = (p.read_bytes() for p in paths)
+    assert a == b
+    assert a != c
+
+
+def test_sampling_falls_back_for_unseen_kinds():
+    vae, meta = load_vae_bundle()
+    meta = json.loads(json.dumps(meta))
+    meta["latent_density"]["dwconv"]["seen"] = False
+    model = timm.create_model("test_efficientnet")
+    weights, stats, fallback = sample_weights(model, vae, meta, seed=0)
+    assert fallback, "depthwise layers must be reported as falling back to timm init"
+    assert all(f"{name}.weight" not in weights for name in fallback)
+    assert all(row["kind"] != "dwconv" for row in stats)
+
+
+def test_decoder_method_reports_storage_against_closed_form(tmp_path):
+    model = timm.create_model("test_vit")
+    ckpt = tmp_path / "vit.safetensors"
+    save_file(model.state_dict(), str(ckpt))
+    _, report = generate(GenerateOptions(arch="test_vit", checkpoint=str(ckpt), method="decoder", steps=3,
+                                         out=str(tmp_path / "out"), fidelity_batch=1))
+    dec = report["decoder"]
+    assert dec["closed_form_mean_cosine"] > 0.9999
+    assert dec["stored_numbers"] < dec["template_numbers"]
+    assert 0 < report["mean_cosine"] <= 1
+    assert len(report["loss_history"]) >= 2
+
+
+def test_decoder_without_checkpoint_is_refused(tmp_path, capsys):
+    assert _run(["--arch", "test_vit", "--method", "decoder", "--out", str(tmp_path / "o")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "version"])
+def test_bad_vae_gives_one_line_and_writes_nothing(damage, tmp_path, capsys):
+    vae_dir = tmp_path / "vae"
+    shutil.copytree(default_vae_dir(), vae_dir)
+    if damage == "missing":
+        shutil.rmtree(vae_dir)
+    elif damage == "truncated":
+        data = (vae_dir / "vae.safetensors").read_bytes()
+        (vae_dir / "vae.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        meta = json.loads((vae_dir / "vae.json").read_text())
+        meta["format_version"] = 99
+        (vae_dir / "vae.json").write_text(json.dumps(meta))
+    code = _run(["--arch", "test_resnet", "--vae", str(vae_dir), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_library_refuses_missing_vae(tmp_path):
+    with pytest.raises(WeightgenError):
+        load_vae_bundle(tmp_path / "nope")

@@ -1,0 +1,144 @@
+"""Tests for weightgen.zoo and scripts/build_zoo.py on one tiny spec (seconds, not minutes)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from weightgen.digits import digits_model_kwargs, evaluate, load_digits_data
+from weightgen.zoo import (
+    ZooError, ZooSpec, build_zoo, default_zoo_specs, layer_records, load_zoo_model, quick_zoo_specs,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Shared 2-core box: 2 torch threads under contention run ~10x slower than 1; restore after.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ZooSpec(
+    "tiny-resnet-s0", "resnet18",
+    {**digits_model_kwargs("resnet18"), "layers": [1, 1, 1, 1], "channels": [4, 8, 8, 16]},
+    seed=0, steps=4,
+)
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("build_zoo_script", ROOT / "scripts" / "build_zoo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    base = tmp_path_factory.mktemp("zoo")
+    index = build_zoo(base / "a", [TINY], progress=False)
+    return base, index
+
+
+def test_build_writes_files(built):
+    base, index = built
+    out = base / "a"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["tiny-resnet-s0.json", "tiny-resnet-s0.safetensors", "zoo.json"]
+    assert [p.name for p in base.iterdir()] == ["a"]  # temp dir renamed away
+    on_disk = json.loads((out / "zoo.json").read_text())
+    assert on_disk == index and index["version"] == 1 and index["models"] == [TINY.model_id]
+    meta = json.loads((out / "tiny-resnet-s0.json").read_text())
+    for key in ("model_id", "arch", "model_kwargs", "seed", "steps", "test_accuracy", "params", "layers"):
+        assert key in meta
+    assert meta["model_kwargs"] == TINY.model_kwargs and 0 <= meta["test_accuracy"] <= 1
+    assert index["total_params"] == meta["params"]
+
+
+def test_layers_and_state_match_model(built):
+    base, _ = built
+    meta = json.loads((base / "a" / "tiny-resnet-s0.json").read_text())
+    model = timm.create_model(meta["arch"], **meta["model_kwargs"])
+    state = load_file(base / "a" / "tiny-resnet-s0.safetensors")
+    model.load_state_dict(state, strict=True)
+    assert meta["params"] == sum(p.numel() for p in model.parameters())
+    expected = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert [layer["name"] for layer in meta["layers"]] == expected
+    for layer in meta["layers"]:
+        assert list(state[layer["name"] + ".weight"].shape) == layer["shape"]
+    depths = [layer["depth"] for layer in meta["layers"]]
+    assert depths[0] == 0.0 and depths[-1] == 1.0 and depths == sorted(depths)
+    assert {tuple(layer["shape"][2:]) for layer in meta["layers"]} >= {(7, 7), (3, 3), (1, 1), ()}
+    # The stored accuracy is reproducible from the stored weights.
+    loaded, _ = load_zoo_model(base / "a", "tiny-resnet-s0")
+    assert evaluate(loaded, load_digits_data().test) == meta["test_accuracy"]
+
+
+def test_same_seed_identical_bytes(built, tmp_path):
+    base, _ = built
+    build_zoo(tmp_path / "b", [TINY], progress=False)
+    for name in ("tiny-resnet-s0.safetensors", "tiny-resnet-s0.json"):
+        assert (base / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_existing_dir_and_overwrite(tmp_path):
+    out = tmp_path / "zoo"
+    out.mkdir()
+    (out / "zoo.json").write_text("{}")
+    with pytest.raises(ZooError, match="already exists"):
+        build_zoo(out, [TINY], progress=False)
+    assert (out / "zoo.json").read_text() == "{}"
+    build_zoo(out, [TINY], progress=False, overwrite=True)
+    assert json.loads((out / "zoo.json").read_text())["models"] == [TINY.model_id]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo"]  # old + temp dirs cleaned up
+    # A non-empty directory that is not a zoo is never wiped, even with overwrite.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    with pytest.raises(ZooError, match="refusing"):
+        build_zoo(tmp_path / "mine", [TINY], progress=False, overwrite=True)
+
+
+def test_failure_leaves_nothing(tmp_path):
+    bad = ZooSpec("bad-s0", "no_such_arch_xyz", {}, seed=0, steps=1)
+    with pytest.raises(Exception):
+        build_zoo(tmp_path / "zoo", [TINY, bad], progress=False)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ZooError, match="duplicate"):
+        build_zoo(tmp_path / "zoo", [TINY, TINY], progress=False)
+
+
+def test_script_bad_out_exits_2(tmp_path, capsys):
+    main = _script().main
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    assert main(["--out", str(f), "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a directory" in err[0] and "Traceback" not in err[0]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("x")
+    assert main(["--out", str(tmp_path / "d"), "--quick", "--no-progress"]) == 2
+
+
+def test_zoo_specs_are_valid():
+    default, quick = default_zoo_specs(0), quick_zoo_specs(0)
+    assert 3 <= len(quick) <= 4 and len(default) >= 10
+    for specs in (default, quick):
+        assert len({s.model_id for s in specs}) == len(specs)
+    archs = {s.arch for s in default}
+    assert not archs & {"resnet26", "resnet50"}  # benchmarks rely on these being held out
+    assert default_zoo_specs(1)[0].seed == 1 and default_zoo_specs(1)[0].model_id.endswith("-s1")
+    # Together the default zoo covers every layer kind the VAE must see.
+    kinds = set()
+    for s in default:
+        with torch.device("meta"):
+            model = timm.create_model(s.arch, **s.model_kwargs)
+        for r in layer_records(model):
+            k = tuple(r["shape"][2:])
+            depthwise = r["groups"] > 1 and r["groups"] == r["shape"][0]
+            kinds.add("linear" if not k else "depthwise" if depthwise else k)
+    assert kinds >= {"linear", "depthwise", (1, 1), (3, 3), (7, 7)}
