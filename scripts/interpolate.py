@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Interpolate two checkpoints of one architecture in weight space and through the VAE's latent space."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from weightgen.cli import parse_kwargs, run_cli
+from weightgen.vae.interpolate import METHODS, interpolate
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--arch", required=True, help="timm model name both checkpoints were built with")
+    p.add_argument("--model-kwargs", nargs="*", metavar="K=V", help="forwarded to timm.create_model")
+    p.add_argument("--a", required=True, help="start checkpoint (.safetensors/.pt/.pth/.bin)")
+    p.add_argument("--b", required=True, help="end checkpoint, same architecture")
+    p.add_argument("--steps", type=int, required=True, help="points on each path, ends included (>= 2)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--vae", help="VAE directory (default: the shipped VAE)")
+    p.add_argument("--image-size", type=int, help="digits size for CNNs (default 32, the zoo's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--logdir", help="write TensorBoard scalars here")
+    return p.parse_args(argv)
+
+
+def table(rows: list[dict]) -> str:
+    key = "accuracy" if rows[0]["accuracy"] is not None else "cosine_b"
+    lines = [f"{key} along each path", f"{'alpha':>6} " + " ".join(f"{m:>13}" for m in METHODS)]
+    for alpha in dict.fromkeys(r["alpha"] for r in rows):
+        values = {r["method"]: r[key] for r in rows if r["alpha"] == alpha}
+        lines.append(f"{alpha:>6.3f} " + " ".join(f"{values[m]:>13.4f}" for m in METHODS))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out, rows = interpolate(args.arch, args.a, args.b, args.steps, args.out, vae_dir=args.vae,
+                            model_kwargs=parse_kwargs(args.model_kwargs), seed=args.seed,
+                            overwrite=args.overwrite, logdir=args.logdir, progress=True,
+                            image_size=args.image_size)
+    summary = json.loads((out / "summary.json").read_text())
+    print(table(rows))
+    recon = (f"VAE reconstruction of the ends (not used at alpha 0/1): weight cosine "
+             f"a {summary['recon_cosine_a']:.4f}, b {summary['recon_cosine_b']:.4f}")
+    if summary["recon_accuracy_a"] is not None:
+        recon += f"; accuracy a {summary['recon_accuracy_a']:.4f}, b {summary['recon_accuracy_b']:.4f}"
+    print(recon)
+    print(f"wrote {out} in {summary['seconds']:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(lambda: main(sys.argv[1:])))

@@ -1,0 +1,216 @@
+"""Checkpoint interpolation in weight space and through the VAE's latent space (scripts/interpolate.py)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import pathlib
+
+import pytest
+import torch
+
+from weightgen.cli import run_cli
+from weightgen.digits import digits_model_kwargs, evaluate, load_digits_data, reestimate_batchnorm, train_classifier
+from weightgen.io import WeightgenError, load_checkpoint, save_tensors
+from weightgen.models import create_model, load_into
+from weightgen.vae.codec import fit_latent_density
+from weightgen.vae.interpolate import COLUMNS, METHODS, InterpolationPath, interpolate, slerp
+from weightgen.vae.model import VAEConfig, WeightVAE
+from weightgen.vae.prior import load_vae_bundle
+from weightgen.vae.store import fit_scale_model, save_vae
+
+_SPEC = importlib.util.spec_from_file_location(
+    "interpolate_script", pathlib.Path(__file__).parents[1] / "scripts" / "interpolate.py")
+script = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(script)
+
+ARCH = "test_resnet"
+KWARGS = digits_model_kwargs(ARCH)  # num_classes=10, in_chans=1; CNN: evaluated at the zoo's 32x32
+STEPS = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # small convs: intra-op threads only add contention on a shared 2-core box. Module scope, so
+    # the module fixtures run single-threaded too (float reductions depend on the thread count).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(argv):
+    return run_cli(lambda: script.main(argv))
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A tiny untrained VAE that has 'seen' only conv layers (so linear layers take the fallback)."""
+    torch.manual_seed(0)
+    config = VAEConfig(hidden=64, layers=2, latent_dim=8)
+    density = fit_latent_density([("conv", 0.5, torch.randn(32, 8))], 8)
+    scale = fit_scale_model([("conv", (16, 16, 3, 3), 0.2, 0.1), ("conv", (32, 16, 1, 1), 0.8, 0.2),
+                             ("linear", (10, 96), 1.0, 0.1)])
+    return save_vae(WeightVAE(config), tmp_path_factory.mktemp("vae") / "vae",
+                    extra={"scale_model": scale, "latent_density": density})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_data(32, 1)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, digits):
+    """Two test_resnets trained briefly on digits from different seeds."""
+    root = tmp_path_factory.mktemp("ckpt")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = create_model(ARCH, KWARGS)
+        train_classifier(model, digits, steps=15, seed=seed)
+        paths.append(root / f"{ARCH}-s{seed}.safetensors")
+        save_tensors(paths[-1], model.state_dict())
+    return paths
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, checkpoints, vae_dir):
+    """One run through the script: (out dir, CSV rows, summary, logdir, exit code)."""
+    root = tmp_path_factory.mktemp("run")
+    out, logdir = root / "out", root / "tb"
+    argv = ["--arch", ARCH, "--model-kwargs", *[f"{k}={v}" for k, v in KWARGS.items()],
+            "--a", str(checkpoints[0]), "--b", str(checkpoints[1]), "--steps", str(STEPS),
+            "--out", str(out), "--vae", str(vae_dir), "--seed", "3", "--logdir", str(logdir)]
+    code = _run(argv)
+    with open(out / "interpolation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return out, rows, json.loads((out / "summary.json").read_text()), logdir, code
+
+
+def _own_accuracy(path, digits) -> float:
+    """The checkpoint evaluated the way interpolate() evaluates every point."""
+    model = create_model(ARCH, KWARGS)
+    load_into(model, load_checkpoint(path), str(path))
+    torch.manual_seed(3)
+    reestimate_batchnorm(model, digits.train)
+    return evaluate(model, digits.test)
+
+
+def test_slerp_ends_parallel_and_norm():
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    assert torch.equal(slerp(u, v, 0.0), u) and torch.equal(slerp(u, v, 1.0), v)
+    e1, e2 = torch.eye(2)[:1], torch.eye(2)[1:]
+    mid = slerp(e1, e2, 0.5)
+    assert torch.allclose(mid.norm(), torch.tensor(1.0)) and torch.allclose(mid, torch.full((1, 2), 0.5 ** 0.5))
+    # parallel, anti-parallel and zero rows have no great circle: lerp, never NaN
+    odd = torch.stack([u[0], -u[0], torch.zeros(8)])
+    other = torch.stack([2 * u[0], u[0], u[1]])
+    out = slerp(odd, other, 0.3)
+    assert torch.isfinite(out).all() and torch.allclose(out, torch.lerp(odd, other, 0.3), atol=1e-6)
+
+
+def test_paths_reproduce_the_inputs_at_both_ends(checkpoints, vae_dir):
+    vae, meta = load_vae_bundle(vae_dir)
+    model = create_model(ARCH, KWARGS)
+    ends = []
+    for p in checkpoints:
+        load_into(model, load_checkpoint(p), str(p))
+        ends.append({k: v.clone() for k, v in model.state_dict().items()})
+    path = InterpolationPath(model, *ends, vae, meta, skip={"fc"})
+    assert [layer.name for layer in path.layers][:2] == ["conv1.0", "conv1.3"] and path.weight_space == {"fc": "head"}
+    for method in METHODS:
+        for alpha, end in ((0.0, ends[0]), (1.0, ends[1])):
+            state = path.state(alpha, method)
+            assert all(torch.equal(state[k], end[k]) for k in end), (method, alpha)
+    lerp, latent = path.state(0.5, "weight_lerp"), path.state(0.5, "latent_slerp")
+    assert not torch.equal(lerp["conv1.0.weight"], latent["conv1.0.weight"])  # decoded by the VAE
+    for key in ("fc.weight", "fc.bias", "bn1.weight", "conv1.1.running_mean"):  # head, biases, norms: lerp
+        assert torch.equal(lerp[key], latent[key])
+    assert torch.equal(lerp["fc.weight"], torch.lerp(ends[0]["fc.weight"], ends[1]["fc.weight"], 0.5))
+
+
+def test_script_run_csv_png_summary_tensorboard(run, checkpoints, digits, capsys):
+    out, rows, summary, logdir, code = run
+    assert code == 0
+    assert len(rows) == STEPS * len(METHODS) and list(rows[0]) == list(COLUMNS)
+    assert {r["method"] for r in rows} == set(METHODS)
+    assert sorted({float(r["alpha"]) for r in rows}) == [0.0, 0.5, 1.0]
+    acc_a, acc_b = _own_accuracy(checkpoints[0], digits), _own_accuracy(checkpoints[1], digits)
+    for r in rows:
+        if float(r["alpha"]) == 0.0:
+            assert abs(float(r["cosine_a"]) - 1) < 1e-6 and float(r["accuracy"]) == pytest.approx(acc_a, abs=1e-12)
+        if float(r["alpha"]) == 1.0:
+            assert abs(float(r["cosine_b"]) - 1) < 1e-6 and float(r["accuracy"]) == pytest.approx(acc_b, abs=1e-12)
+        assert 0.0 <= float(r["accuracy"]) <= 1.0
+    assert (out / "interpolation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["accuracy"]["applies"] and summary["accuracy"]["image_size"] == 32
+    assert -1 <= summary["recon_cosine_a"] <= 1 and -1 <= summary["recon_cosine_b"] <= 1
+    assert len(summary["vae_layers"]) == 15 and summary["weight_space_layers"] == [{"name": "fc", "reason": "head"}]
+    assert set(summary["methods"]) == set(METHODS) and "barrier" in summary["methods"]["latent_lerp"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"interpolation/{m}/{k}" for m in METHODS for k in ("accuracy", "cosine_a", "cosine_b")} <= tags
+    assert [e.step for e in events.Scalars("interpolation/latent_slerp/accuracy")] == list(range(STEPS))
+
+
+def test_deterministic_in_seed(run, checkpoints, vae_dir, tmp_path):
+    out, *_ = run
+    again, rows = interpolate(ARCH, *checkpoints, STEPS, tmp_path / "again", vae_dir=vae_dir,
+                              model_kwargs=KWARGS, seed=3)
+    assert (again / "interpolation.csv").read_bytes() == (out / "interpolation.csv").read_bytes()
+    assert len(rows) == STEPS * len(METHODS)
+
+
+def test_unseen_kind_and_no_accuracy_head(checkpoints, vae_dir, tmp_path):
+    # the head through the VAE too (skip=set()): the VAE never saw linear layers -> weight space
+    _, rows = interpolate(ARCH, *checkpoints, 2, tmp_path / "noskip", vae_dir=vae_dir, model_kwargs=KWARGS,
+                          skip=set())
+    summary = json.loads((tmp_path / "noskip" / "summary.json").read_text())
+    assert summary["weight_space_layers"] == [{"name": "fc", "reason": "VAE never saw linear layers"}]
+    # a 5-class head: no digits accuracy, cosines only
+    kw = {"num_classes": 5, "in_chans": 1}
+    ends = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ends.append(tmp_path / f"c5-{seed}.safetensors")
+        save_tensors(ends[-1], create_model(ARCH, kw).state_dict())
+    _, rows = interpolate(ARCH, *ends, 3, tmp_path / "c5", vae_dir=vae_dir, model_kwargs=kw)
+    assert all(r["accuracy"] is None for r in rows) and len(rows) == 9
+    lines = (tmp_path / "c5" / "interpolation.csv").read_text().splitlines()
+    assert lines[1].split(",")[2] == "" and (tmp_path / "c5" / "interpolation.png").is_file()
+
+
+def test_bad_inputs_exit_2_and_write_nothing(checkpoints, vae_dir, tmp_path, capsys):
+    other = tmp_path / "resnet18.safetensors"
+    save_tensors(other, create_model("resnet18", {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64],
+                                                  **KWARGS}).state_dict())
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    a, b = str(checkpoints[0]), str(checkpoints[1])
+    out = tmp_path / "out"
+    base = ["--arch", ARCH, "--model-kwargs", "num_classes=10", "in_chans=1", "--out", str(out), "--vae", str(vae_dir)]
+    cases = {
+        "steps": (["--a", a, "--b", b, "--steps", "1"], "--steps"),
+        "missing": (["--a", a, "--b", str(tmp_path / "nope.safetensors"), "--steps", "3"], "not found"),
+        "corrupt": (["--a", str(corrupt), "--b", b, "--steps", "3"], "corrupt"),
+        "other arch": (["--a", a, "--b", str(other), "--steps", "3"], f"checkpoint b ({other}) does not fit"),
+        "kwargs": (["--a", a, "--b", b, "--steps", "3", "--model-kwargs", "num_classes=5"], "checkpoint a"),
+        "no vae": (["--a", a, "--b", b, "--steps", "3", "--vae", str(tmp_path / "novae")], "not found"),
+    }
+    for name, (extra, message) in cases.items():
+        assert _run(base + extra) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (name, err)
+        assert not out.exists(), name
+    out.mkdir()
+    (out / "keep").write_text("x")
+    assert _run(base + ["--a", a, "--b", b, "--steps", "3"]) == 2
+    assert "already exists" in capsys.readouterr().err and (out / "keep").read_text() == "x"
+    with pytest.raises(WeightgenError, match="steps"):
+        interpolate(ARCH, a, b, 2.5, tmp_path / "x", vae_dir=vae_dir, model_kwargs=KWARGS)
