@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae", help="VAE directory (default: the shipped VAE)")
     p.add_argument("--image-size", type=int, help="digits size for CNNs (default 32, the zoo's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-residual", action="store_true",
+                   help="decode latent paths raw, without fading in each end's decoding error")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--logdir", help="write TensorBoard scalars here")
     return p.parse_args(argv)
@@ -38,6 +40,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out, rows = interpolate(args.arch, args.a, args.b, args.steps, args.out, vae_dir=args.vae,
+                            residual=not args.no_residual,
                             model_kwargs=parse_kwargs(args.model_kwargs), seed=args.seed,
                             overwrite=args.overwrite, logdir=args.logdir, progress=True,
                             image_size=args.image_size)

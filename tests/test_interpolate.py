@@ -214,3 +214,19 @@ def test_bad_inputs_exit_2_and_write_nothing(checkpoints, vae_dir, tmp_path, cap
     assert "already exists" in capsys.readouterr().err and (out / "keep").read_text() == "x"
     with pytest.raises(WeightgenError, match="steps"):
         interpolate(ARCH, a, b, 2.5, tmp_path / "x", vae_dir=vae_dir, model_kwargs=KWARGS)
+
+
+def test_residual_correction_makes_latent_paths_continuous(checkpoints, vae_dir):
+    vae, meta = load_vae_bundle(vae_dir)
+    model = create_model(ARCH, KWARGS)
+    ends = []
+    for p in checkpoints:
+        load_into(model, load_checkpoint(p), str(p))
+        ends.append({k: v.clone() for k, v in model.state_dict().items()})
+    key = "conv1.0.weight"
+    near = {}
+    for residual in (True, False):
+        path = InterpolationPath(model, *ends, vae, meta, skip={"fc"}, residual=residual)
+        near[residual] = (path.state(1e-4, "latent_lerp")[key] - ends[0][key]).norm() / ends[0][key].norm()
+    assert near[True] < 1e-2  # next to the end point, as weight-space lerp would be
+    assert near[False] > 10 * near[True]  # raw decoding jumps by the VAE's reconstruction error

@@ -80,6 +80,8 @@ class _Layer:
     mu_b: torch.Tensor
     log_scale_a: float
     log_scale_b: float
+    residual_a: torch.Tensor | None = None  # original - decode(own latents): what the VAE misses
+    residual_b: torch.Tensor | None = None
 
 
 class InterpolationPath:
@@ -90,7 +92,7 @@ class InterpolationPath:
     """
 
     def __init__(self, model: nn.Module, state_a: dict, state_b: dict, vae: WeightVAE, meta: dict,
-                 skip: set[str] | None = None):
+                 skip: set[str] | None = None, residual: bool = True):
         self.state_a, self.state_b, self.vae = state_a, state_b, vae
         kinds = trained_kinds(meta)
         layers = weight_layers(model)
@@ -109,8 +111,15 @@ class InterpolationPath:
                 continue
             mu_a, scale_a = encode_layer(vae, state_a[f"{name}.weight"], kind, depth)
             mu_b, scale_b = encode_layer(vae, state_b[f"{name}.weight"], kind, depth)
-            self.layers.append(_Layer(name, shape, kind, depth, condition(shape, kind, depth, vae.config.token_size),
-                                      mu_a, mu_b, math.log(scale_a), math.log(scale_b)))
+            layer_path = _Layer(name, shape, kind, depth, condition(shape, kind, depth, vae.config.token_size),
+                                mu_a, mu_b, math.log(scale_a), math.log(scale_b))
+            if residual:
+                # residual correction: the path carries each end's decoding error, faded linearly, so
+                # it is continuous at both ends and shows only the latent geometry's own effect
+                key = f"{name}.weight"
+                layer_path.residual_a = state_a[key] - self._decode(layer_path, mu_a, layer_path.log_scale_a)
+                layer_path.residual_b = state_b[key] - self._decode(layer_path, mu_b, layer_path.log_scale_b)
+            self.layers.append(layer_path)
 
     def flatten(self, state: dict) -> torch.Tensor:
         """Every Linear/Conv2d weight concatenated (float64), the vector the cosines are taken on."""
@@ -139,7 +148,10 @@ class InterpolationPath:
         for layer in self.layers:
             latents = mix(layer.mu_a, layer.mu_b, alpha)
             log_scale = layer.log_scale_a + alpha * (layer.log_scale_b - layer.log_scale_a)
-            state[f"{layer.name}.weight"] = self._decode(layer, latents, log_scale)
+            weight = self._decode(layer, latents, log_scale)
+            if layer.residual_a is not None:
+                weight = weight + (1 - alpha) * layer.residual_a + alpha * layer.residual_b
+            state[f"{layer.name}.weight"] = weight
         return state
 
     @torch.no_grad()
@@ -220,7 +232,7 @@ def _load_end(model: nn.Module, path, label: str) -> dict[str, torch.Tensor]:
 
 def interpolate(arch: str, a, b, steps: int, out, vae_dir=None, model_kwargs: dict | None = None, seed: int = 0,
                 overwrite: bool = False, logdir=None, progress: bool = False, image_size: int | None = None,
-                skip: set[str] | None = None) -> tuple[Path, list[dict]]:
+                skip: set[str] | None = None, residual: bool = True) -> tuple[Path, list[dict]]:
     """Interpolate checkpoints ``a`` -> ``b`` of ``arch`` along every method in :data:`METHODS`.
 
     Writes ``interpolation.csv`` (one row per point and method, :data:`COLUMNS`), ``interpolation.png``
@@ -246,7 +258,7 @@ def interpolate(arch: str, a, b, steps: int, out, vae_dir=None, model_kwargs: di
         if unknown:
             raise WeightgenError(f"skip names no Linear/Conv2d layer of {arch}: {sorted(unknown)[:3]}")
         setup = _eval_setup(model, image_size)
-        path = InterpolationPath(model, state_a, state_b, vae, meta, skip)
+        path = InterpolationPath(model, state_a, state_b, vae, meta, skip, residual)
         evaluator = None if isinstance(setup, str) else _DigitsEval(model, *setup, seed=seed)
         if evaluator is None:
             log.info("no accuracy: %s", setup)
@@ -307,6 +319,7 @@ def _summary(arch, model_kwargs, a, b, steps, seed, vae_dir, setup, path, rows, 
     return {
         "arch": arch, "model_kwargs": dict(model_kwargs or {}), "a": str(a), "b": str(b), "steps": steps,
         "seed": seed, "vae": str(vae_dir or default_vae_dir()),
+        "residual_corrected": any(layer.residual_a is not None for layer in path.layers),
         "alphas": [r["alpha"] for r in rows if r["method"] == METHODS[0]],
         "accuracy": ({"applies": False, "reason": setup} if isinstance(setup, str) else
                      {"applies": True, "data": "sklearn digits, zoo split, test set", "image_size": setup[0],
