@@ -15,7 +15,6 @@ from torch import nn
 import weightgen as wg
 from weightgen.cli import run_cli
 
-torch.set_num_threads(1)  # tiny models: threads only add contention on a shared 2-core runner
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate_weights.py"
 OUTPUT_FILES = ["recast.safetensors", "recast_config.json", "report.json", "weights.safetensors"]

@@ -29,15 +29,6 @@ KWARGS = digits_model_kwargs(ARCH)  # num_classes=10, in_chans=1; CNN: evaluated
 STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # small convs: intra-op threads only add contention on a shared 2-core box. Module scope, so
-    # the module fixtures run single-threaded too (float reductions depend on the thread count).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _run(argv):
     return run_cli(lambda: script.main(argv))
@@ -111,13 +102,18 @@ def test_slerp_ends_parallel_and_norm():
     assert torch.isfinite(out).all() and torch.allclose(out, torch.lerp(odd, other, 0.3), atol=1e-6)
 
 
-def test_paths_reproduce_the_inputs_at_both_ends(checkpoints, vae_dir):
+def _loaded_ends(checkpoints, vae_dir):
     vae, meta = load_vae_bundle(vae_dir)
     model = create_model(ARCH, KWARGS)
     ends = []
     for p in checkpoints:
         load_into(model, load_checkpoint(p), str(p))
         ends.append({k: v.clone() for k, v in model.state_dict().items()})
+    return vae, meta, model, ends
+
+
+def test_paths_reproduce_the_inputs_at_both_ends(checkpoints, vae_dir):
+    vae, meta, model, ends = _loaded_ends(checkpoints, vae_dir)
     path = InterpolationPath(model, *ends, vae, meta, skip={"fc"})
     assert [layer.name for layer in path.layers][:2] == ["conv1.0", "conv1.3"] and path.weight_space == {"fc": "head"}
     for method in METHODS:
@@ -217,12 +213,7 @@ def test_bad_inputs_exit_2_and_write_nothing(checkpoints, vae_dir, tmp_path, cap
 
 
 def test_residual_correction_makes_latent_paths_continuous(checkpoints, vae_dir):
-    vae, meta = load_vae_bundle(vae_dir)
-    model = create_model(ARCH, KWARGS)
-    ends = []
-    for p in checkpoints:
-        load_into(model, load_checkpoint(p), str(p))
-        ends.append({k: v.clone() for k, v in model.state_dict().items()})
+    vae, meta, model, ends = _loaded_ends(checkpoints, vae_dir)
     key = "conv1.0.weight"
     near = {}
     for residual in (True, False):

@@ -14,7 +14,6 @@ import weightgen as wg
 from weightgen.artifact import CONFIG_FILE, RECAST_FILE, REPORT_FILE, WEIGHTS_FILE
 from weightgen.io import WeightgenError, atomic_directory, load_checkpoint
 
-torch.set_num_threads(1)  # tiny models: threads only add contention on a shared 2-core runner
 
 
 def small_state() -> dict[str, torch.Tensor]:

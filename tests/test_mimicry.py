@@ -13,7 +13,6 @@ import weightgen as wg
 from weightgen.mimicry import fit, function_fidelity, solve_bank
 from weightgen.recast import BANKS_ATTR, recast_layers
 
-torch.set_num_threads(1)  # tiny problems: threads only add contention on a shared 2-core runner
 
 
 def row_cosines(weights: torch.Tensor, templates: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:

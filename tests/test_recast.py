@@ -13,7 +13,6 @@ from weightgen.config import default_preset
 from weightgen.layers import RecastConv2d, RecastLayer, RecastLinear
 from weightgen.recast import BANKS_ATTR, find_targets, recast_layers
 
-torch.set_num_threads(1)  # tiny models: threads only add contention on a shared 2-core runner
 
 VIT_BLOCKS = range(6)  # test_vit has blocks.0 .. blocks.5
 VIT_QKV = [f"blocks.{i}.attn.qkv" for i in VIT_BLOCKS]

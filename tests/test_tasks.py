@@ -11,7 +11,6 @@ from weightgen.io import WeightgenError
 from weightgen.recast import BANKS_ATTR, recast_layers
 from weightgen.tasks import TASK_FORMAT
 
-torch.set_num_threads(1)  # tiny models: threads only add contention on a shared 2-core runner
 
 
 def make_vit(num_classes: int = 10):
@@ -116,7 +115,7 @@ def test_load_task_into_a_fresh_copy_from_an_artifact(two_tasks, tmp_path):
 
 
 def test_save_task_refuses_overwrite_unless_asked(two_tasks, tmp_path):
-    model, root = two_tasks["model"], two_tasks["root"]
+    model = two_tasks["model"]
     path = tmp_path / "t.safetensors"
     wg.save_task(model, path)
     before = path.read_bytes()

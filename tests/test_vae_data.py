@@ -9,14 +9,6 @@ from weightgen.vae.data import ZooDataModule, ZooTokenDataset, list_zoo, split_b
 from weightgen.vae.tokenize import COND_DIM, KINDS, TOKEN_SIZE, layer_kind, token_count, tokenize
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny ops: intra-op threads only add contention on a shared 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _tiny_net(width: int) -> nn.Module:
     return nn.Sequential(

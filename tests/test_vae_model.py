@@ -9,14 +9,6 @@ from weightgen.vae.store import VAE_FORMAT_VERSION, fit_scale_model, load_vae, p
 from weightgen.vae.tokenize import COND_DIM, TOKEN_SIZE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny ops: intra-op threads only add contention on a shared 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _small(**kw):
     return VAEConfig(**{"hidden": 64, "layers": 2, "latent_dim": 8, **kw})

@@ -15,14 +15,6 @@ from weightgen.zoo import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Shared 2-core box: 2 torch threads under contention run ~10x slower than 1; restore after.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ZooSpec(
     "tiny-resnet-s0", "resnet18",

@@ -21,8 +21,6 @@ def fit(model: nn.Module, target: dict[str, torch.Tensor], method: str = "closed
         progress: bool = False, on_step: Callable[[int, float], None] | None = None,
         vae=None) -> dict:
     """Fit a recast ``model`` in place to ``target``; returns the fit report."""
-    from ..recast import parameter_counts
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     seed = model.recast_config.seed if seed is None else seed
