@@ -10,9 +10,9 @@ from torch import nn
 
 from . import __version__
 from .config import RecastConfig
-from .io import WeightgenError, atomic_directory, load_tensors, read_json, save_tensors, write_json
+from .io import WeightgenError, atomic_directory, load_tensors, read_json, save_tensors, write_json, write_safetensors
 from .models import create_model
-from .recast import export_dense, recast
+from .recast import dense_entries, recast
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -32,14 +32,16 @@ def artifact_config(model: nn.Module, arch: str | None, model_kwargs: dict | Non
 
 
 def save(model: nn.Module, out_dir: str | Path, report: dict, *, arch: str | None = None,
-         model_kwargs: dict | None = None, overwrite: bool = False, dense: dict | None = None) -> Path:
-    """Write one artifact directory atomically; returns its path."""
+         model_kwargs: dict | None = None, overwrite: bool = False) -> Path:
+    """Write one artifact directory atomically; returns its path.
+
+    The dense weights are computed one layer at a time as they are written (no full dense copy).
+    """
     out_dir = Path(out_dir)
-    dense = export_dense(model) if dense is None else dense
     with atomic_directory(out_dir, overwrite) as tmp:
         write_json(tmp / CONFIG_FILE, artifact_config(model, arch, model_kwargs))
         save_tensors(tmp / RECAST_FILE, model.state_dict())
-        save_tensors(tmp / WEIGHTS_FILE, dense)
+        write_safetensors(tmp / WEIGHTS_FILE, dense_entries(model))
         write_json(tmp / REPORT_FILE, report)
     log.info("wrote %s", out_dir)
     return out_dir

@@ -14,7 +14,7 @@ from .config import PRESETS, RecastConfig, default_preset, preset_config
 from .io import WeightgenError, check_output_dir, load_checkpoint
 from .mimicry import METHODS, fit
 from .mimicry.fidelity import compare_features, record_features
-from .models import create_model, example_batch, load_into
+from .models import create_model, example_batch, model_from_state
 from .recast import head_names, recast
 from .vae.prior import activation_ranges, default_vae_dir, load_vae_bundle, sample_weights
 
@@ -85,16 +85,19 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
     validate(opts)
     start = time.perf_counter()
     torch.manual_seed(opts.seed)
-    model = create_model(opts.arch, opts.model_kwargs, pretrained=opts.pretrained)
     from_prior = not (opts.checkpoint or opts.pretrained)
     vae = load_vae_bundle(opts.vae) if from_prior or opts.method == "decoder" else None
     extra: dict = {}
     if opts.checkpoint:
+        # the model's tensors are the checkpoint's; recast() then drops the model's references
+        # to the wrapped weights, so ``state`` is the only copy of them (the fit target)
         state = load_checkpoint(opts.checkpoint)
-        load_into(model, state, opts.checkpoint)
-    elif opts.pretrained:
-        state = model.state_dict()
+        model = model_from_state(opts.arch, opts.model_kwargs, state, opts.checkpoint)
     else:
+        model = create_model(opts.arch, opts.model_kwargs, pretrained=opts.pretrained)
+    if opts.pretrained:
+        state = model.state_dict()
+    elif from_prior:
         weights, stats, fallback = sample_weights(model, *vae, seed=opts.seed, skip=head_names(model), progress=progress)
         with torch.no_grad():
             for key, value in weights.items():

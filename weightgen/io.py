@@ -4,14 +4,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import math
 import shutil
+import struct
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -43,17 +45,45 @@ def read_json(path: Path) -> dict:
         raise WeightgenError(f"corrupt JSON in {path}: {err}") from None
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+TensorEntry = tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]
+
+
+def write_safetensors(path: Path, entries: list[TensorEntry], metadata: dict[str, str] | None = None) -> None:
+    """Write the safetensors format one tensor at a time.
+
+    ``safetensors.torch.save_file`` first copies every tensor into a bytes object, which doubles the
+    peak memory of a large model; here each tensor is produced (e.g. a dense weight computed from
+    its bank) only when its bytes are written. Files read back with safetensors' own loader.
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    entries = sorted(entries, key=lambda e: e[0])
+    for name, dtype, shape, _ in entries:
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"cannot store {name}: unsupported dtype {dtype}")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, dtype, shape, produce in entries:
+            tensor = produce().detach().to("cpu").contiguous()
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, declared {dtype} {shape}")
+            if tensor.numel():
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    # safetensors refuses shared or non-contiguous storage; clone only what needs it
-    ready = {k: v.detach().contiguous() for k, v in tensors.items()}
-    seen: set[int] = set()
-    for key, value in ready.items():
-        ptr = value.untyped_storage().data_ptr() if value.numel() else None
-        if ptr is not None and ptr in seen:
-            ready[key] = value.clone()
-        elif ptr is not None:
-            seen.add(ptr)
-    save_file(ready, str(path), metadata=metadata)
+    write_safetensors(path, [(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in tensors.items()], metadata)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

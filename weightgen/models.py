@@ -32,7 +32,7 @@ def create_model(arch: str, model_kwargs: dict | None = None, pretrained: bool =
     return model.eval()
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, check_only: bool = False) -> None:
     """Strict load that names the first missing / unexpected / mis-shaped keys."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -46,7 +46,32 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
                 more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
                 parts.append(f"{label}: {', '.join(keys[:3])}{more}")
         raise WeightgenError(f"{source} does not fit the architecture; {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
+    if not check_only:
+        model.load_state_dict(state, strict=True)
+
+
+def model_from_state(arch: str, model_kwargs: dict | None, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """A timm model whose tensors *are* the checkpoint's (no random init, no second copy).
+
+    The model is built on the meta device and the checkpoint assigned into it. Models that cannot
+    be built on meta, or hold tensors outside the state dict (non-persistent buffers), are built
+    normally and loaded by copy instead.
+    """
+    try:
+        with torch.device("meta"):
+            model = create_model(arch, model_kwargs)
+    except Exception:  # some models compute values at init; the real build below reports real errors
+        model = None
+    if model is not None:
+        expected = model.state_dict()
+        load_into(model, state, source, check_only=True)
+        cast = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in state.items()}
+        model.load_state_dict(cast, strict=True, assign=True)
+        if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            return model.eval()
+    model = create_model(arch, model_kwargs)
+    load_into(model, state, source)
+    return model
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:

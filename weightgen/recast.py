@@ -170,19 +170,34 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     }
 
 
-def export_dense(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A plain state dict that loads with ``strict=True`` into the original architecture."""
+def dense_entries(model: nn.Module) -> list:
+    """The dense state dict as (key, dtype, shape, producer) entries, each weight computed on demand.
+
+    Lets a writer stream a dense export of a large model without holding all of it in memory.
+    """
     layers = recast_layers(model)
-    out = {}
+    entries = []
     for key, value in model.state_dict().items():
         if key.startswith(BANKS_ATTR + "."):
             continue
         module_name, _, leaf = key.rpartition(".")
         if module_name in layers and leaf == "coefficients":
-            out[f"{module_name}.weight"] = layers[module_name].weight.detach().clone()
-            continue
-        out[key] = value
-    return out
+            layer = layers[module_name]
+            entries.append((f"{module_name}.weight", layer.bank.templates.dtype, layer.bank.weight_shape,
+                            lambda layer=layer: _combined(layer)))
+        else:
+            entries.append((key, value.dtype, tuple(value.shape), lambda value=value: value))
+    return entries
+
+
+@torch.no_grad()
+def _combined(layer: RecastLayer) -> torch.Tensor:
+    return layer.weight.detach()
+
+
+def export_dense(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A plain state dict that loads with ``strict=True`` into the original architecture."""
+    return {key: produce() for key, _, _, produce in dense_entries(model)}
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
