@@ -117,9 +117,10 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
     del state
     gc.collect()
     with torch.no_grad():
-        report["function"] = compare_features(reference, record_features(model, batch))
+        recorded = record_features(model, batch)
+        report["function"] = compare_features(reference, recorded)
         if from_prior:
-            report["activations"] = activation_ranges(model, batch)
+            report["activations"] = activation_ranges(recorded, batch)
     source = "checkpoint" if opts.checkpoint else "pretrained" if opts.pretrained else "vae_prior"
     report.update(arch=opts.arch, model_kwargs=opts.model_kwargs, source=source, **extra)
     if opts.logdir:

@@ -93,7 +93,8 @@ def sample_latents(density: dict | None, kind: str, depth: float, count: int, la
 
 
 def rms(weight: torch.Tensor) -> float:
-    return math.sqrt(weight.double().pow(2).mean().item()) if weight.numel() else 0.0
+    """Root mean square (float32 accumulation: plenty for a statistic, and no float64 copy)."""
+    return torch.linalg.vector_norm(weight.detach().float()).item() / math.sqrt(weight.numel()) if weight.numel() else 0.0
 
 
 __all__ = ["weight_layers", "encode_layer", "decode_layer", "fit_latent_density", "sample_latents",

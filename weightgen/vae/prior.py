@@ -69,12 +69,13 @@ def sample_weights(model: nn.Module, vae: WeightVAE, meta: dict, seed: int = 0, 
                                  vae.config.latent_dim, generator, temperature)
         weight = decode_layer(vae, latents, shape, kind, depth, 1.0)
         target = predict_scale(meta["scale_model"], kind, shape, depth)
-        weight = weight * (target / max(rms(weight), 1e-12))
+        weight.mul_(target / max(rms(weight), 1e-12))
         weights[f"{name}.weight"] = weight
         init = modules[name].weight
+        init_rms = rms(init)
         stats.append({"name": name, "kind": kind, "shape": list(shape), "depth": depth,
-                      "rms": rms(weight), "timm_init_rms": rms(init), "mean": weight.mean().item(),
-                      "timm_init_mean": init.mean().item(), "rms_ratio_to_timm": rms(weight) / max(rms(init), 1e-12)})
+                      "rms": target, "timm_init_rms": init_rms, "mean": weight.mean().item(),
+                      "timm_init_mean": init.mean().item(), "rms_ratio_to_timm": target / max(init_rms, 1e-12)})
     if fallback:
         log.warning("VAE knows no %s layers; kept timm init for %d layers (e.g. %s)",
                     "/".join(sorted({l["kind"] for l in layers if l["name"] in fallback})), len(fallback), fallback[0])
@@ -82,11 +83,12 @@ def sample_weights(model: nn.Module, vae: WeightVAE, meta: dict, seed: int = 0, 
 
 
 @torch.no_grad()
-def activation_ranges(model: nn.Module, batch: torch.Tensor) -> dict:
-    """Std of each block's output relative to the input std: a sanity check for generated weights."""
-    from ..mimicry.fidelity import record_features
+def activation_ranges(recorded: tuple[dict, torch.Tensor], batch: torch.Tensor) -> dict:
+    """Std of each block's output relative to the input std: a sanity check for generated weights.
 
-    feats, logits = record_features(model, batch)
+    ``recorded`` is what ``mimicry.fidelity.record_features`` returned for ``batch``.
+    """
+    feats, logits = recorded
     in_std = batch.std().item()
     ratios = {name: out.float().std().item() / in_std for name, out in feats.items()}
     finite = all(torch.isfinite(out).all().item() for out in feats.values()) and torch.isfinite(logits).all().item()
