@@ -124,7 +124,7 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
     source = "checkpoint" if opts.checkpoint else "pretrained" if opts.pretrained else "vae_prior"
     report.update(arch=opts.arch, model_kwargs=opts.model_kwargs, source=source, **extra)
     if opts.logdir:
-        from .inspect import log_fit
+        from .tensorboard_log import log_fit
         log_fit(opts.logdir, model, report)
 
     out = save(model, opts.output_dir(), report, arch=opts.arch, model_kwargs=opts.model_kwargs,
