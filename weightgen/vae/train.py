@@ -83,6 +83,27 @@ def reconstruction_vs_pca(vae: WeightVAE, train: list[dict], held_out: list[dict
     return {"summary": summary, "layers": rows}
 
 
+@torch.no_grad()
+def log_layer_reconstructions(writer, vae: WeightVAE, models: list[dict], step: int, per_kind: int = 2) -> None:
+    """TensorBoard images of whole held-out layers: real (left) beside decoded (right), and 3x3 kernels."""
+    from ..tensorboard_log import weight_image
+    from .codec import decode_layer
+
+    shown: dict[str, int] = {}
+    for meta, layer, kind, weight in iter_layers(models):
+        if shown.get(kind, 0) >= per_kind:
+            continue
+        shown[kind] = shown.get(kind, 0) + 1
+        mu, scale = encode_layer(vae, weight, kind, layer["depth"])
+        decoded = decode_layer(vae, mu, tuple(weight.shape), kind, layer["depth"], scale)
+        pair = torch.cat([weight_image(weight), weight_image(decoded)], dim=2)  # (1, H, 2W)
+        writer.add_image(f"reconstruction/{kind}/{meta['model_id']}/{layer['name']}", pair, step)
+        if weight.ndim == 4 and weight.shape[-1] > 1:  # kernels as a grid: first 16 filters, channel 0
+            kernels = torch.stack([weight[:16, 0], decoded[:16, 0]]).flatten(0, 1)[:, None]  # (32, 1, kh, kw)
+            kernels = (kernels / kernels.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12) + 1) / 2
+            writer.add_images(f"kernels/{kind}/{meta['model_id']}/{layer['name']}", kernels, step)
+
+
 def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = None, max_epochs: int = 20,
               batch_size: int = 1024, lr: float = 2e-3, config: VAEConfig | None = None,
               max_tokens_per_layer: int | None = 4096, seed: int = 0, overwrite: bool = False,
@@ -110,7 +131,9 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
         raise WeightgenError(str(err)) from None
     module = LitWeightVAE(config, lr=lr)
     logger = TensorBoardLogger(str(logdir), name="vae") if logdir else False
+    steps_per_epoch = -(-len(data.train_set) // batch_size)
     trainer = pl.Trainer(max_epochs=max_epochs, logger=logger, deterministic=True,
+                         log_every_n_steps=max(1, min(50, steps_per_epoch)),
                          enable_checkpointing=bool(logdir), enable_progress_bar=progress,
                          enable_model_summary=False, **(trainer_kwargs or {}))
     trainer.fit(module, datamodule=data, ckpt_path=resume)
@@ -119,6 +142,8 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
     held_out = [models[i] for i in data.val_ids]
     scale_model, density = fit_priors(vae, train_models, seed)
     recon = reconstruction_vs_pca(vae, train_models, held_out, seed)
+    if logger:
+        log_layer_reconstructions(logger.experiment, vae, held_out, trainer.global_step)
     summary = {
         "seconds": time.perf_counter() - start,
         "epochs": max_epochs,
