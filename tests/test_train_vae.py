@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import json
 import pathlib
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -36,7 +35,8 @@ def test_train_vae_exports_a_loadable_vae_with_priors(tmp_path, capsys):
         acc.Reload()
         tags |= set(acc.Tags()["images"]) | set(acc.Tags()["scalars"])
     assert "train/loss" in tags and any(t.startswith("reconstruction/conv/") for t in tags)
-    assert json.loads(capsys.readouterr().out.split("wrote")[0])["latent_dim"] == 16
+    printed = capsys.readouterr().out
+    assert '"vae_mean_cosine"' in printed and f"wrote {out}" in printed
 
 
 def test_train_vae_refuses_an_empty_zoo_and_an_existing_output(tmp_path, capsys):
