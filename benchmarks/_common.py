@@ -88,6 +88,16 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _git_dirty() -> list[str]:
+    """Tracked files with uncommitted changes (read-only: no index refresh is written)."""
+    try:
+        out = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+                             cwd=REPO, capture_output=True, text=True, timeout=10).stdout
+        return [line[3:] for line in out.splitlines() if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        return []
+
+
 def machine_info() -> dict:
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -101,6 +111,7 @@ def machine_info() -> dict:
         "timm": _version("timm"),
         "weightgen": _version("weightgen"),
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
     }
 
