@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 import weightgen as wg
@@ -178,3 +179,28 @@ def test_task_file_for_another_model_is_refused(two_tasks, tmp_path):
 def test_task_of_an_unrecast_model_is_refused(tmp_path):
     with pytest.raises(WeightgenError, match="recast it first"):
         wg.save_task(make_vit(), tmp_path / "x.safetensors")
+
+
+def test_task_with_a_head_holding_batchnorm_buffers_round_trips(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+            self.head = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
+
+        def get_classifier(self):
+            return self.head
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    torch.manual_seed(0)
+    model = Net()
+    wg.recast(model, wg.RecastConfig())
+    model.train()
+    model(torch.randn(16, 8))  # moves the head's BN running statistics
+    wg.save_task(model, tmp_path / "t.safetensors")
+    saved_mean = model.head[1].running_mean.clone()
+    model.head[1].reset_running_stats()
+    wg.load_task(model, tmp_path / "t.safetensors")
+    assert torch.equal(model.head[1].running_mean, saved_mean)

@@ -71,6 +71,6 @@ def load_task(model: nn.Module, path: str | Path) -> None:
     if bad:
         raise WeightgenError(f"task file {path} has shapes that do not fit: {', '.join(bad[:3])}")
     with torch.no_grad():
-        params = dict(model.named_parameters())
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # heads may hold BN buffers
         for key, value in state.items():
-            params[key].copy_(value)
+            tensors[key].copy_(value)

@@ -31,7 +31,7 @@ def fit(model: nn.Module, target: dict[str, torch.Tensor], method: str = "closed
     start = time.perf_counter()
     history: list[float] = []
     if method in ("closed_form", "closed_form+gradient"):
-        fit_closed_form(model, target)
+        fit_closed_form(model, target, seed=seed)
     if method == "gradient":
         history = fit_gradient(model, target, "paper", GradientSettings(steps=steps, lr=lr), seed, progress, on_step)
     elif method == "closed_form+gradient" and steps > 0:
@@ -49,7 +49,7 @@ def _fit_decoder(model, target, vae, steps, lr, seed, progress, on_step) -> dict
     if vae is None:
         raise ValueError("method 'decoder' needs a VAE: pass vae=(WeightVAE, meta)")
     start = time.perf_counter()
-    fit_closed_form(model, target)
+    fit_closed_form(model, target, seed=seed)
     baseline = build_report(model, target, "closed_form", time.perf_counter() - start)
     start = time.perf_counter()
     history, storage = fit_decoder(model, target, vae, steps=steps, lr=lr, seed=seed, progress=progress,

@@ -111,12 +111,16 @@ def _orthogonal_fill(directions: torch.Tensor, count: int, seed: int) -> torch.T
     return extra.contiguous()
 
 
-def fit_closed_form(model: nn.Module, target: dict[str, torch.Tensor], balance: bool = True) -> None:
-    """Set every bank and coefficient of a recast ``model`` from ``target`` (a dense state dict)."""
+def fit_closed_form(model: nn.Module, target: dict[str, torch.Tensor], balance: bool = True,
+                    seed: int | None = None) -> None:
+    """Set every bank and coefficient of a recast ``model`` from ``target`` (a dense state dict).
+
+    ``seed`` (default: the recast config's) only seeds extra templates beyond a bank's rank.
+    """
     from ..recast import banks_of, recast_layers
 
     layers = recast_layers(model)
-    seed = model.recast_config.seed
+    seed = model.recast_config.seed if seed is None else seed
     for index, (group_name, bank) in enumerate(banks_of(model).items()):
         weights = [target[f"{name}.weight"] for name in bank.members]
         flat = bank.templates.view(bank.num_templates, -1)
