@@ -116,3 +116,18 @@ def test_bad_vae_gives_one_line_and_writes_nothing(damage, tmp_path, capsys):
 def test_library_refuses_missing_vae(tmp_path):
     with pytest.raises(WeightgenError):
         load_vae_bundle(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("arch", timm.list_models("test_*"))
+def test_default_preset_matches_something_for_every_timm_test_model(arch):
+    from weightgen.config import default_preset, preset_config
+    from weightgen.recast import find_targets
+
+    model = timm.create_model(arch)
+    assert find_targets(model, preset_config(default_preset(model)))
+
+
+@pytest.mark.parametrize("arch", ["test_coatnet", "test_nfnet"])  # conv qkv; Conv2d subclasses
+def test_prior_generation_of_unusual_families(arch, tmp_path):
+    _, report = generate(GenerateOptions(arch=arch, out=str(tmp_path / "o"), fidelity_batch=1))
+    assert report["activations"]["all_finite"] and report["mean_cosine"] > 0.9999

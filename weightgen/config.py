@@ -102,10 +102,15 @@ def preset_config(name: str, **overrides) -> RecastConfig:
 
 
 def default_preset(model: nn.Module) -> str:
-    """The paper's variant for a model family: attention+MLP for ViTs, residual convs for CNNs."""
-    names = [name for name, _ in model.named_modules()]
-    if any(re.fullmatch(_VIT_QKV, n) for n in names):
-        return "recast-attn-mlp"
-    if any(re.fullmatch(_RESIDUAL_CONV, n) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)):
-        return "recast-conv"
+    """The paper's variant for a model family: attention+MLP for ViTs, residual convs for CNNs.
+
+    A family preset is chosen only if it selects at least one plain nn.Linear / nn.Conv2d of the
+    model (e.g. CoAtNet's qkv are convolutions, NFNet's convs are a Conv2d subclass); else ``all``.
+    """
+    layers = {name: type(m) for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    for name in ("recast-attn-mlp", "recast-conv"):
+        config = preset_config(name)
+        wanted = tuple({"linear": nn.Linear, "conv": nn.Conv2d}[t] for t in config.layer_types)
+        if any(kind in wanted and config.matches(layer) for layer, kind in layers.items()):
+            return name
     return "all"

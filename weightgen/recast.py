@@ -62,9 +62,13 @@ def find_targets(model: nn.Module, config: RecastConfig) -> list[str]:
         if name and _type_ok(module, config.layer_types) and name not in heads and config.matches(name)
     ]
     if not names:
+        subclassed = sorted({type(m).__name__ for m in model.modules()
+                             if isinstance(m, (nn.Linear, nn.Conv2d)) and type(m) not in (nn.Linear, nn.Conv2d)})
+        note = (f"; layers of types {', '.join(subclassed)} have their own forward and are never wrapped"
+                if subclassed else "")
         raise ValueError(
             f"target pattern {config.target_modules!r} (types {list(config.layer_types)}) matched no layer; "
-            f"e.g. this model has {', '.join(_example_names(model))}"
+            f"e.g. this model has {', '.join(_example_names(model))}{note}"
         )
     return names
 
