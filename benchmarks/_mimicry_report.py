@@ -257,7 +257,9 @@ def write_plot(path: Path, rows: list[dict]) -> None:
                 if not pts:
                     continue
                 x, t, c = zip(*pts)
-                kw = dict(color=colors[method], linestyle=styles[setting], marker=markers[fam],
+                # trained models are one ResNet and one ViT: points only, no cross-family line
+                line = "none" if fam.startswith("trained") else styles[setting]
+                kw = dict(color=colors[method], linestyle=line, marker=markers[fam],
                           markersize=size[method] + (3 if fam.startswith("trained") else 0), alpha=0.85,
                           markerfacecolor="white" if setting == "compressed" else colors[method])
                 ax_t.plot(x, t, **kw)
@@ -265,7 +267,8 @@ def write_plot(path: Path, rows: list[dict]) -> None:
                 if method == "gradient":  # the same fits at the paper's 1,000 steps, extrapolated
                     est = sorted((r["params_model"], extrapolate(r, PAPER_STEPS[0])) for r in ok
                                  if r["method"] == method and r["setting"] == setting and family(r) == fam)
-                    ax_t.plot(*zip(*est), color=colors[method], linestyle=":", marker="x", alpha=0.45,
+                    ax_t.plot(*zip(*est), color=colors[method], linestyle="none" if line == "none" else ":",
+                              marker="x", alpha=0.45,
                               markersize=size[method])
     steps = next((r["steps_run"] for r in ok if r["method"] == "gradient"), "N")
     ax_t.set(xscale="log", yscale="log", xlabel="parameters (dense model)", ylabel="fit seconds",
