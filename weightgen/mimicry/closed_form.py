@@ -5,14 +5,55 @@ happens on (L, L) and (L, n) matrices.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 _EIG_REL_TOL = 1e-8  # eigenvalues below this fraction of the largest are treated as rank deficiency
 
 
+@dataclass
+class _BankFit:
+    """One bank's small-matrix state between preparing, balancing and writing templates."""
+    rows: list[torch.Tensor]  # L flattened float32 weights (views, never stacked)
+    norms: torch.Tensor  # (L,) float64
+    gram: torch.Tensor  # (L, L) Gram of the unit-normalised rows
+    basis: torch.Tensor  # (L, r): template directions = basis^T @ Mhat
+    templates: int
+
+    @property
+    def alive(self) -> torch.Tensor:
+        return self.norms > 0
+
+    def needs_balance(self) -> bool:
+        return self.templates < len(self.rows) and self.basis.shape[1] > 0
+
+
+def _prepare(weights, templates: int) -> _BankFit:
+    rows = [w.reshape(-1).float() for w in weights]  # views when already float32
+    norms = torch.stack([r.norm() for r in rows]).double()  # (L,)
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    gram = _gram(rows) / (safe[:, None] * safe[None, :])  # (L, L)
+    return _BankFit(rows, norms, gram, _principal_basis(gram, min(templates, len(rows))), templates)
+
+
+def _finish(fit: _BankFit, seed: int, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    safe = torch.where(fit.alive, fit.norms, torch.ones_like(fit.norms))
+    bank = torch.zeros(fit.templates, fit.rows[0].numel()) if out is None else out.zero_()  # (n, D)
+    mix = (fit.basis / safe[:, None]).float()  # (L, r)
+    rank = fit.basis.shape[1]
+    for l, row in enumerate(fit.rows):  # rank-1 updates: directions = mix^T @ M without stacking M
+        bank[:rank].addmm_(mix[l][:, None], row[None, :])
+    if rank < fit.templates:
+        bank[rank:] = _orthogonal_fill(bank[:rank], fit.templates - rank, seed)
+    # templates carry a typical layer norm so that coefficients stay O(1) for adaptation
+    bank.mul_(fit.norms[fit.alive].pow(2).mean().sqrt().item() if fit.alive.any() else 1.0)
+    return bank, least_squares_coefficients(fit.rows, bank)
+
+
 def solve_bank(weights: torch.Tensor | list[torch.Tensor], templates: int, balance: bool = True,
-               steps: int = 300, seed: int = 0, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               steps: int = 100, seed: int = 0, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit L weights ~= coefficients (L, n) @ templates (n, D); returns (templates, coefficients).
 
     Exact (to float rounding) when n >= rank. Under compression a plain SVD maximises the summed
@@ -22,26 +63,10 @@ def solve_bank(weights: torch.Tensor | list[torch.Tensor], templates: int, balan
     ``weights`` is an (L, D) tensor or a list of L tensors: a list is never stacked, so a bank of
     large layers costs no copy; ``out`` (n, D) receives the templates in place.
     """
-    rows = [w.reshape(-1).float() for w in weights]  # views when already float32
-    L, D = len(rows), rows[0].numel()
-    norms = torch.stack([r.norm() for r in rows]).double()  # (L,)
-    alive = norms > 0
-    safe = torch.where(alive, norms, torch.ones_like(norms))
-    gram = _gram(rows) / (safe[:, None] * safe[None, :])  # (L, L) Gram of unit rows
-    basis = _principal_basis(gram, min(templates, L))  # (L, r): templates = basis^T @ Mhat
-    if balance and templates < L and basis.shape[1] > 0:
-        basis = _balance(gram, basis, alive, steps)
-
-    bank = torch.zeros(templates, D) if out is None else out.zero_()  # (n, D)
-    mix = (basis / safe[:, None]).float()  # (L, r)
-    rank = basis.shape[1]
-    for l, row in enumerate(rows):  # rank-1 updates: directions = mix^T @ M without stacking M
-        bank[:rank].addmm_(mix[l][:, None], row[None, :])
-    if rank < templates:
-        bank[rank:] = _orthogonal_fill(bank[:rank], templates - rank, seed)
-    # templates carry a typical layer norm so that coefficients stay O(1) for adaptation
-    bank.mul_(norms[alive].pow(2).mean().sqrt().item() if alive.any() else 1.0)
-    return bank, least_squares_coefficients(rows, bank)
+    fit = _prepare(weights, templates)
+    if balance and fit.needs_balance():
+        _balance_many([fit], steps)
+    return _finish(fit, seed, out)
 
 
 def _gram(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -61,36 +86,55 @@ def _principal_basis(gram: torch.Tensor, rank_cap: int) -> torch.Tensor:
 
 
 def _captured(gram: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """f_l: fraction of unit layer l inside span(Mhat^T basis), for any (non-orthonormal) basis."""
-    proj = gram @ basis  # (L, r)
-    inner = basis.T @ gram @ basis  # (r, r)
-    return (torch.linalg.solve(inner, proj.T).T * proj).sum(1).clamp(0, 1)
+    """f_l: fraction of unit layer l inside span(Mhat^T basis), for any (non-orthonormal) basis.
+
+    Works on one bank (L, L), (L, r) or a batch (B, L, L), (B, L, r).
+    """
+    proj = gram @ basis  # (..., L, r)
+    inner = basis.transpose(-1, -2) @ proj  # (..., r, r)
+    return (torch.linalg.solve(inner, proj.transpose(-1, -2)).transpose(-1, -2) * proj).sum(-1).clamp(0, 1)
 
 
 @torch.enable_grad()  # callers may hold no_grad; this small ascent needs autograd
-def _balance(gram: torch.Tensor, basis: torch.Tensor, alive: torch.Tensor, steps: int) -> torch.Tensor:
-    """Gradient ascent of mean_l sqrt(f_l) over the subspace, on (L, r) numbers only."""
-    def score(b):
-        return _captured(gram, b)[alive].clamp(min=1e-12).sqrt().mean()
+def _balance_many(fits: list[_BankFit], steps: int) -> None:
+    """Gradient ascent of mean_l sqrt(f_l) over each bank's subspace, banks of one (L, r) batched.
 
-    param = basis.clone().requires_grad_(True)
-    opt = torch.optim.Adam([param], lr=1e-2 * basis.abs().mean().item())
-    best, best_score = basis, score(basis).item()
-    since_best = 0
-    for _ in range(steps):
-        loss = -score(param)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        since_best += 1
-        if -loss.item() > best_score + 1e-7:
-            best, best_score, since_best = param.detach().clone(), -loss.item(), 0
-        if since_best >= 25:  # converged: no measurable gain for a while
-            break
-    # re-orthonormalise so that templates are orthonormal directions
-    inner = best.T @ gram @ best
-    evals, evecs = torch.linalg.eigh(inner)
-    return best @ evecs / evals.clamp(min=1e-30).sqrt()
+    Works on (L, r) numbers only. f_l depends on the span alone, so every basis is rescaled to unit
+    mean magnitude and one learning rate serves all banks; each keeps its own best.
+    """
+    groups: dict[tuple[int, int], list[_BankFit]] = {}
+    for fit in fits:
+        groups.setdefault(tuple(fit.basis.shape), []).append(fit)
+    for group in groups.values():
+        gram = torch.stack([f.gram for f in group])  # (B, L, L)
+        alive = torch.stack([f.alive for f in group]).double()  # (B, L)
+        start = torch.stack([f.basis / f.basis.abs().mean() for f in group])  # (B, L, r)
+
+        def scores(basis):  # (B,) mean sqrt captured fraction of the alive layers
+            return (_captured(gram, basis).clamp(min=1e-12).sqrt() * alive).sum(1) / alive.sum(1).clamp(min=1)
+
+        param = start.clone().requires_grad_(True)
+        opt = torch.optim.Adam([param], lr=3e-2)
+        best, best_scores = start.clone(), scores(start).detach()
+        since_best = 0
+        for _ in range(steps):
+            current = scores(param)
+            opt.zero_grad()
+            (-current.sum()).backward()
+            better = current.detach() > best_scores + 1e-5
+            if better.any():
+                best[better] = param.detach()[better]
+                best_scores = torch.where(better, current.detach(), best_scores)
+                since_best = 0
+            else:
+                since_best += 1
+            if since_best >= 25:  # converged: no measurable gain for a while
+                break
+            opt.step()
+        for fit, basis in zip(group, best):
+            # re-orthonormalise so that templates are orthonormal directions
+            evals, evecs = torch.linalg.eigh(basis.T @ fit.gram @ basis)
+            fit.basis = basis @ evecs / evals.clamp(min=1e-30).sqrt()
 
 
 def least_squares_coefficients(weights: torch.Tensor | list[torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
@@ -121,13 +165,15 @@ def fit_closed_form(model: nn.Module, target: dict[str, torch.Tensor], balance: 
 
     layers = recast_layers(model)
     seed = model.recast_config.seed if seed is None else seed
-    for index, (group_name, bank) in enumerate(banks_of(model).items()):
-        weights = [target[f"{name}.weight"] for name in bank.members]
+    banks = list(banks_of(model).values())
+    fits = [_prepare([target[f"{name}.weight"] for name in bank.members], bank.num_templates) for bank in banks]
+    if balance:
+        _balance_many([fit for fit in fits if fit.needs_balance()], steps=100)
+    for index, (bank, fit) in enumerate(zip(banks, fits)):
         flat = bank.templates.view(bank.num_templates, -1)
         in_place = flat.dtype == torch.float32  # other dtypes are solved in float32, then cast
         with torch.no_grad():
-            templates, coefficients = solve_bank(weights, bank.num_templates, balance=balance, seed=seed + index,
-                                                 out=flat if in_place else None)
+            templates, coefficients = _finish(fit, seed + index, flat if in_place else None)
             if not in_place:
                 flat.copy_(templates)
             for row, name in enumerate(bank.members):
