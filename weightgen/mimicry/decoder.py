@@ -13,12 +13,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..vae.codec import decode_layer, encode_layer
 from ..vae.prior import trained_kinds
 from ..vae.tokenize import condition, layer_kind
 from .closed_form import least_squares_coefficients
+from .gradient import descend_keep_best
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +80,9 @@ def fit_decoder(model: nn.Module, target: dict[str, torch.Tensor], vae_bundle, s
     params = [p for prob in problems for p in (prob.latents, prob.log_scales, prob.coefficients)]
     history: list[float] = []
     if params:
-        opt = torch.optim.Adam(params, lr=lr)
-        best_loss, best = math.inf, [p.detach().clone() for p in params]
-        for step in tqdm(range(steps + 1), desc="mimicry (decoder)", disable=not progress):
-            loss = 1 - torch.cat([prob.cosines() for prob in problems]).mean()
-            history.append(loss.item())
-            if on_step is not None:
-                on_step(step, history[-1])
-            if history[-1] < best_loss:
-                best_loss = history[-1]
-                for keep, p in zip(best, params):
-                    keep.copy_(p.detach())
-            if step == steps:
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        best, history = descend_keep_best(
+            params, lambda: 1 - torch.cat([prob.cosines() for prob in problems]).mean(),
+            torch.optim.Adam(params, lr=lr), steps, "mimicry (decoder)", progress, on_step)
         with torch.no_grad():
             for keep, p in zip(best, params):
                 p.copy_(keep)

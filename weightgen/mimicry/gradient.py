@@ -81,6 +81,38 @@ def _smooth_l1_loss(problems: list[_BankProblem]) -> torch.Tensor:
     return sum(F.smooth_l1_loss(p.weights(), p.target) for p in problems)
 
 
+def descend_keep_best(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], opt, steps: int,
+                      desc: str, progress: bool = False, on_step: Callable[[int, float], None] | None = None,
+                      before_step: Callable[[], None] | None = None,
+                      after_step: Callable[[], None] | None = None) -> tuple[list[torch.Tensor], list[float]]:
+    """Run ``steps`` optimiser steps; returns (best parameter values, loss history).
+
+    The best state lives in preallocated buffers: no per-step deepcopy of a model. Each step's
+    forward loss scores the state *before* that step's update, so nothing is evaluated twice.
+    """
+    best = [t.detach().clone() for t in params]
+    best_loss, history = math.inf, []
+    for step in tqdm(range(steps + 1), desc=desc, disable=not progress):
+        loss = loss_fn()
+        history.append(loss.item())
+        if on_step is not None:
+            on_step(step, history[-1])
+        if history[-1] < best_loss:
+            best_loss = history[-1]
+            for keep, t in zip(best, params):
+                keep.copy_(t.detach())
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if before_step is not None:
+            before_step()
+        opt.step()
+        if after_step is not None:
+            after_step()
+    return best, history
+
+
 def fit_gradient(model: nn.Module, target: dict[str, torch.Tensor], mode: str = "paper",
                  settings: GradientSettings | None = None, seed: int = 0, progress: bool = False,
                  on_step: Callable[[int, float], None] | None = None) -> list[float]:
@@ -102,32 +134,19 @@ def fit_gradient(model: nn.Module, target: dict[str, torch.Tensor], mode: str = 
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=period, gamma=settings.lr_gamma)
     noise_gen = torch.Generator().manual_seed(seed + 1)
 
-    # the best state lives in preallocated buffers: no per-step deepcopy of a model. Each step's
-    # forward loss scores the state *before* that step's update, so nothing is evaluated twice.
-    best = [t.detach().clone() for t in params]
-    best_loss = math.inf
-    history = []
-    for step in tqdm(range(settings.steps + 1), desc=f"mimicry ({mode})", disable=not progress):
-        loss = loss_fn(problems)
-        current = loss.item()
-        history.append(current)
-        if on_step is not None:
-            on_step(step, current)
-        if current < best_loss:
-            best_loss = current
-            for keep, t in zip(best, params):
-                keep.copy_(t.detach())
-        if step == settings.steps:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    def clip() -> None:
         torch.nn.utils.clip_grad_norm_(params, settings.clip)
-        opt.step()
+
+    def after_step() -> None:
         sched.step()
         if mode == "paper" and settings.noise_std > 0:
             with torch.no_grad():
                 for p in problems:
                     p.coefficients.add_(torch.randn(p.coefficients.shape, generator=noise_gen) * settings.noise_std)
+
+    best, history = descend_keep_best(params, lambda: loss_fn(problems), opt, settings.steps,
+                                      f"mimicry ({mode})", progress, on_step, clip, after_step)
+    best_loss = min(history)
     for i, p in enumerate(problems):
         coefficients = best[2 * i + 1]
         if mode == "refine":
