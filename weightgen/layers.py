@@ -22,9 +22,6 @@ class RecastLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.bank.combine(self.coefficients)
 
-    def attach(self, bank: TemplateBank) -> None:
-        object.__setattr__(self, "bank", bank)
-
     def merge(self) -> nn.Module:
         """A plain nn.Linear / nn.Conv2d with the current combined weight."""
         raise NotImplementedError

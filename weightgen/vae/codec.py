@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .model import WeightVAE
-from .tokenize import KINDS, condition, detokenize, layer_kind, token_count, tokenize
+from .tokenize import KINDS, condition, detokenize, layer_kind, tokenize
 
 DEPTH_BUCKETS = 4
 _CHUNK = 65536  # tokens per decoder call: bounds memory on large layers
@@ -98,4 +98,4 @@ def rms(weight: torch.Tensor) -> float:
 
 
 __all__ = ["weight_layers", "encode_layer", "decode_layer", "fit_latent_density", "sample_latents",
-           "depth_bucket", "token_count", "rms"]
+           "depth_bucket", "rms"]
