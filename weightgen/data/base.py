@@ -1,0 +1,124 @@
+"""The task container, deterministic stratified splits, and the model-input transform."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+
+Split = tuple[torch.Tensor, torch.Tensor]  # images float32 (N, 1, H, W) in [0, 1], labels int64 (N,)
+
+# Default caps: adaptation trains 3 seeds x many tasks on a 2-core CPU.
+MAX_TRAIN = 2000
+MAX_EVAL = 1000
+
+
+@dataclass
+class ImageTask:
+    """One classification task on small grayscale images, split into train/val/test."""
+
+    name: str
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+    image_size: int  # native side H (= W)
+    description: str = ""
+    # Per split, what each sample was grouped by when splitting (the font of a glyph), if anything.
+    groups: dict[str, list[str]] | None = field(default=None, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, stage: str) -> Split:
+        if stage not in ("train", "val", "test"):
+            raise ValueError(f"stage must be train, val or test, not {stage!r}")
+        return getattr(self, stage)
+
+    def sizes(self) -> dict[str, int]:
+        return {s: len(self.split(s)[1]) for s in ("train", "val", "test")}
+
+    def clone(self) -> "ImageTask":
+        """A copy whose tensors a caller may modify without touching the cached task."""
+        def c(split: Split) -> Split:
+            return split[0].clone(), split[1].clone()
+
+        groups = None if self.groups is None else {k: list(v) for k, v in self.groups.items()}
+        return ImageTask(self.name, list(self.classes), c(self.train), c(self.val), c(self.test),
+                         self.image_size, self.description, groups)
+
+
+def to_model_input(images: torch.Tensor, channels: int = 3, img_size: int | None = None,
+                   mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
+    """(N, 1, H, W) in [0, 1] -> (N, channels, img_size, img_size), normalised; on the images' device."""
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"expected images of shape (N, 1, H, W), got {tuple(images.shape)}")
+    x = images.float()
+    if img_size is not None and tuple(x.shape[-2:]) != (img_size, img_size):
+        # antialias only matters when shrinking; bilinear either way
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False,
+                          antialias=img_size < max(x.shape[-2:]))
+    x = (x - mean) / std
+    return x.expand(-1, channels, -1, -1).contiguous()
+
+
+def task_dataset(task: ImageTask, stage: str, channels: int = 3, img_size: int | None = None) -> TensorDataset:
+    """One split as a TensorDataset of model-ready inputs (transform applied once, up front)."""
+    images, labels = task.split(stage)
+    return TensorDataset(to_model_input(images, channels, img_size), labels)
+
+
+def task_loader(task: ImageTask, stage: str, batch_size: int = 64, channels: int = 3,
+                img_size: int | None = None, seed: int = 0, **kwargs) -> DataLoader:
+    """A DataLoader over one split; the training split is shuffled by its own seeded generator."""
+    shuffle = stage == "train"
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(task_dataset(task, stage, channels, img_size), batch_size=batch_size,
+                      shuffle=shuffle, generator=gen, **kwargs)
+
+
+# ---- splitting -------------------------------------------------------------------------------
+
+def subsample(idx: np.ndarray, y: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+    """At most ``cap`` of ``idx``, stratified by ``y[idx]``."""
+    if cap is None or len(idx) <= cap:
+        return idx
+    keep, _ = train_test_split(idx, train_size=cap, stratify=y[idx], random_state=seed)
+    return np.sort(keep)
+
+
+def stratified_split(y: np.ndarray, seed: int, test_fraction: float = 0.2, val_fraction: float = 0.1,
+                     max_train: int | None = MAX_TRAIN, max_eval: int | None = MAX_EVAL):
+    """Indices (train, val, test) of ``y``: stratified, deterministic in ``seed``, capped."""
+    idx = np.arange(len(y))
+    rest, test = train_test_split(idx, test_size=test_fraction, stratify=y, random_state=seed)
+    train, val = carve_val(rest, y, seed, val_fraction / (1 - test_fraction))
+    return (subsample(train, y, max_train, seed), subsample(val, y, max_eval, seed),
+            subsample(np.sort(test), y, max_eval, seed))
+
+
+def carve_val(idx: np.ndarray, y: np.ndarray, seed: int, fraction: float = 0.1):
+    """Split training indices into (train, val), stratified, deterministic in ``seed``."""
+    train, val = train_test_split(idx, test_size=fraction, stratify=y[idx], random_state=seed + 1)
+    return np.sort(train), np.sort(val)
+
+
+def as_split(images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> Split:
+    """Select ``idx``; images become float32 (N, 1, H, W), labels int64."""
+    x = torch.from_numpy(np.ascontiguousarray(images[idx], dtype=np.float32))
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    return x, torch.from_numpy(np.asarray(labels[idx], dtype=np.int64))
+
+
+def make_task(name: str, classes: list[str], images: np.ndarray, labels: np.ndarray, seed: int,
+              description: str, test_fraction: float = 0.2, val_fraction: float = 0.1,
+              max_train: int | None = MAX_TRAIN, max_eval: int | None = MAX_EVAL) -> ImageTask:
+    """A task from one pool of (N, H, W) images in [0, 1], split by ``seed``."""
+    tr, va, te = stratified_split(labels, seed, test_fraction, val_fraction, max_train, max_eval)
+    return ImageTask(name, classes, as_split(images, labels, tr), as_split(images, labels, va),
+                     as_split(images, labels, te), images.shape[-1], description)
