@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from weightgen.zoo import ZooError, build_zoo, default_zoo_specs, quick_zoo_specs  # noqa: E402
+from weightgen.cli import run_cli  # noqa: E402
+from weightgen.zoo import build_zoo, default_zoo_specs, quick_zoo_specs  # noqa: E402
 
 
 def parse_args(argv):
@@ -32,17 +33,14 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("weightgen").setLevel(logging.INFO)  # one line per trained model
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
     specs = quick_zoo_specs(args.seed) if args.quick else default_zoo_specs(args.seed)
-    try:
-        index = build_zoo(args.out, specs, progress=not args.no_progress, overwrite=args.overwrite)
-    except ZooError as e:
-        print(f"build_zoo: error: {e}", file=sys.stderr)
-        return 2
+    index = build_zoo(args.out, specs, progress=not args.no_progress, overwrite=args.overwrite)
     width = max(len(r["model_id"]) for r in index["records"])
     print(f"\n{'model_id':<{width}}  {'params':>9}  {'test_acc':>8}  {'seconds':>7}")
     for r in index["records"]:
@@ -56,4 +54,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     # SIGTERM -> SystemExit, so build_zoo removes its temp dir instead of leaving it behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    sys.exit(main())
+    sys.exit(run_cli(lambda: main(sys.argv[1:])))

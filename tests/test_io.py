@@ -12,7 +12,7 @@ from torch import nn
 
 import weightgen as wg
 from weightgen.artifact import CONFIG_FILE, RECAST_FILE, REPORT_FILE, WEIGHTS_FILE
-from weightgen.io import WeightgenError, atomic_directory, load_checkpoint
+from weightgen.io import MANIFEST_FILE, WeightgenError, atomic_directory, load_checkpoint, read_manifest
 
 
 
@@ -179,12 +179,15 @@ def test_no_state_dict_inside(tmp_path, content):
 
 def test_atomic_directory_success(tmp_path):
     out = tmp_path / "run"
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, kind="test") as tmp:
         assert tmp != out and tmp.parent == tmp_path
         (tmp / "a.txt").write_text("a")
         assert not out.exists()
     assert (out / "a.txt").read_text() == "a"
     assert os.listdir(tmp_path) == ["run"]
+    manifest = read_manifest(out)
+    assert manifest["kind"] == "test" and manifest["files"] == ["a.txt"]
+    assert sorted(os.listdir(out)) == [MANIFEST_FILE, "a.txt"]
 
 
 def test_atomic_directory_failure_leaves_nothing(tmp_path):
@@ -199,21 +202,22 @@ def test_atomic_directory_failure_leaves_nothing(tmp_path):
 
 def test_atomic_directory_existing_refused_then_replaced(tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "old.txt").write_text("keep me")
-    with pytest.raises(WeightgenError, match="already exists"):
+    with atomic_directory(out) as tmp:
+        (tmp / "old.txt").write_text("keep me")
+    with pytest.raises(WeightgenError, match="already exists; pass overwrite=True") as info:
         with atomic_directory(out):
             pytest.fail("must not be entered")
+    assert "--overwrite" in info.value.cli and "--overwrite" not in str(info.value)
     assert (out / "old.txt").read_text() == "keep me"
     # a failure during an overwrite keeps the old directory
     with pytest.raises(RuntimeError):
         with atomic_directory(out, overwrite=True) as tmp:
             (tmp / "new.txt").write_text("new")
             raise RuntimeError("boom")
-    assert os.listdir(out) == ["old.txt"]
+    assert sorted(os.listdir(out)) == [MANIFEST_FILE, "old.txt"]
     with atomic_directory(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert os.listdir(out) == ["new.txt"]
+    assert sorted(os.listdir(out)) == [MANIFEST_FILE, "new.txt"]
     assert os.listdir(tmp_path) == ["run"]  # no .tmp / .old leftovers
 
 
@@ -258,7 +262,7 @@ def batch() -> torch.Tensor:
 
 def test_artifact_layout(artifact):
     model, out = artifact
-    assert sorted(os.listdir(out)) == sorted([CONFIG_FILE, RECAST_FILE, WEIGHTS_FILE, REPORT_FILE])
+    assert sorted(os.listdir(out)) == sorted([CONFIG_FILE, RECAST_FILE, WEIGHTS_FILE, REPORT_FILE, MANIFEST_FILE])
     assert sorted(os.listdir(out.parent)) == ["resnet"]
     config = json.loads((out / CONFIG_FILE).read_text())
     assert config["format_version"] == 1 and config["arch"] == "test_resnet"

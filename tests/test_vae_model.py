@@ -91,7 +91,7 @@ def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     vae = WeightVAE(_small()).eval()
     out = save_vae(vae, tmp_path / "vae", extra={"zoo": "fake", "scale_model": {"coef": [1.0]}})
-    assert sorted(p.name for p in out.iterdir()) == ["vae.json", "vae.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".weightgen.json", "vae.json", "vae.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp dir cleaned up
     loaded, meta = load_vae(out)
     assert not loaded.training
@@ -103,7 +103,7 @@ def test_save_load_round_trip(tmp_path):
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     assert torch.equal(vae.sample(cond, generator=g()), loaded.sample(cond, generator=g()))
 
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ValueError, match="already exists"):  # a WeightgenError
         save_vae(vae, out)
     torch.manual_seed(1)
     other = WeightVAE(_small(latent_dim=4))

@@ -1,6 +1,7 @@
 """Tests for weightgen.zoo and scripts/build_zoo.py on one tiny spec (seconds, not minutes)."""
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from weightgen.cli import run_cli
+from weightgen.io import WeightgenError
 from weightgen.digits import digits_model_kwargs, evaluate, load_digits_data
 from weightgen.zoo import (
     ZooError, ZooSpec, build_zoo, default_zoo_specs, layer_records, load_zoo_model, quick_zoo_specs,
@@ -41,7 +44,7 @@ def test_build_writes_files(built):
     base, index = built
     out = base / "a"
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["tiny-resnet-s0.json", "tiny-resnet-s0.safetensors", "zoo.json"]
+    assert names == [".weightgen.json", "tiny-resnet-s0.json", "tiny-resnet-s0.safetensors", "zoo.json"]
     assert [p.name for p in base.iterdir()] == ["a"]  # temp dir renamed away
     on_disk = json.loads((out / "zoo.json").read_text())
     assert on_disk == index and index["version"] == 1 and index["models"] == [TINY.model_id]
@@ -78,21 +81,27 @@ def test_same_seed_identical_bytes(built, tmp_path):
         assert (base / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-def test_existing_dir_and_overwrite(tmp_path):
+def test_existing_dir_and_overwrite(built, tmp_path):
     out = tmp_path / "zoo"
-    out.mkdir()
-    (out / "zoo.json").write_text("{}")
-    with pytest.raises(ZooError, match="already exists"):
+    shutil.copytree(built[0] / "a", out)
+    before = (out / "zoo.json").read_text()
+    with pytest.raises(WeightgenError, match="already exists"):
         build_zoo(out, [TINY], progress=False)
-    assert (out / "zoo.json").read_text() == "{}"
+    assert (out / "zoo.json").read_text() == before
     build_zoo(out, [TINY], progress=False, overwrite=True)
     assert json.loads((out / "zoo.json").read_text())["models"] == [TINY.model_id]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo"]  # old + temp dirs cleaned up
-    # A non-empty directory that is not a zoo is never wiped, even with overwrite.
+    # A non-empty directory weightgen did not write is never wiped, even with overwrite ...
     (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "keep.txt").write_text("x")
-    with pytest.raises(ZooError, match="refusing"):
+    (tmp_path / "mine" / "zoo.json").write_text("{}")
+    with pytest.raises(WeightgenError, match="not written by weightgen"):
         build_zoo(tmp_path / "mine", [TINY], progress=False, overwrite=True)
+    assert (tmp_path / "mine" / "zoo.json").read_text() == "{}"
+    # ... nor a zoo holding a file the user added.
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(WeightgenError, match="notes.txt"):
+        build_zoo(out, [TINY], progress=False, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_failure_leaves_nothing(tmp_path):
@@ -108,12 +117,13 @@ def test_script_bad_out_exits_2(tmp_path, capsys):
     main = _script().main
     f = tmp_path / "file.txt"
     f.write_text("x")
-    assert main(["--out", str(f), "--quick"]) == 2
+    assert run_cli(lambda: main(["--out", str(f), "--quick"])) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not a directory" in err[0] and "Traceback" not in err[0]
+    assert len(err) == 1 and "not a directory" in err[0] and err[0].startswith("error: ")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x").write_text("x")
-    assert main(["--out", str(tmp_path / "d"), "--quick", "--no-progress"]) == 2
+    assert run_cli(lambda: main(["--out", str(tmp_path / "d"), "--quick", "--no-progress"])) == 2
+    assert (tmp_path / "d" / "x").read_text() == "x"
 
 
 def test_zoo_specs_are_valid():

@@ -12,10 +12,11 @@ from . import __version__
 from .config import RecastConfig
 from .io import WeightgenError, atomic_directory, load_tensors, read_json, save_tensors, write_json, write_safetensors
 from .models import create_model
-from .recast import dense_entries, recast
+from .recast import dense_entries, inject
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+ARTIFACT_KIND = "artifact"  # the kind recorded in the directory's manifest
 CONFIG_FILE, RECAST_FILE, WEIGHTS_FILE, REPORT_FILE = (
     "recast_config.json", "recast.safetensors", "weights.safetensors", "report.json")
 
@@ -38,7 +39,7 @@ def save(model: nn.Module, out_dir: str | Path, report: dict, *, arch: str | Non
     The dense weights are computed one layer at a time as they are written (no full dense copy).
     """
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite, kind=ARTIFACT_KIND) as tmp:
         write_json(tmp / CONFIG_FILE, artifact_config(model, arch, model_kwargs))
         save_tensors(tmp / RECAST_FILE, model.state_dict())
         write_safetensors(tmp / WEIGHTS_FILE, dense_entries(model))
@@ -64,7 +65,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             raise WeightgenError(f"{path} was made from a non-timm model; pass model=... to load it")
         model = create_model(config["arch"], config.get("model_kwargs"))
     try:
-        recast(model, RecastConfig.from_dict(config["recast"]), init="empty")
+        inject(model, RecastConfig.from_dict(config["recast"]))
     except (ValueError, TypeError, KeyError) as err:
         raise WeightgenError(f"{path}: cannot rebuild the recast model: {err}") from None
     saved_groups = {k: v["members"] for k, v in config.get("groups", {}).items()}

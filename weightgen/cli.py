@@ -30,7 +30,7 @@ def run_cli(main: Callable[[], int]) -> int:
     try:
         return main()
     except WeightgenError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err.cli or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

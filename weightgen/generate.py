@@ -66,7 +66,7 @@ def validate(opts: GenerateOptions) -> None:
         raise WeightgenError("--method decoder fits a given model: pass --checkpoint FILE or --pretrained")
     if opts.fidelity_batch < 1:
         raise WeightgenError("the fidelity batch must hold at least one input")
-    check_output_dir(opts.output_dir(), opts.overwrite)
+    check_output_dir(opts.output_dir(), opts.overwrite, kind="artifact")
 
 
 def recast_config(model: torch.nn.Module, opts: GenerateOptions) -> RecastConfig:

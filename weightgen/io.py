@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -21,7 +21,15 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 
 class WeightgenError(ValueError):
-    """A user-facing error: scripts print its message as one line and exit non-zero."""
+    """A user-facing error: scripts print its message as one line and exit non-zero.
+
+    ``cli``: the same message in command-line terms (``--overwrite`` where the message says
+    ``overwrite=True``); :func:`weightgen.cli.run_cli` prints it instead.
+    """
+
+    def __init__(self, message: str = "", *, cli: str | None = None):
+        super().__init__(message)
+        self.cli = cli
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -151,37 +159,207 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
             raise WeightgenError(f"non-finite values (NaN/Inf) in {key!r} of {where}")
 
 
+# ---------------------------------------------------------------- writing outputs safely
+#
+# Every output directory weightgen writes carries a manifest (MANIFEST_FILE) listing its files.
+# ``overwrite`` replaces only such a directory, and only while it holds nothing but those files:
+# a folder weightgen did not write (or a user's file added to one) is never deleted.
+
+MANIFEST_FILE = ".weightgen.json"
+MANIFEST_FORMAT = "weightgen-output/1"
+
+
+def _refuse(message: str, cli: str | None = None) -> None:
+    raise WeightgenError(message, cli=cli)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict | None:
+    """The manifest of a directory weightgen wrote, or None (absent, unreadable, or not ours)."""
+    try:
+        manifest = json.loads((Path(out_dir) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
+          and isinstance(manifest.get("files"), list) and all(isinstance(f, str) for f in manifest["files"]))
+    return manifest if ok else None
+
+
+def _listing(root: Path) -> list[str]:
+    """Every file under ``root`` (relative POSIX paths, sorted); symlinks count as files."""
+    out = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False):
+            out += [f"{entry.name}/{sub}" for sub in _listing(Path(entry.path))]
+        else:
+            out.append(entry.name)
+    return out
+
+
+def _foreign(root: Path, files: set[str], prefix: str = "") -> list[str]:
+    """Entries under ``root`` that the manifest does not list (a foreign folder is named once)."""
+    dirs = {f.rsplit("/", 1)[0] for f in files if "/" in f}
+    dirs |= {d.rsplit("/", i)[0] for d in list(dirs) for i in range(1, d.count("/") + 1)}
+    found = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        rel = prefix + entry.name
+        if entry.is_dir(follow_symlinks=False) and rel in dirs:
+            found += _foreign(Path(entry.path), files, rel + "/")
+        elif rel not in files and rel != MANIFEST_FILE:
+            found.append(rel + ("/" if entry.is_dir(follow_symlinks=False) else ""))
+    return found
+
+
+def _names(paths: list[str], n: int = 3) -> str:
+    more = f" and {len(paths) - n} more" if len(paths) > n else ""
+    return ", ".join(paths[:n]) + more
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, kind: str | None = None) -> None:
+    """Raise WeightgenError unless ``out_dir`` may be written; never touches the disk.
+
+    Allowed: a path that does not exist yet, an empty directory, or (with ``overwrite``) a
+    directory weightgen wrote (it has a manifest; of ``kind``, when given) that holds nothing
+    beyond the files its manifest lists. The current directory and its parents are never targets.
+    """
+    out = Path(out_dir)
+    if out.is_symlink():
+        _refuse(f"output path {out} is a symbolic link; pass the directory it points to")
+    if out.exists() and not out.is_dir():
+        _refuse(f"output path {out} exists and is not a directory")
+    if out.exists():
+        resolved, cwd = out.resolve(), Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+            _refuse(f"refusing to write to {out}: it is the current directory, one above it, or your home "
+                    f"directory; name a new directory instead")
+        if not any(out.iterdir()):
+            return  # an empty directory is used as is
+        manifest = read_manifest(out)
+        if manifest is None:
+            _refuse(f"output directory {out} already exists and was not written by weightgen (it has no "
+                    f"{MANIFEST_FILE}); choose another output directory")
+        if not overwrite:
+            what = f"output directory {out} already exists"
+            _refuse(f"{what}; pass overwrite=True to replace it", cli=f"{what}; pass --overwrite to replace it")
+        if kind is not None and manifest.get("kind") != kind:
+            _refuse(f"refusing to replace {out}: it holds a weightgen {manifest.get('kind')}, not a {kind}")
+        foreign = _foreign(out, set(manifest["files"]))
+        if foreign:
+            _refuse(f"refusing to replace {out}: it holds {_names(foreign)}, which weightgen did not write; "
+                    f"move them away first")
+    blocking = next((p for p in out.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        _refuse(f"cannot create {out}: {blocking} is a file")
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, kind: str = "output") -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to ``out_dir`` only if the block succeeds.
 
-    An existing ``out_dir`` is never touched unless ``overwrite``; then it is replaced only after
-    the new one is complete.
+    ``out_dir`` is checked first (:func:`check_output_dir`), so a refused target is left
+    untouched. On success a manifest listing every file written is added, permissions are made
+    normal (``0o777 & ~umask``; ``mkdtemp`` makes 0700), and an old directory is replaced only
+    after the new one is complete.
     """
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    out = Path(out_dir)
+    check_output_dir(out, overwrite, kind)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WeightgenError(f"cannot create {out.parent}: {err.strerror or err}") from None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            out_dir.rename(trash / "old")
-            tmp.rename(out_dir)
+        files = _listing(tmp)
+        write_json(tmp / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "kind": kind, "files": files,
+                                         "weightgen_version": _version()})
+        mask = _umask()
+        for name in files + [MANIFEST_FILE]:  # safetensors writes 0600
+            if not (tmp / name).is_symlink():
+                os.chmod(tmp / name, 0o666 & ~mask)
+        for folder in {str(Path(f).parent) for f in files} - {"."}:
+            os.chmod(tmp / folder, 0o777 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
+        check_output_dir(out, overwrite, kind)  # again: the target may have changed meanwhile
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            out.rename(trash / "old")
+            try:
+                tmp.rename(out)
+            except BaseException:
+                (trash / "old").rename(out)  # put the old one back
+                trash.rmdir()
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
-            tmp.rename(out_dir)
+            tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise WeightgenError(f"output path {out_dir} exists and is not a directory")
-    if out_dir.exists() and not overwrite:
-        raise WeightgenError(f"output directory {out_dir} already exists; pass --overwrite to replace it")
-    blocking = next((p for p in out_dir.parents if p.exists()), None)
+def _version() -> str:
+    from . import __version__  # the package sets it before importing any module
+
+    return __version__
+
+
+def safetensors_format(path: str | os.PathLike) -> str | None:
+    """The ``format`` entry of a safetensors file's metadata, or None (no such entry, not safetensors)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:  # any unreadable file is simply not one of ours
+        return None
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool, owned_format: str) -> None:
+    """Raise WeightgenError unless ``path`` may be written: absent, or (with ``overwrite``) a
+    safetensors file whose metadata ``format`` is ``owned_format`` (one weightgen wrote)."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        _refuse(f"output path {path} exists and is not a regular file")
+    if path.exists():
+        if not overwrite:
+            what = f"file {path} already exists"
+            _refuse(f"{what}; pass overwrite=True to replace it", cli=f"{what}; pass --overwrite to replace it")
+        if safetensors_format(path) != owned_format:
+            _refuse(f"refusing to replace {path}: it is not a {owned_format} file weightgen wrote")
+    blocking = next((p for p in path.parents if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
-        raise WeightgenError(f"cannot create {out_dir}: {blocking} is a file")
+        _refuse(f"cannot create {path}: {blocking} is a file")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, overwrite: bool = False, *, owned_format: str) -> Iterator[Path]:
+    """Yield a temporary sibling file path; move it to ``path`` only if the block succeeds.
+
+    For single safetensors files such as task files: the writer must store
+    ``metadata={"format": owned_format}``, which is how a later ``overwrite`` recognises the file.
+    """
+    path = Path(path)
+    check_output_file(path, overwrite, owned_format)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WeightgenError(f"cannot create {path.parent}: {err.strerror or err}") from None
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if safetensors_format(tmp) != owned_format:
+            raise ValueError(f"the file written for {path} does not carry format {owned_format!r} in its metadata")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
+        check_output_file(path, overwrite, owned_format)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,14 +1,12 @@
 """Per-task files: one task's coefficients (and its head) as a tiny safetensors file."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .io import WeightgenError, load_tensors, save_tensors
+from .io import WeightgenError, atomic_file, load_tensors, save_tensors
 from .recast import head_names, recast_layers
 
 TASK_FORMAT = "weightgen-task/1"
@@ -32,17 +30,9 @@ def save_task(model: nn.Module, path: str | Path, name: str = "task", include_he
               overwrite: bool = False) -> int:
     """Write the task file atomically; returns its size in bytes."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise WeightgenError(f"task file {path} already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_tensors(Path(tmp), task_state(model, include_head), metadata={"format": TASK_FORMAT, "task": name})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # overwrite replaces only a weightgen task file (recognised by its metadata format)
+    with atomic_file(path, overwrite, owned_format=TASK_FORMAT) as tmp:
+        save_tensors(tmp, task_state(model, include_head), metadata={"format": TASK_FORMAT, "task": name})
     return path.stat().st_size
 
 

@@ -29,8 +29,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,17 +42,19 @@ from weightgen.digits import (
     DigitsData, digits_model_kwargs, evaluate, load_digits_data, reestimate_batchnorm,
     train_classifier,
 )
+from weightgen.io import WeightgenError, atomic_directory
 
 log = logging.getLogger(__name__)
 
 ZOO_FORMAT_VERSION = 1
+ZOO_KIND = "zoo"  # the kind in the output directory's manifest
 ZOO_IMAGE_SIZE = 32
 ZOO_DATA_SEED = 0  # one split for the whole zoo, so accuracies are comparable
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
-class ZooError(ValueError):
-    """Bad zoo input (output path, specs); the script turns it into exit code 2."""
+class ZooError(WeightgenError):
+    """Bad zoo specs; the script turns it into one error line and exit code 2."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,6 @@ def train_zoo_model(spec: ZooSpec, data: DigitsData, out_dir: Path, progress: bo
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     path = out_dir / f"{spec.model_id}.safetensors"
     save_file(state, str(path), metadata={"format": "pt"})
-    os.chmod(path, 0o644)  # safetensors writes 0600; match the JSON files
     _write_json(out_dir / f"{spec.model_id}.json", meta)
     return meta
 
@@ -177,37 +176,18 @@ def _check_specs(specs: list[ZooSpec]) -> None:
             raise ZooError(f"{s.model_id}: steps must be positive")
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise ZooError(f"output path {out} exists and is not a directory")
-        if not overwrite:
-            raise ZooError(f"output directory {out} already exists (use overwrite to replace it)")
-        # Guard against wiping an unrelated directory by mistake.
-        if any(out.iterdir()) and not (out / "zoo.json").is_file():
-            raise ZooError(f"refusing to overwrite {out}: it is not empty and has no zoo.json")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise ZooError(f"parent of output path {out} is not a directory")
-
-
 def build_zoo(out_dir: str | os.PathLike, specs: list[ZooSpec], progress: bool = True,
               overwrite: bool = False) -> dict:
     """Train every spec and write the zoo to out_dir atomically; return the index (zoo.json)."""
     from tqdm.auto import tqdm
 
-    out = Path(out_dir).absolute()
+    out = Path(out_dir)
     _check_specs(specs)
-    _check_out_dir(out, overwrite)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ZooError(f"cannot create parent of {out}: {e}") from e
-    # Sibling temp dir: same filesystem, so the final rename is atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     t_start = time.perf_counter()
     data_cache: dict[int, DigitsData] = {}
     records = []
-    try:
+    # overwrite replaces only a zoo weightgen wrote that holds nothing else
+    with atomic_directory(out, overwrite, kind=ZOO_KIND) as tmp:
         for spec in tqdm(specs, desc="zoo", disable=not progress):
             chans = int(spec.model_kwargs.get("in_chans", 1))
             if chans not in data_cache:
@@ -229,26 +209,5 @@ def build_zoo(out_dir: str | os.PathLike, specs: list[ZooSpec], progress: bool =
             "cpu_seconds": round(sum(r["cpu_seconds"] for r in records), 2), "records": records,
         }
         _write_json(tmp / "zoo.json", index)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("zoo of %d models written to %s in %.1fs", len(specs), out, index["seconds"])
     return index
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move the completed new dir into place; an old one is removed only after the swap."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-        try:
-            new.rename(out)
-        except BaseException:
-            old.rename(out)  # put the previous zoo back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(out)

@@ -247,7 +247,7 @@ def interpolate(arch: str, a, b, steps: int, out, vae_dir=None, model_kwargs: di
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise WeightgenError(f"--steps must be an integer >= 2 (the two end points), got {steps!r}")
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, kind="interpolation")
     vae, meta = load_vae_bundle(vae_dir)
     with torch.random.fork_rng(devices=[]):  # deterministic in seed; the caller's RNG is untouched
         torch.manual_seed(seed)
@@ -295,7 +295,7 @@ def interpolate(arch: str, a, b, steps: int, out, vae_dir=None, model_kwargs: di
 
     summary = _summary(arch, model_kwargs, a, b, steps, seed, vae_dir, setup, path, rows, recon,
                        checkpoint_accuracy)
-    with atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite, kind="interpolation") as tmp:
         _write_csv(tmp / "interpolation.csv", rows)
         _plot(tmp / "interpolation.png", rows, recon, arch)
         if logdir:

@@ -6,14 +6,13 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..io import atomic_directory, check_output_dir
 from .model import VAEConfig, WeightVAE
 from .tokenize import COND_DIM, KINDS
 
@@ -22,6 +21,7 @@ __all__ = ["VAE_FORMAT_VERSION", "save_vae", "load_vae", "fit_scale_model", "pre
 log = logging.getLogger(__name__)
 
 VAE_FORMAT_VERSION = 1
+VAE_KIND = "vae"  # the kind in the output directory's manifest
 _WEIGHTS, _META = "vae.safetensors", "vae.json"
 _RESERVED = ("format_version", "config", "torch_version", "weightgen_version")
 
@@ -41,10 +41,12 @@ def _weightgen_version() -> str | None:
 
 
 def save_vae(vae: WeightVAE, out_dir, extra: dict | None = None, overwrite: bool = False) -> Path:
-    """Write ``out_dir/vae.safetensors`` + ``out_dir/vae.json`` atomically (temp dir + rename)."""
+    """Write ``out_dir/vae.safetensors`` + ``out_dir/vae.json`` atomically (temp dir + rename).
+
+    ``overwrite`` replaces only a VAE directory weightgen wrote (see ``io.atomic_directory``).
+    """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    check_output_dir(out_dir, overwrite, kind=VAE_KIND)
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(_RESERVED))
     if clash:
@@ -57,22 +59,9 @@ def save_vae(vae: WeightVAE, out_dir, extra: dict | None = None, overwrite: bool
     text = json.dumps(meta, sort_keys=True, indent=2) + "\n"  # fails here, before touching disk
     state = {k: v.detach().cpu().contiguous().clone() for k, v in vae.state_dict().items()}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    with atomic_directory(out_dir, overwrite, kind=VAE_KIND) as tmp:
         save_file(state, str(tmp / _WEIGHTS), metadata={"format_version": str(VAE_FORMAT_VERSION)})
         (tmp / _META).write_text(text)
-        if out_dir.exists():  # overwrite: move the old one aside so a failure never loses both
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     log.info("saved WeightVAE to %s", out_dir)
     return out_dir
 

@@ -115,7 +115,7 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
     from .data import ZooDataModule, list_zoo
     from .lit import LitWeightVAE
 
-    check_output_dir(Path(out), overwrite)
+    check_output_dir(Path(out), overwrite, kind="vae")
     try:
         models = {m["model_id"]: m for m in list_zoo(zoo)}
     except ValueError as err:
