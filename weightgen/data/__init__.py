@@ -43,12 +43,7 @@ def _pool_task(name: str, load, classes: list[str], seed: int, max_train: int | 
 
 def _fashion(seed: int, max_train: int | None, max_eval: int | None) -> ImageTask:
     data = sources.load_fashion()
-    x_tr, y_tr = sources.dedup(*data["train"])
-    x_te, y_te = sources.dedup(*data["test"])
-    # a test image that also lies in the training file would measure memory, not generalisation
-    seen = set(map(bytes, x_tr.reshape(len(x_tr), -1).view(np.uint8)))
-    fresh = np.array([bytes(r) not in seen for r in x_te.reshape(len(x_te), -1).view(np.uint8)], dtype=bool)
-    x_te, y_te = x_te[fresh], y_te[fresh]
+    (x_tr, y_tr), (x_te, y_te) = data["train"], data["test"]
     tr, va = carve_val(np.arange(len(y_tr)), y_tr, seed)
     tr, va = subsample(tr, y_tr, max_train, seed), subsample(va, y_tr, max_eval, seed)
     te = subsample(np.arange(len(y_te)), y_te, max_eval, seed)

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
 Split = tuple[torch.Tensor, torch.Tensor]  # images float32 (N, 1, H, W) in [0, 1], labels int64 (N,)
@@ -87,29 +86,51 @@ def subsample(idx: np.ndarray, y: np.ndarray, cap: int | None, seed: int) -> np.
     """At most ``cap`` of ``idx``, stratified by ``y[idx]``."""
     if cap is None or len(idx) <= cap:
         return idx
-    keep, _ = train_test_split(idx, train_size=cap, stratify=y[idx], random_state=seed)
-    return np.sort(keep)
+    perm = np.random.default_rng(seed).permutation(len(idx))
+    labels = y[idx][perm]
+    # each sample's rank within its class, as a fraction of the class: the cap smallest fractions
+    # keep every class's share (sklearn's stratified split refuses caps that leave < 1 per class)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")
+    rank = np.empty(len(labels))
+    rank[order] = np.arange(len(labels)) - np.repeat(np.cumsum(counts) - counts, counts)
+    chosen = np.argsort(rank / counts[inverse], kind="stable")[:cap]
+    return np.sort(idx[perm[chosen]])
+
+
+def _per_class(y: np.ndarray, idx: np.ndarray, seed: int, fractions: tuple[float, ...]) -> list[np.ndarray]:
+    """Cut each class of ``y[idx]`` (shuffled by ``seed``) into len(fractions)+1 parts; every part
+    of a class with enough samples gets at least one (sklearn's splitter refuses small classes)."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for c in np.unique(y[idx]):
+        members = rng.permutation(idx[y[idx] == c])
+        sizes = [max(1, round(f * len(members))) if len(members) > len(fractions) else 0 for f in fractions]
+        cuts = np.cumsum(sizes)
+        for i, chunk in enumerate(np.split(members, cuts)):
+            parts[i].append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]
 
 
 def stratified_split(y: np.ndarray, seed: int, test_fraction: float = 0.2, val_fraction: float = 0.1,
                      max_train: int | None = MAX_TRAIN, max_eval: int | None = MAX_EVAL):
     """Indices (train, val, test) of ``y``: stratified, deterministic in ``seed``, capped."""
-    idx = np.arange(len(y))
-    rest, test = train_test_split(idx, test_size=test_fraction, stratify=y, random_state=seed)
-    train, val = carve_val(rest, y, seed, val_fraction / (1 - test_fraction))
-    return (subsample(train, y, max_train, seed), subsample(val, y, max_eval, seed),
-            subsample(np.sort(test), y, max_eval, seed))
+    test, val, train = _per_class(y, np.arange(len(y)), seed, (test_fraction, val_fraction))
+    return subsample(train, y, max_train, seed), subsample(val, y, max_eval, seed), subsample(test, y, max_eval, seed)
 
 
 def carve_val(idx: np.ndarray, y: np.ndarray, seed: int, fraction: float = 0.1):
     """Split training indices into (train, val), stratified, deterministic in ``seed``."""
-    train, val = train_test_split(idx, test_size=fraction, stratify=y[idx], random_state=seed + 1)
-    return np.sort(train), np.sort(val)
+    val, train = _per_class(y, np.asarray(idx), seed, (fraction,))
+    return train, val
 
 
 def as_split(images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> Split:
-    """Select ``idx``; images become float32 (N, 1, H, W), labels int64."""
-    x = torch.from_numpy(np.ascontiguousarray(images[idx], dtype=np.float32))
+    """Select ``idx``; images (uint8 0-255 or float in [0, 1]) become float32 (N, 1, H, W), labels int64."""
+    chosen = images[idx]
+    x = torch.from_numpy(np.ascontiguousarray(chosen, dtype=np.float32))
+    if chosen.dtype == np.uint8:
+        x = x / 255.0
     if x.ndim == 3:
         x = x.unsqueeze(1)
     return x, torch.from_numpy(np.asarray(labels[idx], dtype=np.int64))

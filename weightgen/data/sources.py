@@ -42,10 +42,15 @@ def package_dir(module: str, source: str, task: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _row_keys(images: np.ndarray) -> np.ndarray:
+    """One hashable, comparable value per image (its bytes)."""
+    flat = np.ascontiguousarray(images.reshape(len(images), -1))
+    return flat.view(np.dtype((np.void, flat.shape[1] * flat.dtype.itemsize))).ravel()
+
+
 def dedup(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Drop exact duplicate images (first copy kept; an image seen with two labels is dropped)."""
-    flat = np.ascontiguousarray(images.reshape(len(images), -1))
-    keys = flat.view(np.dtype((np.void, flat.shape[1] * flat.dtype.itemsize))).ravel()
+    keys = _row_keys(images)
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     conflict = np.zeros(len(first), dtype=bool)
     np.logical_or.at(conflict, inverse, labels != labels[first][inverse])
@@ -132,10 +137,17 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def load_fashion() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Fashion-MNIST's own train (60k) and test (10k) splits, 28x28 in [0, 1]."""
+    """Fashion-MNIST's own train (60k) and test (10k) splits, 28x28 uint8, duplicates dropped.
+
+    A test image that also lies in the training file is dropped too: it would measure memory.
+    """
     files = fashion_files()
     out = {}
     for split, (img_name, lab_name) in FASHION_FILES.items():
-        images = _read_idx(files[img_name], 16).reshape(-1, 28, 28).astype(np.float32) / 255.0
-        out[split] = images, _read_idx(files[lab_name], 8).astype(np.int64)
+        images = _read_idx(files[img_name], 16).reshape(-1, 28, 28)
+        out[split] = dedup(images, _read_idx(files[lab_name], 8).astype(np.int64))
+    (x_tr, _), (x_te, y_te) = out["train"], out["test"]
+    keys = _row_keys(np.concatenate([x_tr, x_te]))
+    in_train = np.isin(keys[len(x_tr):], keys[:len(x_tr)])
+    out["test"] = x_te[~in_train], y_te[~in_train]
     return out
