@@ -3,8 +3,9 @@ __version__ = "0.1.0"
 
 from .config import PRESETS, RecastConfig, preset_config  # noqa: E402
 from .recast import (  # noqa: E402
-    export_dense, mark_only_coefficients_trainable, merge_and_unload, parameter_counts, recast,
+    export_dense, mark_only_coefficients_trainable, merge_and_unload, parameter_counts,
 )
+from .api import recast  # noqa: E402
 from .mimicry import fit  # noqa: E402
 from .artifact import load, save  # noqa: E402
 from .tasks import load_task, save_task  # noqa: E402

@@ -11,11 +11,11 @@ import torch
 
 from .artifact import save
 from .config import PRESETS, RecastConfig, default_preset, preset_config
-from .io import WeightgenError, check_output_dir, load_checkpoint
+from .io import WeightgenError, check_checkpoint_path, check_output_dir, load_checkpoint, read_json
 from .mimicry import METHODS, fit
 from .mimicry.fidelity import compare_features, record_features
-from .models import create_model, example_batch, model_from_state
-from .recast import head_names, recast
+from .models import check_arch, create_model, example_batch, model_from_state
+from .recast import head_names, inject
 from .vae.prior import activation_ranges, default_vae_dir, load_vae_bundle, sample_weights
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,15 @@ class GenerateOptions:
     logdir: str | None = None
     vae: str | None = None
     fidelity_batch: int = 4
+    device: str = "cpu"  # where the model, the fit and the VAE run ("cuda", "cuda:1", ...)
 
     def output_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("outputs") / f"{self.arch}-{self.method.replace('+', '_')}-s{self.seed}"
+        """``out``, else ``outputs/<arch>-<source>-<method>-s<seed>`` (source: prior, pretrained or
+        the checkpoint's file stem), so runs from different sources do not collide."""
+        if self.out:
+            return Path(self.out)
+        source = Path(self.checkpoint).stem if self.checkpoint else "pretrained" if self.pretrained else "prior"
+        return Path("outputs") / f"{self.arch}-{source}-{self.method.replace('+', '_')}-s{self.seed}"
 
 
 def validate(opts: GenerateOptions) -> None:
@@ -66,7 +72,30 @@ def validate(opts: GenerateOptions) -> None:
         raise WeightgenError("--method decoder fits a given model: pass --checkpoint FILE or --pretrained")
     if opts.fidelity_batch < 1:
         raise WeightgenError("the fidelity batch must hold at least one input")
+    resolve_device(opts.device)
+    check_arch(opts.arch)  # input errors first: they are the real problem, not an existing output
+    if opts.checkpoint:
+        check_checkpoint_path(opts.checkpoint)
     check_output_dir(opts.output_dir(), opts.overwrite, kind="artifact")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``name`` as a torch device that exists on this machine, or one clear error."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise WeightgenError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise WeightgenError(f"CUDA is not available, so --device {name} cannot be used; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise WeightgenError(f"no CUDA device {device.index}: this machine has {torch.cuda.device_count()}")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as err:
+            raise WeightgenError(f"device {name!r} is not available: {str(err).splitlines()[0]}") from None
+    return device
 
 
 def recast_config(model: torch.nn.Module, opts: GenerateOptions) -> RecastConfig:
@@ -83,8 +112,8 @@ def recast_config(model: torch.nn.Module, opts: GenerateOptions) -> RecastConfig
 def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]:
     """Run the whole job; returns the artifact directory and its report."""
     validate(opts)
+    device = resolve_device(opts.device)
     start = time.perf_counter()
-    torch.manual_seed(opts.seed)
     from_prior = not (opts.checkpoint or opts.pretrained)
     vae = load_vae_bundle(opts.vae) if from_prior or opts.method == "decoder" else None
     extra: dict = {}
@@ -92,12 +121,19 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
         # the model's tensors are the checkpoint's; recast() then drops the model's references
         # to the wrapped weights, so ``state`` is the only copy of them (the fit target)
         state = load_checkpoint(opts.checkpoint)
+        pretrain_info = Path(opts.checkpoint).with_name("pretrain.json")
+        if pretrain_info.is_file():  # scripts/pretrain.py's record: adaptation reads the input size from it
+            extra["pretrain"] = read_json(pretrain_info)
         model = model_from_state(opts.arch, opts.model_kwargs, state, opts.checkpoint)
     else:
-        model = create_model(opts.arch, opts.model_kwargs, pretrained=opts.pretrained)
-    if opts.pretrained:
-        state = model.state_dict()
-    elif from_prior:
+        # timm's init draws from the global RNG: seed it inside a fork, leaving the caller's RNG as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(opts.seed)
+            model = create_model(opts.arch, opts.model_kwargs, pretrained=opts.pretrained)
+    model = model.to(device)
+    if not from_prior:
+        state = model.state_dict()  # the fit target, on the device (the same tensors on the CPU)
+    else:
         weights, stats, fallback = sample_weights(model, *vae, seed=opts.seed, skip=head_names(model), progress=progress)
         with torch.no_grad():
             for key, value in weights.items():
@@ -107,10 +143,10 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
     config = recast_config(model, opts)
 
     with torch.no_grad():
-        batch = example_batch(model, opts.fidelity_batch, opts.seed)
+        batch = example_batch(model, opts.fidelity_batch, opts.seed).to(device)
         reference = record_features(model, batch)
     try:
-        recast(model, config, init="empty")
+        inject(model, config)
     except ValueError as err:
         raise WeightgenError(str(err)) from None
     report = fit(model, state, opts.method, steps=opts.steps, lr=opts.lr, seed=opts.seed, progress=progress, vae=vae)

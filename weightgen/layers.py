@@ -72,6 +72,11 @@ class RecastConv2d(RecastLayer):
                 f"groups={self.groups}, coefficients={tuple(self.coefficients.shape)}")
 
 
+def recast_layers(model: nn.Module) -> dict[str, RecastLayer]:
+    """Every RECAST layer of ``model`` by dotted name, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, RecastLayer)}
+
+
 def wrap(base: nn.Module, bank: TemplateBank, coefficients: torch.Tensor) -> RecastLayer:
     if isinstance(base, nn.Linear):
         return RecastLinear(base, bank, coefficients)

@@ -1,29 +1,24 @@
-"""Target matching, grouping into banks, injection, merge/unload and parameter accounting."""
+"""Target matching, grouping into banks, injection, merge/unload and parameter accounting.
+
+Injection alone lives here (``inject``); ``weightgen.recast`` adds the closed-form fit on top
+(``weightgen/api.py``), so this module never imports the fitting code above it.
+"""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .bank import TemplateBank
+from .bank import BANKS_ATTR, Banks, TemplateBank, attach_banks, banks_of, detach_banks
 from .config import RecastConfig, default_preset, preset_config
-from .layers import RecastLayer, wrap
+from .layers import RecastLayer, recast_layers, wrap
 
 log = logging.getLogger(__name__)
-BANKS_ATTR = "recast_banks"  # the ModuleDict on the root model that holds every bank once
-
-
-class Banks(nn.ModuleDict):
-    """Every bank of a model, registered once on its root as ``recast_banks``.
-
-    Its forward passes the input through: a recast ``nn.Sequential`` calls every child in turn,
-    this one included, and must still compute the same function.
-    """
-
-    def forward(self, x):
-        return x
+__all__ = ["BANKS_ATTR", "Banks", "Group", "Injection", "banks_of", "dense_entries", "export_dense", "find_targets",
+           "head_names", "inject", "mark_only_coefficients_trainable", "merge_and_unload", "parameter_counts",
+           "plan_groups", "recast_layers", "resolve_config", "restore"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,7 @@ def _type_ok(module: nn.Module, layer_types: tuple[str, ...]) -> bool:
 
 def find_targets(model: nn.Module, config: RecastConfig) -> list[str]:
     """Names of the layers ``config`` selects, in model order. Raises if nothing matches."""
-    if hasattr(model, BANKS_ATTR):
+    if BANKS_ATTR in model.__dict__:
         raise ValueError("model is already recast; merge_and_unload() it first")
     heads = head_names(model) if config.exclude_head else set()
     names = [
@@ -101,51 +96,61 @@ def resolve_config(model: nn.Module, config: RecastConfig | None = None, preset:
     return preset_config(preset or default_preset(model))
 
 
-def recast(model: nn.Module, config: RecastConfig | None = None, *, preset: str | None = None,
-           init: str = "fit") -> nn.Module:
-    """Rewrite matched layers of ``model`` in place as RECAST layers over shared template banks.
+@dataclass
+class Injection:
+    """What ``inject`` replaced, so that ``restore`` can put the model back exactly as it was."""
+    originals: dict[str, nn.Module]  # dotted name -> the plain layer it replaced, model order
+    trainable: list[tuple[nn.Parameter, bool]] = field(default_factory=list)  # requires_grad before
 
-    ``init="fit"`` fits the banks to the layers' current weights in closed form (exact when
-    templates >= layers per group); ``init="empty"`` leaves zeros, for loading or fitting later.
-    All checks run before the model is touched.
+
+def inject(model: nn.Module, config: RecastConfig | None = None, *, preset: str | None = None) -> Injection:
+    """Rewrite matched layers of ``model`` in place as RECAST layers over zero template banks.
+
+    All checks run before the model is touched, and a failure while swapping puts it back.
+    Only coefficients stay trainable. Returns what was replaced (see ``restore``).
     """
     config = resolve_config(model, config, preset)
-    if init not in ("fit", "empty"):
-        raise ValueError(f"init must be 'fit' or 'empty', got {init!r}")
     groups = plan_groups(model, find_targets(model, config), config)
     modules = dict(model.named_modules())
-    current = {f"{n}.weight": modules[n].weight.detach() for g in groups for n in g.members} if init == "fit" else {}
+    undo = Injection({n: modules[n] for g in groups for n in g.members},
+                     [(p, p.requires_grad) for p in model.parameters()])
+    try:
+        banks = Banks()
+        for group in groups:
+            n = config.templates or len(group.members)
+            like = modules[group.members[0]].weight  # banks live on the layers' device, in their dtype
+            kind = {"device": like.device, "dtype": like.dtype}
+            banks[group.name] = TemplateBank(torch.zeros((n, *group.shape), **kind), group.members)
+            for name in group.members:
+                _swap(model, modules, name, wrap(modules[name], banks[group.name],
+                                                 torch.zeros(config.coef_sets, n, **kind)))
+        attach_banks(model, model.get_submodule(groups[0].members[0]), banks)
+        model.recast_config = config
+        model.recast_groups = groups
+        mark_only_coefficients_trainable(model, train_head=False)
+    except BaseException:
+        restore(model, undo)
+        raise
+    log.info("recast %d layers into %d banks", len(undo.originals), len(groups))
+    return undo
 
-    banks = Banks()
-    for group in groups:
-        n = config.templates or len(group.members)
-        like = modules[group.members[0]].weight  # banks live on the layers' device, in their dtype
-        kind = {"device": like.device, "dtype": like.dtype}
-        banks[group.name] = TemplateBank(torch.zeros((n, *group.shape), **kind), group.members)
-        for name in group.members:
-            base = modules[name]
-            layer = wrap(base, banks[group.name], torch.zeros(config.coef_sets, n, **kind))
-            parent_name, _, child = name.rpartition(".")
-            setattr(modules[parent_name] if parent_name else model, child, layer)
-    model.add_module(BANKS_ATTR, banks)
-    model.recast_config = config
-    model.recast_groups = groups
-    if init == "fit":
-        from .mimicry.closed_form import fit_closed_form
-        fit_closed_form(model, current)
-    mark_only_coefficients_trainable(model, train_head=False)
-    log.info("recast %d layers into %d banks", sum(len(g.members) for g in groups), len(groups))
+
+def restore(model: nn.Module, undo: Injection) -> nn.Module:
+    """Undo ``inject``: the original layers back, no banks, parameters trainable as before."""
+    modules = dict(model.named_modules())
+    for name, original in undo.originals.items():
+        _swap(model, modules, name, original)
+    detach_banks(model)
+    for attr in ("recast_config", "recast_groups"):
+        model.__dict__.pop(attr, None)
+    for param, flag in undo.trainable:
+        param.requires_grad = flag
     return model
 
 
-def recast_layers(model: nn.Module) -> dict[str, RecastLayer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, RecastLayer)}
-
-
-def banks_of(model: nn.Module) -> nn.ModuleDict:
-    if not hasattr(model, BANKS_ATTR):
-        raise ValueError("model is not recast; call weightgen.recast(model, ...) first")
-    return getattr(model, BANKS_ATTR)
+def _swap(model: nn.Module, modules: dict[str, nn.Module], name: str, layer: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(modules[parent_name] if parent_name else model, child, layer)
 
 
 def mark_only_coefficients_trainable(model: nn.Module, train_head: bool = True) -> None:
@@ -160,11 +165,12 @@ def mark_only_coefficients_trainable(model: nn.Module, train_head: bool = True) 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Model = parameters of the equivalent dense model; per_task_trainable = coefficients only."""
     layers = recast_layers(model)
-    templates = sum(bank.templates.numel() for bank in banks_of(model).values())
+    banks = banks_of(model)
+    templates = sum(bank.templates.numel() for bank in banks.values())
     coefficients = sum(layer.coefficients.numel() for layer in layers.values())
     dense_weights = sum(layer.bank.templates[0].numel() for layer in layers.values())
-    other = sum(p.numel() for n, p in model.named_parameters()
-                if not n.startswith(BANKS_ATTR + ".") and not n.endswith("coefficients"))
+    own = {id(p) for p in banks.parameters()} | {id(layer.coefficients) for layer in layers.values()}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in own)
     return {
         "model": other + dense_weights,
         "templates": templates,
@@ -208,9 +214,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every RECAST layer by a plain layer with its combined weight and drop the banks."""
     modules = dict(model.named_modules())
     for name, layer in recast_layers(model).items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, layer.merge())
-    delattr(model, BANKS_ATTR)
+        _swap(model, modules, name, layer.merge())
+    detach_banks(model)
     for attr in ("recast_config", "recast_groups"):
         model.__dict__.pop(attr, None)
     return model

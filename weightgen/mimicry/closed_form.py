@@ -1,7 +1,8 @@
 """Closed-form Neural Mimicry: per bank, a balanced least-squares fit via a small Gram matrix.
 
-The big weights are only read (dot products and rank-1 updates, never stacked); every decision
-happens on (L, L) and (L, n) matrices.
+The big weights are only read (dot products and rank-1 updates, never stacked), on the device of
+the banks; every decision happens on small (L, L) and (L, n) float64 matrices on the CPU, so the
+result does not depend on the device.
 """
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..bank import banks_of
+from ..layers import recast_layers
+
 _EIG_REL_TOL = 1e-8  # eigenvalues below this fraction of the largest are treated as rank deficiency
 
 
 @dataclass
 class _BankFit:
     """One bank's small-matrix state between preparing, balancing and writing templates."""
-    rows: list[torch.Tensor]  # L flattened float32 weights (views, never stacked)
-    norms: torch.Tensor  # (L,) float64
-    gram: torch.Tensor  # (L, L) Gram of the unit-normalised rows
-    basis: torch.Tensor  # (L, r): template directions = basis^T @ Mhat
+    rows: list[torch.Tensor]  # L flattened float32 weights on the bank's device (views, never stacked)
+    norms: torch.Tensor  # (L,) float64, CPU
+    gram: torch.Tensor  # (L, L) Gram of the unit-normalised rows, float64, CPU
+    basis: torch.Tensor  # (L, r): template directions = basis^T @ Mhat, float64, CPU
     templates: int
 
     @property
@@ -30,9 +34,10 @@ class _BankFit:
         return self.templates < len(self.rows) and self.basis.shape[1] > 0
 
 
-def _prepare(weights, templates: int) -> _BankFit:
-    rows = [w.reshape(-1).float() for w in weights]  # views when already float32
-    norms = torch.stack([r.norm() for r in rows]).double()  # (L,)
+def _prepare(weights, templates: int, device: torch.device | None = None) -> _BankFit:
+    # views when already float32 on ``device``
+    rows = [w.reshape(-1).to(device=device or w.device, dtype=torch.float32) for w in weights]
+    norms = torch.stack([r.norm() for r in rows]).double().cpu()  # (L,)
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     gram = _gram(rows) / (safe[:, None] * safe[None, :])  # (L, L)
     return _BankFit(rows, norms, gram, _principal_basis(gram, min(templates, len(rows))), templates)
@@ -40,8 +45,9 @@ def _prepare(weights, templates: int) -> _BankFit:
 
 def _finish(fit: _BankFit, seed: int, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     safe = torch.where(fit.alive, fit.norms, torch.ones_like(fit.norms))
-    bank = torch.zeros(fit.templates, fit.rows[0].numel()) if out is None else out.zero_()  # (n, D)
-    mix = (fit.basis / safe[:, None]).float()  # (L, r)
+    device = fit.rows[0].device
+    bank = torch.zeros(fit.templates, fit.rows[0].numel(), device=device) if out is None else out.zero_()  # (n, D)
+    mix = (fit.basis / safe[:, None]).float().to(device)  # (L, r)
     rank = fit.basis.shape[1]
     for l, row in enumerate(fit.rows):  # rank-1 updates: directions = mix^T @ M without stacking M
         bank[:rank].addmm_(mix[l][:, None], row[None, :])
@@ -63,17 +69,20 @@ def solve_bank(weights: torch.Tensor | list[torch.Tensor], templates: int, balan
     ``weights`` is an (L, D) tensor or a list of L tensors: a list is never stacked, so a bank of
     large layers costs no copy; ``out`` (n, D) receives the templates in place.
     """
-    fit = _prepare(weights, templates)
+    fit = _prepare(weights, templates, None if out is None else out.device)
     if balance and fit.needs_balance():
         _balance_many([fit], steps)
     return _finish(fit, seed, out)
 
 
 def _gram(rows: list[torch.Tensor]) -> torch.Tensor:
-    gram = torch.zeros(len(rows), len(rows), dtype=torch.float64)
-    for i, a in enumerate(rows):
-        for j in range(i, len(rows)):
-            gram[i, j] = gram[j, i] = torch.dot(a, rows[j]).item()
+    """(L, L) float64 on the CPU; the dot products run where the rows are, in one transfer."""
+    count = len(rows)
+    upper = torch.triu_indices(count, count)  # row-major (i, j >= i), the order of the dots below
+    dots = torch.stack([torch.dot(rows[i], rows[j]) for i, j in upper.T.tolist()]).double().cpu()
+    gram = torch.zeros(count, count, dtype=torch.float64)
+    gram[upper[0], upper[1]] = dots
+    gram[upper[1], upper[0]] = dots
     return gram
 
 
@@ -137,17 +146,51 @@ def _balance_many(fits: list[_BankFit], steps: int) -> None:
             fit.basis = basis @ evecs / evals.clamp(min=1e-30).sqrt()
 
 
+_LSQ_CHUNK = 1 << 18  # bank columns per float64 block: bounds the extra memory of a solve
+
+
+@torch.no_grad()
 def least_squares_coefficients(weights: torch.Tensor | list[torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
-    """argmin_A ||weights - A @ bank||, solved in float64 on the (n, n) normal equations."""
-    cross = torch.stack([bank @ w.reshape(-1).float() for w in weights]).double()  # (L, n)
-    normal = (bank @ bank.T).double()  # (n, n)
-    return torch.linalg.lstsq(normal, cross.T).solution.T.float()  # (L, n)
+    """argmin_A ||weights - A @ bank|| for weights (L, D) and bank (n, D); returns A (L, n) float32.
+
+    Solved in float64 from a QR of bank^T, never from float32 normal equations (which square the
+    bank's condition number before any float64 is reached): R comes from a blocked QR (a block
+    of columns at a time, so no float64 copy of the bank), then the corrected semi-normal
+    equations R^T R A^T = bank @ weights^T with one step of iterative refinement, which is as
+    accurate as a full QR solve. Rank-deficient banks get the minimum-norm solution.
+    """
+    rows = [w.reshape(-1) for w in weights]
+    n, width = bank.shape
+    device = bank.device
+    r_factor = torch.zeros(0, n, dtype=torch.float64, device=device)
+    for start in range(0, width, _LSQ_CHUNK):
+        block = bank[:, start:start + _LSQ_CHUNK].T.double()  # (c, n)
+        r_factor = torch.linalg.qr(torch.cat([r_factor, block]), mode="r").R  # (<= n, n)
+    _, sigma, vh = torch.linalg.svd(r_factor.cpu(), full_matrices=False)  # small: the same numbers on every device
+    keep = sigma > sigma.max().clamp(min=1e-300) * 1e-12
+    inverse = vh[keep].T @ torch.diag(sigma[keep].pow(-2)) @ vh[keep]  # pinv(R^T R), (n, n)
+
+    def correlate(coefficients: torch.Tensor | None) -> torch.Tensor:
+        """bank @ (weights - coefficients @ bank)^T in float64, block by block: (n, L), CPU."""
+        total = torch.zeros(n, len(rows), dtype=torch.float64, device=device)
+        coef = None if coefficients is None else coefficients.to(device)
+        for start in range(0, width, _LSQ_CHUNK):
+            block = bank[:, start:start + _LSQ_CHUNK].double()  # (n, c)
+            part = torch.stack([r[start:start + _LSQ_CHUNK].to(device=device, dtype=torch.float64) for r in rows])
+            if coef is not None:
+                part -= coef @ block  # residual (L, c)
+            total += block @ part.T
+        return total.cpu()
+
+    coefficients = (inverse @ correlate(None)).T  # (L, n)
+    coefficients += (inverse @ correlate(coefficients)).T  # one refinement step on the float64 residual
+    return coefficients.float().to(device)
 
 
 def _orthogonal_fill(directions: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     """Extra unit directions orthogonal to ``directions`` (more templates than rank)."""
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(count, directions.shape[1], generator=gen)  # (count, D)
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same directions on every device
+    noise = torch.randn(count, directions.shape[1], generator=gen).to(directions.device)  # (count, D)
     q, _ = torch.linalg.qr(torch.cat([directions, noise]).T)  # (D, min(D, r + count))
     extra = q[:, directions.shape[0]:].T
     if extra.shape[0] < count:  # more templates than a weight has entries: the surplus stays zero
@@ -161,12 +204,11 @@ def fit_closed_form(model: nn.Module, target: dict[str, torch.Tensor], balance: 
 
     ``seed`` (default: the recast config's) only seeds extra templates beyond a bank's rank.
     """
-    from ..recast import banks_of, recast_layers
-
     layers = recast_layers(model)
     seed = model.recast_config.seed if seed is None else seed
     banks = list(banks_of(model).values())
-    fits = [_prepare([target[f"{name}.weight"] for name in bank.members], bank.num_templates) for bank in banks]
+    fits = [_prepare([target[f"{name}.weight"] for name in bank.members], bank.num_templates, bank.templates.device)
+            for bank in banks]
     if balance:
         _balance_many([fit for fit in fits if fit.needs_balance()], steps=100)
     for index, (bank, fit) in enumerate(zip(banks, fits)):

@@ -2,7 +2,8 @@
 
 Latents start as the encoder's means of the current (closed-form) templates and are optimised together with
 the coefficients on the per-layer cosine loss; the final coefficients are re-solved by least squares.
-A bank of a kind the VAE never saw keeps its closed-form templates.
+A bank of a kind the VAE never saw keeps its closed-form templates. Everything runs on the device of
+the model's banks (the VAE is copied there when it lives elsewhere).
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..vae.codec import decode_layer, encode_layer
-from ..vae.prior import trained_kinds
+from ..bank import banks_of
+from ..layers import recast_layers
+from ..vae.codec import decode_layer, encode_layer, weight_layers
+from ..vae.prior import trained_kinds, vae_on
 from ..vae.tokenize import condition, layer_kind
 from .closed_form import least_squares_coefficients
 from .gradient import descend_keep_best
@@ -27,13 +30,16 @@ class _DecodedBank(nn.Module):
     def __init__(self, vae, bank, layers, target, kind: str, depth: float):
         super().__init__()
         self.vae, self.bank, self.layers, self.kind, self.depth = vae, bank, layers, kind, depth
-        shape = bank.weight_shape
-        self.cond = condition(shape, kind, depth, vae.config.token_size)  # (N, COND_DIM), shared by templates
+        shape, device = bank.weight_shape, bank.templates.device
+        # (N, COND_DIM), shared by templates
+        self.cond = condition(shape, kind, depth, vae.config.token_size).to(device)
         encoded = [encode_layer(vae, bank.templates[i], kind, depth) for i in range(bank.num_templates)]
         self.latents = nn.Parameter(torch.stack([mu for mu, _ in encoded]))  # (n, N, latent_dim)
-        self.log_scales = nn.Parameter(torch.tensor([math.log(s) for _, s in encoded]))  # (n,)
-        self.coefficients = nn.Parameter(torch.stack([layer.coefficients.detach().mean(0) for layer in layers]))  # (L, n)
-        self.register_buffer("target", torch.stack([target[f"{n}.weight"].reshape(-1).float() for n in bank.members]))
+        self.log_scales = nn.Parameter(torch.tensor([math.log(s) for _, s in encoded], device=device))  # (n,)
+        self.coefficients = nn.Parameter(
+            torch.stack([layer.coefficients.detach().mean(0) for layer in layers]).float())  # (L, n)
+        self.register_buffer("target", torch.stack([target[f"{n}.weight"].reshape(-1).to(device, torch.float32)
+                                                    for n in bank.members]))  # (L, D)
 
     def templates(self) -> torch.Tensor:
         shape = self.bank.weight_shape
@@ -58,12 +64,13 @@ class _DecodedBank(nn.Module):
 def fit_decoder(model: nn.Module, target: dict[str, torch.Tensor], vae_bundle, steps: int = 300, lr: float = 1e-2,
                 seed: int = 0, progress: bool = False, on_step: Callable[[int, float], None] | None = None,
                 ) -> tuple[list[float], dict]:
-    """Fit in place; returns (loss history, storage summary: latent vs template numbers)."""
-    from ..recast import banks_of, recast_layers
+    """Fit in place; returns (loss history, storage summary: latent vs template numbers).
 
+    Deterministic: ``seed`` is accepted for a uniform signature, the fit draws no random numbers.
+    """
     vae, meta = vae_bundle
-    vae.eval().requires_grad_(False)
-    torch.manual_seed(seed)
+    banks = banks_of(model)
+    vae = vae_on(vae, next(iter(banks.values())).templates.device)
     known = trained_kinds(meta)
     layers = recast_layers(model)
     problems, kept = [], []
@@ -100,7 +107,5 @@ def fit_decoder(model: nn.Module, target: dict[str, torch.Tensor], vae_bundle, s
 
 
 def _mean_depth(model: nn.Module, members) -> float:
-    from ..vae.codec import weight_layers
-
     depths = {layer["name"]: layer["depth"] for layer in weight_layers(model)}
     return sum(depths[m] for m in members) / len(members)

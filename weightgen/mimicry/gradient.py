@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..bank import banks_of
+from ..layers import recast_layers
 from .closed_form import least_squares_coefficients
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,9 @@ class _BankProblem(nn.Module):
         # optimised in float32 whatever the model's dtype; write_back casts to the bank's dtype
         self.templates = nn.Parameter(bank.templates.detach().reshape(bank.num_templates, -1).float().clone())
         self.coefficients = nn.Parameter(torch.stack([layer.coefficients.detach() for layer in layers]).float().clone())
-        self.register_buffer("target", torch.stack([target[f"{n}.weight"].reshape(-1).float() for n in bank.members]))
+        device = bank.templates.device
+        self.register_buffer("target", torch.stack([target[f"{n}.weight"].reshape(-1).to(device, torch.float32)
+                                                    for n in bank.members]))  # (L, D)
         self.register_buffer("target_norm2", self.target.pow(2).sum(1).clamp(min=1e-30))
 
     def weights(self) -> torch.Tensor:
@@ -56,19 +60,17 @@ class _BankProblem(nn.Module):
 
 
 def _problems(model: nn.Module, target: dict[str, torch.Tensor]) -> list[_BankProblem]:
-    from ..recast import banks_of, recast_layers
-
     layers = recast_layers(model)
     return [_BankProblem(bank, [layers[n] for n in bank.members], target) for bank in banks_of(model).values()]
 
 
 def _random_start(problems: list[_BankProblem], seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU, then moved: the same start on every device
     with torch.no_grad():
         for p in problems:
             fan_in = math.prod(p.bank.weight_shape[1:])
             bound = 1.0 / math.sqrt(fan_in)  # the default nn.Linear / nn.Conv2d init range
-            p.templates.copy_(torch.rand(p.templates.shape, generator=gen) * 2 * bound - bound)
+            p.templates.copy_(torch.rand(p.templates.shape, generator=gen) * 2 * bound - bound)  # copy_ moves
             p.coefficients.copy_(torch.randn(p.coefficients.shape, generator=gen) / math.sqrt(p.templates.shape[0]))
 
 
@@ -92,7 +94,9 @@ def descend_keep_best(params: list[torch.Tensor], loss_fn: Callable[[], torch.Te
     """
     best = [t.detach().clone() for t in params]
     best_loss, history = math.inf, []
-    for step in tqdm(range(steps + 1), desc=desc, disable=not progress):
+    # the bar counts optimiser steps; the extra pass scores the state after the last one
+    bar = tqdm(total=steps, desc=desc, disable=not progress)
+    for step in range(steps + 1):
         loss = loss_fn()
         history.append(loss.item())
         if on_step is not None:
@@ -110,6 +114,8 @@ def descend_keep_best(params: list[torch.Tensor], loss_fn: Callable[[], torch.Te
         opt.step()
         if after_step is not None:
             after_step()
+        bar.update()
+    bar.close()
     return best, history
 
 
@@ -120,7 +126,6 @@ def fit_gradient(model: nn.Module, target: dict[str, torch.Tensor], mode: str = 
     if mode not in ("paper", "refine"):
         raise ValueError(f"mode must be 'paper' or 'refine', got {mode!r}")
     settings = settings or GradientSettings()
-    torch.manual_seed(seed)
     problems = _problems(model, target)
     params = [t for p in problems for t in (p.templates, p.coefficients)]
     if mode == "paper":
@@ -142,7 +147,8 @@ def fit_gradient(model: nn.Module, target: dict[str, torch.Tensor], mode: str = 
         if mode == "paper" and settings.noise_std > 0:
             with torch.no_grad():
                 for p in problems:
-                    p.coefficients.add_(torch.randn(p.coefficients.shape, generator=noise_gen) * settings.noise_std)
+                    noise = torch.randn(p.coefficients.shape, generator=noise_gen)  # CPU draw: device-independent
+                    p.coefficients.add_(noise.to(p.coefficients.device) * settings.noise_std)
 
     best, history = descend_keep_best(params, lambda: loss_fn(problems), opt, settings.steps,
                                       f"mimicry ({mode})", progress, on_step, clip, after_step)

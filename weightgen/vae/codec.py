@@ -31,17 +31,18 @@ def _token_size(vae: WeightVAE) -> int:
 
 @torch.no_grad()
 def encode_layer(vae: WeightVAE, weight: torch.Tensor, kind: str, depth: float) -> tuple[torch.Tensor, float]:
-    """Latent means (N, latent_dim) of a layer's tokens and the layer's scale (RMS)."""
-    tokens = tokenize(weight, kind, depth, _token_size(vae))
-    mus = [vae.encode(tokens.values[i:i + _CHUNK], tokens.cond[i:i + _CHUNK])[0]
+    """Latent means (N, latent_dim) of a layer's tokens, on the VAE's device, and the layer's scale (RMS)."""
+    tokens = tokenize(weight, kind, depth, _token_size(vae))  # in the weight's dtype/device, moved chunk by chunk
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    mus = [vae.encode(tokens.values[i:i + _CHUNK].to(device, dtype), tokens.cond[i:i + _CHUNK].to(device, dtype))[0]
            for i in range(0, tokens.values.shape[0], _CHUNK)]
     return torch.cat(mus), tokens.scale
 
 
 def decode_layer(vae: WeightVAE, latents: torch.Tensor, shape, kind: str, depth: float,
                  scale: float | torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-    """Weight of ``shape`` from per-token latents (N, latent_dim); differentiable in the latents."""
-    cond = condition(shape, kind, depth, _token_size(vae)) if cond is None else cond
+    """Weight of ``shape`` from per-token latents (N, latent_dim), on their device; differentiable in them."""
+    cond = (condition(shape, kind, depth, _token_size(vae)) if cond is None else cond).to(latents.device)
     values = torch.cat([vae.decode(latents[i:i + _CHUNK], cond[i:i + _CHUNK])
                         for i in range(0, latents.shape[0], _CHUNK)])  # (N, token_size)
     return detokenize(values, shape, 1.0, _token_size(vae)) * scale
@@ -82,7 +83,11 @@ def depth_bucket(depth: float) -> int:
 
 def sample_latents(density: dict | None, kind: str, depth: float, count: int, latent_dim: int,
                    generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
-    """(count, latent_dim) latents from the fitted density, or from N(0, I) without one."""
+    """(count, latent_dim) latents from the fitted density, or from N(0, I) without one.
+
+    Drawn on the CPU (``generator`` is a CPU generator), so a seed gives the same latents on any
+    device; the caller moves them.
+    """
     noise = torch.randn(count, latent_dim, generator=generator) * temperature
     if not density or kind not in density:
         return noise

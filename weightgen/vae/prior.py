@@ -1,6 +1,7 @@
-"""Weights for any architecture from a trained WeightVAE: no checkpoint, no download, CPU only."""
+"""Weights for any architecture from a trained WeightVAE: no checkpoint, no download, on any device."""
 from __future__ import annotations
 
+import copy
 import logging
 from importlib import resources
 from pathlib import Path
@@ -38,6 +39,13 @@ def load_vae_bundle(path: str | Path | None = None) -> tuple[WeightVAE, dict]:
     return vae, meta
 
 
+def vae_on(vae: WeightVAE, device: torch.device) -> WeightVAE:
+    """``vae`` frozen in eval mode on ``device``; a copy when it lives elsewhere (the caller's stays put)."""
+    if next(vae.parameters()).device != torch.device(device):
+        vae = copy.deepcopy(vae).to(device)
+    return vae.eval().requires_grad_(False)
+
+
 def trained_kinds(meta: dict) -> set[str]:
     return {kind for kind, cell in meta.get("latent_density", {}).items() if cell.get("seen")}
 
@@ -50,6 +58,8 @@ def sample_weights(model: nn.Module, vae: WeightVAE, meta: dict, seed: int = 0, 
     Latents come from the density fitted to the zoo per layer kind and depth; each layer is then
     scaled to the RMS the zoo's scale model predicts for its kind, shape and depth. Layers of a
     kind the VAE never saw keep timm's init and are returned as ``fallback``.
+    Weights come out on the model's device, where the VAE decodes them; the latents are drawn
+    from a CPU generator, so a seed gives the same weights on every device (to float rounding).
     Returns (weights keyed ``name.weight``, per-layer statistics, fallback layer names).
     """
     if "scale_model" not in meta:
@@ -57,6 +67,8 @@ def sample_weights(model: nn.Module, vae: WeightVAE, meta: dict, seed: int = 0, 
     kinds = trained_kinds(meta)
     density = meta.get("latent_density")
     modules = dict(model.named_modules())
+    device = next(model.parameters()).device
+    vae = vae_on(vae, device)
     generator = torch.Generator().manual_seed(seed)
     weights, stats, fallback = {}, [], []
     layers = [layer for layer in weight_layers(model) if layer["name"] not in (skip or set())]
@@ -66,7 +78,7 @@ def sample_weights(model: nn.Module, vae: WeightVAE, meta: dict, seed: int = 0, 
             fallback.append(name)
             continue
         latents = sample_latents(density, kind, depth, token_count(shape, vae.config.token_size),
-                                 vae.config.latent_dim, generator, temperature)
+                                 vae.config.latent_dim, generator, temperature).to(device)
         weight = decode_layer(vae, latents, shape, kind, depth, 1.0)
         target = predict_scale(meta["scale_model"], kind, shape, depth)
         weight.mul_(target / max(rms(weight), 1e-12))
