@@ -1,8 +1,10 @@
-"""Weight tensor <-> fixed-size tokens, with an exact inverse.
+"""Weight tensor <-> fixed-size tokens, with an exact (bitwise) inverse.
 
 A layer weight of shape ``(out, ...)`` is viewed as ``out`` rows of length ``fan_in``
 (``weight.reshape(out, -1)``); each row is cut into ``ceil(fan_in / token_size)`` chunks and
-the last chunk of every row is zero padded. Every token carries a conditioning vector that
+the last chunk of every row is zero padded. Values are divided by the power of two nearest the
+layer's RMS (token RMS in [0.71, 1.41]): dividing and multiplying by a power of two is exact, so
+``detokenize(tokenize(W))`` gives ``W`` back bit for bit, in its dtype and on its device. Every token carries a conditioning vector that
 tells the VAE what kind of layer it comes from and where in the layer it sits.
 """
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "token_count",
     "condition",
     "weight_scale",
+    "token_scale",
 ]
 
 
@@ -59,10 +62,10 @@ def layer_kind(shape: tuple[int, ...], groups: int = 1) -> str:
 
 @dataclass
 class Tokens:
-    values: torch.Tensor  # (N, token_size) float32, weight / scale, zero padded
+    values: torch.Tensor  # (N, token_size) in the weight's dtype, weight / scale, zero padded
     mask: torch.Tensor  # (N, token_size) bool, True where a real weight sits
     cond: torch.Tensor  # (N, COND_DIM) float32
-    scale: float  # weight RMS (exactly representable in float32), 1.0 for an all-zero weight
+    scale: float  # power of two nearest the weight RMS (1.0 for an all-zero weight): exact to divide by
     shape: tuple[int, ...]
     kind: str
 
@@ -85,12 +88,16 @@ def token_count(shape, token_size: int = TOKEN_SIZE) -> int:
 
 
 def weight_scale(weight: torch.Tensor) -> float:
-    """RMS of a weight, rounded to float32 so ``(w / s) * s`` loses at most float32 rounding."""
+    """RMS of a weight (float64 accumulation); 1.0 for an all-zero or non-finite one."""
     rms = float(weight.detach().double().pow(2).mean().sqrt())
-    rms = float(torch.tensor(rms, dtype=torch.float32))  # round to a float32-representable value
     if not math.isfinite(rms) or rms <= 0.0:
         return 1.0  # all-zero (or underflowing) weight: nothing to normalise
     return rms
+
+
+def token_scale(weight: torch.Tensor) -> float:
+    """The power of two nearest the weight's RMS (in log scale): ``(w / s) * s == w`` bit for bit."""
+    return 2.0 ** round(math.log2(weight_scale(weight)))
 
 
 def _check_kind(shape, kind: str) -> None:
@@ -128,26 +135,25 @@ def condition(shape, kind: str, depth: float, token_size: int = TOKEN_SIZE) -> t
 
 
 def tokenize(weight, kind: str, depth: float, token_size: int = TOKEN_SIZE) -> Tokens:
-    """Cut a Linear/Conv2d weight into normalised, zero-padded tokens."""
+    """Cut a Linear/Conv2d weight into normalised, zero-padded tokens (its dtype and device)."""
     w = torch.as_tensor(weight).detach()
     if not w.is_floating_point():
         raise ValueError(f"weight must be floating point, got {w.dtype}")
-    w = w.to(device="cpu", dtype=torch.float32)
     shape = tuple(w.shape)
     _check_kind(shape, kind)
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"weight of shape {shape} contains NaN or Inf")
     out, row, cpr = _geometry(shape, token_size)
 
-    scale = weight_scale(w)
-    padded = torch.zeros(out, cpr * token_size, dtype=torch.float32)  # (out, cpr * token_size)
-    padded[:, :row] = w.reshape(out, row) / scale
-    mask = torch.zeros(out, cpr * token_size, dtype=torch.bool)
+    scale = token_scale(w)
+    padded = w.new_zeros(out, cpr * token_size)  # (out, cpr * token_size)
+    padded[:, :row] = w.reshape(out, row) / scale  # exact: scale is a power of two
+    mask = torch.zeros(out, cpr * token_size, dtype=torch.bool, device=w.device)
     mask[:, :row] = True
     return Tokens(
         values=padded.view(out * cpr, token_size),  # (N, token_size)
         mask=mask.view(out * cpr, token_size),  # (N, token_size)
-        cond=condition(shape, kind, depth, token_size),  # (N, COND_DIM)
+        cond=condition(shape, kind, depth, token_size).to(w.device),  # (N, COND_DIM)
         scale=scale,
         shape=shape,
         kind=kind,
@@ -155,7 +161,11 @@ def tokenize(weight, kind: str, depth: float, token_size: int = TOKEN_SIZE) -> T
 
 
 def detokenize(values, shape, scale, token_size: int = TOKEN_SIZE) -> torch.Tensor:
-    """Inverse of :func:`tokenize`: padded positions are dropped, the scale is re-applied."""
+    """Inverse of :func:`tokenize`: padded positions are dropped, the scale is re-applied.
+
+    Bitwise exact for ``tokenize``'s own values and scale (a power of two; only values pushed below
+    the dtype's normal range by the division could lose bits); keeps the values' dtype.
+    """
     shape = tuple(int(s) for s in shape)
     out, row, cpr = _geometry(shape, token_size)
     v = torch.as_tensor(values)

@@ -18,7 +18,7 @@ from ..io import WeightgenError, check_output_dir
 from .codec import encode_layer, fit_latent_density
 from .model import VAEConfig, WeightVAE
 from .store import fit_scale_model, save_vae
-from .tokenize import KINDS, layer_kind, tokenize
+from .tokenize import KINDS, layer_kind, tokenize, weight_scale
 
 log = logging.getLogger(__name__)
 _DENSITY_TOKENS_PER_LAYER = 512  # latents per layer used to fit the density (cheap, representative)
@@ -39,8 +39,9 @@ def fit_priors(vae: WeightVAE, models: list[dict], seed: int = 0) -> tuple[dict,
     gen = torch.Generator().manual_seed(seed)
     scale_records, latent_records = [], []
     for _, layer, kind, weight in iter_layers(models):
-        mu, scale = encode_layer(vae, weight, kind, layer["depth"])
-        scale_records.append((kind, tuple(weight.shape), layer["depth"], scale))
+        mu, _ = encode_layer(vae, weight, kind, layer["depth"])
+        # the RMS itself, not the token scale (a power of two near it)
+        scale_records.append((kind, tuple(weight.shape), layer["depth"], weight_scale(weight)))
         if mu.shape[0] > _DENSITY_TOKENS_PER_LAYER:
             mu = mu[torch.randperm(mu.shape[0], generator=gen)[:_DENSITY_TOKENS_PER_LAYER]]
         latent_records.append((kind, layer["depth"], mu))
