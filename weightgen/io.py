@@ -1,6 +1,7 @@
 """The only code that touches files: safetensors + JSON, atomic directory writes, safe loading."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -14,10 +15,10 @@ from typing import Callable, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+from timm.models import clean_state_dict
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 class WeightgenError(ValueError):
@@ -108,22 +109,32 @@ def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A plain state dict from .safetensors / .pt / .pth / .bin, never executing pickled code.
-
-    Nested ``state_dict`` / ``model`` entries are unwrapped and ``module.`` / ``_orig_mod.``
-    prefixes stripped. Raises WeightgenError on anything unusable, including NaN / Inf.
-    """
+def check_checkpoint_path(path: str | os.PathLike) -> Path:
+    """The checks on a checkpoint path that need no reading: it exists and has a known suffix."""
     path = Path(path)
     if not path.exists():
         raise WeightgenError(f"checkpoint not found: {path}")
     if path.is_dir() or path.suffix not in CHECKPOINT_SUFFIXES:
         raise WeightgenError(f"unsupported checkpoint {path}: expected a file ending in {', '.join(CHECKPOINT_SUFFIXES)}")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A plain state dict from .safetensors / .pt / .pth / .bin, never executing pickled code.
+
+    Nested ``state_dict`` / ``model`` entries are unwrapped and ``module.`` / ``_orig_mod.``
+    prefixes stripped (timm's ``clean_state_dict``). timm's ``load_state_dict`` does not fit here:
+    it fails on a pickle that is not a dict and unwraps one level only. Raises WeightgenError on
+    anything unusable, including NaN / Inf.
+    """
+    path = check_checkpoint_path(path)
     if path.suffix == ".safetensors":
         state = load_tensors(path)
     else:
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            # timm training checkpoints hold their argparse.Namespace; allow it as timm does
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for corrupt or unsafe pickles
             raise WeightgenError(f"cannot read checkpoint {path} (corrupt, truncated, or not a plain "
                                  f"tensor dict): {_first_line(err)}") from None
@@ -140,13 +151,8 @@ def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
         state = nested
     if not isinstance(state, dict) or not state:
         raise WeightgenError(f"checkpoint {path} holds no state dict")
-    out = {}
-    for key, value in state.items():
-        if not torch.is_tensor(value):
-            continue  # optimizer steps, epochs and other bookkeeping
-        while key.startswith(_PREFIXES):  # in any order: DDP of a compiled model, or the reverse
-            key = key[len(next(p for p in _PREFIXES if key.startswith(p))):]
-        out[key] = value
+    # optimizer steps, epochs and other bookkeeping dropped; DDP / torch.compile prefixes stripped
+    out = clean_state_dict({k: v for k, v in state.items() if torch.is_tensor(v)})
     if not out:
         raise WeightgenError(f"checkpoint {path} holds no tensors")
     return out

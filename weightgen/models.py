@@ -1,8 +1,12 @@
 """timm model creation with clear errors, strict loading, and an example input batch."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
+import socket
+import textwrap
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -16,20 +20,74 @@ log = logging.getLogger(__name__)
 def create_model(arch: str, model_kwargs: dict | None = None, pretrained: bool = False) -> nn.Module:
     """``timm.create_model`` with one-line errors for unknown names and bad kwargs."""
     model_kwargs = dict(model_kwargs or {})
+    check_arch(arch)
+    host = _weights_host(arch) if pretrained else None
+    offline = host is not None and not reachable(host)
+    try:
+        # unreachable host: cached weights still load; anything else fails at once instead of
+        # retrying for a minute
+        with _hub_offline() if offline else contextlib.nullcontext():
+            model = timm.create_model(arch, pretrained=pretrained, **model_kwargs)
+    except (OSError, RuntimeError) as err:
+        if not pretrained:
+            raise
+        if offline:
+            why = f"{host} cannot be reached (no network?) and they are not in the local cache"
+        else:
+            why = textwrap.shorten(" ".join(str(err).split()), 200, placeholder=" ...").rstrip(".")
+        what = f"could not fetch pretrained weights for {arch}: {why}. Use weights you have instead"
+        raise WeightgenError(f"{what} (checkpoint=PATH).", cli=f"{what} (--checkpoint FILE).") from None
+    except (TypeError, ValueError, KeyError, AssertionError) as err:  # unknown keyword, or a value timm rejects
+        raise WeightgenError(f"bad --model-kwargs for {arch}: {type(err).__name__} {err}".rstrip()) from None
+    return model.eval()
+
+
+def check_arch(arch: str) -> None:
+    """One-line error for a name timm does not know, with close names suggested."""
     if not timm.is_model(arch.split(".")[0]):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise WeightgenError(f"unknown architecture {arch!r}{hint}")
+
+
+def reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether an HTTPS connection to ``host`` opens within ``timeout`` seconds."""
     try:
-        model = timm.create_model(arch, pretrained=pretrained, **model_kwargs)
-    except (TypeError, ValueError, KeyError, AssertionError) as err:  # unknown keyword, or a value timm rejects
-        raise WeightgenError(f"bad --model-kwargs for {arch}: {type(err).__name__} {err}".rstrip()) from None
-    except (OSError, RuntimeError) as err:
-        if pretrained:
-            raise WeightgenError(f"could not fetch pretrained weights for {arch} (no network?): "
-                                 f"{str(err).splitlines()[0][:160]}; pass --checkpoint FILE instead") from None
-        raise
-    return model.eval()
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _weights_host(arch: str) -> str | None:
+    """The host timm downloads ``arch``'s pretrained weights from (the Hugging Face hub first)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(arch)
+    except (RuntimeError, KeyError, ValueError):
+        return None
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        return "huggingface.co"
+    return urlparse(cfg.url).hostname if cfg.url else None
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """huggingface_hub's offline mode for one call: cache only, no retries."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, check_only: bool = False) -> None:
@@ -37,17 +95,41 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, che
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    shape_keys = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    mismatched = [f"{k} checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in shape_keys]
     if missing or unexpected or mismatched:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if keys:
                 more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
                 parts.append(f"{label}: {', '.join(keys[:3])}{more}")
-        raise WeightgenError(f"{source} does not fit the architecture; {'; '.join(parts)}")
+        what = f"{source} does not fit the architecture; {'; '.join(parts)}"
+        classes = _head_classes(model, state, missing, unexpected, shape_keys)
+        if classes is None:
+            raise WeightgenError(what)
+        has = f"{classes} classes" if classes else "no classifier"
+        hint = f" (only the classifier differs: the checkpoint has {has}; pass "
+        raise WeightgenError(f"{what}{hint}model_kwargs={{'num_classes': {classes}}})",
+                             cli=f"{what}{hint}--model-kwargs num_classes={classes})")
     if not check_only:
         model.load_state_dict(state, strict=True)
+
+
+def _head_classes(model: nn.Module, state: dict, missing: list[str], unexpected: list[str],
+                  shape_keys: list[str]) -> int | None:
+    """When only the classifier differs: the ``num_classes`` that makes the checkpoint fit."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    heads = cfg.get("classifier") if isinstance(cfg, dict) else getattr(cfg, "classifier", None)
+    heads = (heads,) if isinstance(heads, str) else tuple(heads or ())
+    if not heads:
+        return None
+    in_head = lambda key: any(key.startswith(h + ".") for h in heads)  # noqa: E731
+    if unexpected or not all(map(in_head, missing + shape_keys)):
+        return None
+    if shape_keys:
+        weight = next((k for k in shape_keys if k.endswith(".weight")), shape_keys[0])
+        return int(state[weight].shape[0])
+    return 0 if missing else None  # missing: a checkpoint saved without its head
 
 
 def model_from_state(arch: str, model_kwargs: dict | None, state: dict[str, torch.Tensor], source: str) -> nn.Module:
