@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import weightgen as wg
 from weightgen.io import WeightgenError
 from weightgen.recast import BANKS_ATTR, recast_layers
-from weightgen.tasks import TASK_FORMAT
+from weightgen.tasks import TASK_FORMAT, task_metadata
 
 
 
@@ -85,9 +85,10 @@ def test_task_files_are_tiny_and_sizes_are_honest(two_tasks):
     coefficient_keys = {f"{n}.coefficients" for n in recast_layers(two_tasks["model"])}
     assert set(state) == coefficient_keys | {"head.weight", "head.bias"}
     assert state["head.weight"].shape == (5, 64)
-    from safetensors import safe_open
-    with safe_open(str(root / "b.safetensors"), "pt") as f:
-        assert f.metadata() == {"format": TASK_FORMAT, "task": "b"}
+    meta = task_metadata(root / "b.safetensors")
+    assert {k: meta[k] for k in ("format", "task", "method")} == {"format": TASK_FORMAT, "task": "b", "method": "recast"}
+    assert meta["parts"] == {"coefficients": sorted(coefficient_keys), "trainable": [], "buffers": [],
+                             "head": ["head.bias", "head.weight"]}
 
 
 def test_load_task_switches_and_restores_exact_logits(two_tasks):

@@ -1,66 +1,138 @@
-"""Per-task files: one task's coefficients (and its head) as a tiny safetensors file."""
+"""Per-task files: everything one task changed in a model, as a small safetensors file.
+
+A task file holds, like peft's ``modules_to_save``: every RECAST layer's coefficients, every
+parameter that trains for the task (``requires_grad`` at save time: the method's adapters, norms,
+or the whole model for full fine-tuning), the classifier head, and every BatchNorm buffer of the
+model (body included: training in train mode moves them). Loading the file back therefore gives
+the task's logits bit for bit, whatever another task trained in between.
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from .io import WeightgenError, atomic_file, load_tensors, save_tensors
 from .recast import head_names, recast_layers
 
 TASK_FORMAT = "weightgen-task/1"
+METHOD_ATTR = "adapt_method"  # set on a model by weightgen.adapt methods; recorded in task files
+
+
+def _parts(model: nn.Module, include_head: bool = True) -> dict[str, list[str]]:
+    """State-dict keys of a task, by part: coefficients, trainable, head, buffers (disjoint, sorted)."""
+    state = model.state_dict(keep_vars=True)
+    heads = head_names(model)
+    stats = {name for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats}
+    parts: dict[str, list[str]] = {"coefficients": [], "trainable": [], "head": [], "buffers": []}
+    recast = set(recast_layers(model))
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in heads:
+            if include_head:
+                parts["head"].append(key)
+        elif owner in recast and leaf == "coefficients":
+            parts["coefficients"].append(key)
+        elif isinstance(value, nn.Parameter) and value.requires_grad:
+            parts["trainable"].append(key)
+        elif owner in stats and not isinstance(value, nn.Parameter):
+            parts["buffers"].append(key)
+    return {part: sorted(keys) for part, keys in parts.items()}
 
 
 def task_state(model: nn.Module, include_head: bool = True) -> dict[str, torch.Tensor]:
-    """The tensors that make one task: every layer's coefficients, plus the classifier head."""
-    state = {f"{name}.coefficients": layer.coefficients.detach().clone()
-             for name, layer in recast_layers(model).items()}
-    if not state:
-        raise WeightgenError("model has no RECAST layers; recast it first")
-    if include_head:
-        heads = head_names(model)
-        for key, value in model.state_dict().items():
-            if key.rpartition(".")[0] in heads:
-                state[key] = value.detach().clone()
-    return state
+    """The tensors that make one task (see the module docstring), copied."""
+    if not recast_layers(model) and model.__dict__.get(METHOD_ATTR) is None:
+        raise WeightgenError("model has no RECAST layers; recast it first (or apply a weightgen.adapt method)")
+    state = model.state_dict()
+    return {key: state[key].detach().clone() for keys in _parts(model, include_head).values() for key in keys}
 
 
 def save_task(model: nn.Module, path: str | Path, name: str = "task", include_head: bool = True,
               overwrite: bool = False) -> int:
-    """Write the task file atomically; returns its size in bytes."""
+    """Write the task file atomically; returns its size in bytes.
+
+    Its metadata records the task name, the adaptation method (``"recast"`` unless a
+    ``weightgen.adapt`` method was applied) and which keys it holds, by part.
+    """
     path = Path(path)
+    tensors = task_state(model, include_head)
+    parts = _parts(model, include_head)
+    metadata = {"format": TASK_FORMAT, "task": name, "method": model.__dict__.get(METHOD_ATTR) or "recast",
+                "parts": json.dumps(parts, separators=(",", ":"))}
     # overwrite replaces only a weightgen task file (recognised by its metadata format)
     with atomic_file(path, overwrite, owned_format=TASK_FORMAT) as tmp:
-        save_tensors(tmp, task_state(model, include_head), metadata={"format": TASK_FORMAT, "task": name})
+        save_tensors(tmp, tensors, metadata=metadata)
     return path.stat().st_size
 
 
-def load_task(model: nn.Module, path: str | Path) -> None:
-    """Switch ``model`` to the stored task in place (templates untouched).
+def task_metadata(path: str | Path) -> dict:
+    """The metadata of a task file (``parts`` decoded); {} for a file without any."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception:  # load_tensors reports unreadable files with a proper message
+        return {}
+    if "parts" in meta:
+        try:
+            meta["parts"] = json.loads(meta["parts"])
+        except ValueError:
+            raise WeightgenError(f"task file {path} has corrupt metadata") from None
+    return meta
 
-    A head of another class count is rebuilt with timm's ``reset_classifier`` first.
+
+def load_task(model: nn.Module, path: str | Path) -> None:
+    """Switch ``model`` to the stored task in place, exactly.
+
+    Every check runs before the model is touched: keys the model lacks, shapes, and tensors the
+    model's method trains (or BatchNorm statistics) that the file does not hold. A head of another
+    class count is rebuilt with timm's ``reset_classifier`` (on the old head's device and dtype).
     """
     state = load_tensors(Path(path))
-    current = model.state_dict()
+    meta = task_metadata(path)
+    current = model.state_dict(keep_vars=True)
+    heads = head_names(model)
+    file_method, model_method = meta.get("method"), model.__dict__.get(METHOD_ATTR) or "recast"
+    hint = ""
+    if file_method and file_method != model_method:
+        hint = (f" (the file was trained with method {file_method!r}, the model is set up for {model_method!r}; "
+                f"apply it first: weightgen.adapt.get_method({file_method!r}).apply(model))")
     unknown = [k for k in state if k not in current]
     if unknown:
-        raise WeightgenError(f"task file {path} does not fit this model: unexpected {', '.join(unknown[:3])}")
-    missing = [k for k in current if k.endswith(".coefficients") and k not in state]
+        raise WeightgenError(f"task file {path} does not fit this model: unexpected {', '.join(unknown[:3])}{hint}")
+    expected = _parts(model, include_head=False)
+    missing = [k for k in expected["coefficients"] if k not in state]
     if missing:
-        raise WeightgenError(f"task file {path} lacks coefficients for {', '.join(missing[:3])}")
-    head_keys = [k for k in state if k.rpartition(".")[0] in head_names(model)]
-    head_weight = next((k for k in head_keys if k.endswith("weight")), None)
+        raise WeightgenError(f"task file {path} lacks coefficients for {', '.join(missing[:3])}{hint}")
+    missing = [k for k in expected["trainable"] + expected["buffers"] if k not in state]
+    if missing:
+        raise WeightgenError(f"task file {path} lacks {', '.join(missing[:3])}, which this model's method changes "
+                             f"per task{hint}")
+    head_keys = [k for k in state if k.rpartition(".")[0] in heads]
     bad = [k for k in state if k not in head_keys and state[k].shape != current[k].shape]
     if bad:  # checked before any head is rebuilt, so a refused file leaves the model as it was
-        raise WeightgenError(f"task file {path} has shapes that do not fit: {', '.join(bad[:3])}")
-    if head_weight and state[head_weight].shape != current[head_weight].shape and hasattr(model, "reset_classifier"):
-        model.reset_classifier(state[head_weight].shape[0])
-        current = model.state_dict()
-    bad = [k for k in state if state[k].shape != current[k].shape]
-    if bad:
-        raise WeightgenError(f"task file {path} has shapes that do not fit: {', '.join(bad[:3])}")
+        raise WeightgenError(f"task file {path} has shapes that do not fit: {_shapes(bad, state, current)}")
+    resized = [k for k in head_keys if state[k].shape != current[k].shape]
+    if resized:
+        classes = {state[k].shape[0] for k in resized}
+        if (not hasattr(model, "reset_classifier") or len(classes) != 1
+                or any(state[k].shape[1:] != current[k].shape[1:] for k in resized)):
+            raise WeightgenError(f"task file {path} has a head that does not fit: {_shapes(resized, state, current)}")
+        like = current[resized[0]]
+        model.reset_classifier(classes.pop())
+        model.get_classifier().to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
+        current = model.state_dict(keep_vars=True)
+        bad = [k for k in state if state[k].shape != current[k].shape]
+        if bad:
+            raise WeightgenError(f"task file {path} has shapes that do not fit: {_shapes(bad, state, current)}")
     with torch.no_grad():
-        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # heads may hold BN buffers
         for key, value in state.items():
-            tensors[key].copy_(value)
+            current[key].copy_(value)
+
+
+def _shapes(keys: list[str], state: dict, current: dict) -> str:
+    return ", ".join(f"{k} (file {tuple(state[k].shape)}, model {tuple(current[k].shape)})" for k in keys[:3])

@@ -1,0 +1,30 @@
+"""Downstream adaptation: one registry of methods, each a way to make a backbone learn a new task.
+
+API (the trainer, scripts and benchmarks code against this)::
+
+    from weightgen.adapt import METHODS, get_method, AdaptMethod, trainable_counts
+    m = get_method("recast")        # unknown name -> WeightgenError naming the known ones
+    m.name, m.description, m.needs_recast
+    m.check(model)                  # WeightgenError (one line) if the method does not apply to model
+    m.apply(model)                  # in place, once per backbone: inject the method's modules (LoRA,
+                                    # adapters, masks, ...) and set requires_grad (head always trainable);
+                                    # the model's function is unchanged at init
+    trainable_counts(model)         # {"with_head": int, "without_head": int}
+    merge_and_unload(model)         # a plain dense model (LoRA / masks folded) or WeightgenError
+    extend_banks(model, extra, source="random"|"pca"|"vae", seed=0, vae=None)   # issue 7 (d)
+
+Methods: ``recast`` (coefficients + head), ``recast-norm`` (+ norm affine parameters), ``linear``
+(head only), ``full`` (everything), ``lora`` (LoRA on attention q,v of a ViT / on residual-stage
+convs of a CNN), and on top of ``recast``: ``recast+melo`` (LoRA r=1, alpha=4, same targets),
+``recast+adaptformer`` (parallel bottleneck adapter on each block's MLP, r=2, scale 4, ReLU),
+``recast+clr`` (depthwise 3x3 conv after each RECAST conv, dirac init), ``recast+piggyback``
+(real-valued masks on RECAST conv weights, thresholded at 5e-3, straight-through).
+
+Task files (``weightgen.save_task``) store what the method trains (every ``requires_grad``
+parameter, coefficients always, the head) plus every BatchNorm buffer of the model, so switching
+back to a task is exact whatever the next task trained.
+"""
+from .methods import METHODS, AdaptMethod, get_method, merge_and_unload, trainable_counts
+from .extend import extend_banks
+
+__all__ = ["METHODS", "AdaptMethod", "get_method", "trainable_counts", "merge_and_unload", "extend_banks"]
