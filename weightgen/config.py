@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -13,6 +14,8 @@ _VIT_MLP = r"(^|.*\.)blocks\.\d+\.mlp\.fc[12]"
 # Convolutions inside residual stages (timm ResNet `layerN.M.convK`, and `stages.N...` families);
 # the stem and the downsample shortcuts stay dense, as RECAST-resnet does.
 _RESIDUAL_CONV = r"(^|.*\.)(layer\d+|stages\.\d+)\.\d+\.(.*\.)?conv[^.]*"
+# conv1/conv2 of every block but the first of each stage (timm ResNet `layerN.M.convK`, M >= 1)
+_LATER_BLOCK_CONV12 = r"(^|.*\.)layer\d+\.[1-9]\d*\.conv[12]"
 
 PRESETS: dict[str, dict] = {
     "recast-mlp": {"target_modules": _VIT_MLP, "layer_types": ("linear",)},
@@ -23,6 +26,11 @@ PRESETS: dict[str, dict] = {
         "exclude_modules": [r".*downsample.*", r".*shortcut.*"],
         "layer_types": ("conv",),
     },
+    # RECAST-resnet (the seed's): the first block of each stage stays dense; conv1/conv2 of the other
+    # blocks of a stage share one bank (same shape in a BasicBlock stage) of half as many templates as
+    # layers: 2*(blocks-1) layers -> blocks-1 templates. ResNet-34, K=2: 4*(2*2)+6*(2*3)+10*(2*5)+4*(2*2)
+    # = 168 coefficients per task (stages of 3, 4, 6, 3 blocks); ResNet-18: 16.
+    "recast-resnet": {"target_modules": _LATER_BLOCK_CONV12, "layer_types": ("conv",), "template_ratio": 0.5},
     # every Linear/Conv2d except the classifier head (excluded at match time)
     "all": {"target_modules": None, "layer_types": ("linear", "conv")},
 }
@@ -43,6 +51,8 @@ class RecastConfig:
     exclude_head: bool = True  # keep the classifier head dense (it changes per task)
     layers_per_group: int | None = None  # cap on consecutive same-shape layers per bank; None = all
     templates: int | None = None  # templates per bank; None = layers in the group (exact fit)
+    # templates per bank as a share of its layers: n = max(1, ceil(ratio * layers)); exclusive with templates
+    template_ratio: float | None = None
     coef_sets: int = 2  # K coefficient sets per layer, averaged
     seed: int = 0
     preset: str | None = None  # name the config came from, for the record
@@ -52,6 +62,10 @@ class RecastConfig:
             raise ValueError(f"coef_sets must be >= 1, got {self.coef_sets}")
         if self.templates is not None and self.templates < 1:
             raise ValueError(f"templates must be >= 1, got {self.templates}")
+        if self.template_ratio is not None and not self.template_ratio > 0:
+            raise ValueError(f"template_ratio must be > 0, got {self.template_ratio}")
+        if self.template_ratio is not None and self.templates is not None:
+            raise ValueError("pass either templates or template_ratio, not both")
         if self.layers_per_group is not None and self.layers_per_group < 1:
             raise ValueError(f"layers_per_group must be >= 1, got {self.layers_per_group}")
         bad = set(self.layer_types) - {"linear", "conv"}
@@ -73,6 +87,14 @@ class RecastConfig:
         if unknown:
             raise ValueError(f"unknown recast config keys: {sorted(unknown)}")
         return cls(**data)
+
+    def templates_for(self, layers: int) -> int:
+        """Templates of a bank of ``layers`` layers under this config."""
+        if self.templates is not None:
+            return self.templates
+        if self.template_ratio is not None:
+            return max(1, math.ceil(self.template_ratio * layers - 1e-9))
+        return layers
 
     def matches(self, name: str) -> bool:
         """Whether a module name is targeted (type and head checks happen in recast.py)."""
@@ -98,7 +120,10 @@ def _name_matches(name: str, spec: str | list[str]) -> bool:
 def preset_config(name: str, **overrides) -> RecastConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return RecastConfig(**{**PRESETS[name], **overrides, "preset": name})
+    settings = {**PRESETS[name], **overrides, "preset": name}
+    if overrides.get("templates") is not None and "template_ratio" not in overrides:
+        settings.pop("template_ratio", None)  # an explicit template count wins over the preset's ratio
+    return RecastConfig(**settings)
 
 
 def default_preset(model: nn.Module) -> str:

@@ -117,7 +117,7 @@ def inject(model: nn.Module, config: RecastConfig | None = None, *, preset: str 
     try:
         banks = Banks()
         for group in groups:
-            n = config.templates or len(group.members)
+            n = config.templates_for(len(group.members))
             like = modules[group.members[0]].weight  # banks live on the layers' device, in their dtype
             kind = {"device": like.device, "dtype": like.dtype}
             banks[group.name] = TemplateBank(torch.zeros((n, *group.shape), **kind), group.members)
