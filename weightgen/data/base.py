@@ -51,9 +51,12 @@ class ImageTask:
                          self.image_size, self.description, groups)
 
 
-def to_model_input(images: torch.Tensor, channels: int = 3, img_size: int | None = None,
+def to_model_input(images: torch.Tensor, channels: int = 3, img_size: int | None = 32,
                    mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
-    """(N, 1, H, W) in [0, 1] -> (N, channels, img_size, img_size), normalised; on the images' device."""
+    """(N, 1, H, W) in [0, 1] -> (N, channels, img_size, img_size), normalised; on the images' device.
+
+    ``img_size=None`` keeps the native size.
+    """
     if images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"expected images of shape (N, 1, H, W), got {tuple(images.shape)}")
     x = images.float()
@@ -65,14 +68,14 @@ def to_model_input(images: torch.Tensor, channels: int = 3, img_size: int | None
     return x.expand(-1, channels, -1, -1).contiguous()
 
 
-def task_dataset(task: ImageTask, stage: str, channels: int = 3, img_size: int | None = None) -> TensorDataset:
+def task_dataset(task: ImageTask, stage: str, channels: int = 3, img_size: int | None = 32) -> TensorDataset:
     """One split as a TensorDataset of model-ready inputs (transform applied once, up front)."""
     images, labels = task.split(stage)
     return TensorDataset(to_model_input(images, channels, img_size), labels)
 
 
 def task_loader(task: ImageTask, stage: str, batch_size: int = 64, channels: int = 3,
-                img_size: int | None = None, seed: int = 0, **kwargs) -> DataLoader:
+                img_size: int | None = 32, seed: int = 0, **kwargs) -> DataLoader:
     """A DataLoader over one split; the training split is shuffled by its own seeded generator."""
     shuffle = stage == "train"
     gen = torch.Generator().manual_seed(seed) if shuffle else None

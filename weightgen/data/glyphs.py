@@ -42,8 +42,13 @@ COMPUTER_MODERN = ["cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmti10.ttf", "cmtt10
 HERSHEY_LATIN = ["futural", "futuram", "rowmans", "rowmand", "rowmant", "timesr", "timesrb", "timesi", "timesib",
                  "scripts", "scriptc", "cursive", "gothiceng", "gothicger", "gothicita", "gothgbt", "gothgrt",
                  "gothitt"]
-# Hershey Greek fonts map ASCII to Greek letters differently per font: explicit tables, checked by eye.
-HERSHEY_GREEK: dict[str, dict[str, str]] = {}
+# Hershey Greek fonts map ASCII to Greek letters differently per font: explicit tables, checked by
+# eye on a render of a-z ('c' is chi in greek/timesg, gamma in greekc/greeks). Their theta is the
+# open form (U+03D1), a variant of the same letter.
+_GREEK_SIMPLE = dict(zip("αβγδεζθλξψ", "abgdezqlxy"))
+_GREEK_COMPLEX = dict(zip("αβγδεζθλξψ", "abcdefhknw"))
+HERSHEY_GREEK: dict[str, dict[str, str]] = {"greek": _GREEK_SIMPLE, "timesg": _GREEK_SIMPLE,
+                                            "greekc": _GREEK_COMPLEX, "greeks": _GREEK_COMPLEX}
 
 FONTS = {
     "greek": DEJAVU + STIX,
@@ -151,9 +156,10 @@ def render(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One jittered sample (SIDE x SIDE, float32 in [0, 1]) of a cropped glyph."""
     angle, scale = rng.uniform(-12, 12), rng.uniform(0.8, 1.05)
     dx, dy = rng.integers(-2, 3, size=2)
-    pad = np.zeros((CANVAS, CANVAS), np.uint8)
     h, w = ink.shape
-    y, x = (CANVAS - h) // 2, (CANVAS - w) // 2
+    side = math.ceil(math.hypot(h, w)) + 2  # room to rotate without clipping, and no more (speed)
+    pad = np.zeros((side, side), np.uint8)
+    y, x = (side - h) // 2, (side - w) // 2
     pad[y:y + h, x:x + w] = ink
     rotated = Image.fromarray(pad).rotate(angle, resample=Image.BILINEAR)
     box = rotated.getbbox()
