@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import timm
@@ -10,7 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import weightgen as wg
+from weightgen.generate import GenerateOptions, generate
 from weightgen.mimicry import fit, function_fidelity, solve_bank
+from weightgen.mimicry.closed_form import least_squares_coefficients
+from weightgen.vae.prior import load_vae_bundle
 from weightgen.recast import BANKS_ATTR, recast_layers
 
 
@@ -185,6 +189,62 @@ def test_fit_a_bfloat16_model(method):
     if method != "gradient":
         assert report["min_cosine"] > 0.999  # exact up to bfloat16 rounding
     assert len(report["layers"]) == 6
+
+
+def _ill_conditioned_bank(condition: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 bank (6, 4000) of condition number ~``condition`` and weights (5, 4000) in its span."""
+    gen = torch.Generator().manual_seed(seed)
+    directions, _ = torch.linalg.qr(torch.randn(4000, 6, generator=gen, dtype=torch.float64))  # (D, n)
+    mixing, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    spread = torch.logspace(0, -math.log10(condition), 6, dtype=torch.float64)
+    bank = ((mixing * spread) @ directions.T).float()  # (n, D)
+    weights = (torch.randn(5, 6, generator=gen, dtype=torch.float64) @ bank.double()).float()  # (L, D)
+    return weights, bank
+
+
+def test_least_squares_keeps_float64_accuracy_on_ill_conditioned_templates(monkeypatch):
+    """float32 normal equations square the condition number: at 1e4 their relative residual was
+    ~4e-4 on weights that lie in the templates' span; a float64 QR solve stays at float32 rounding."""
+    weights, bank = _ill_conditioned_bank(1e4)
+    reference = torch.linalg.lstsq(bank.double().T, weights.double().T, driver="gelsd").solution.T  # (L, n)
+
+    def worst_residual(coefficients):
+        error = weights.double() - coefficients.double() @ bank.double()
+        return (error.norm(dim=1) / weights.double().norm(dim=1)).max().item()
+
+    solved = least_squares_coefficients(weights, bank)
+    assert solved.dtype == torch.float32 and solved.shape == (5, 6)
+    assert worst_residual(solved) < 1e-6
+    torch.testing.assert_close(solved.double(), reference, atol=1e-5, rtol=1e-5)
+    # blocked over the columns (the path of large layers), the same answer
+    monkeypatch.setattr("weightgen.mimicry.closed_form._LSQ_CHUNK", 512)
+    torch.testing.assert_close(least_squares_coefficients(list(weights), bank), solved, atol=1e-6, rtol=1e-6)
+
+
+def test_library_calls_leave_the_global_rng_alone(tmp_path):
+    model, other = mlp(seed=0), mlp(seed=1)
+    target, other_target = recast_for_fit(model, templates=3), recast_for_fit(other, templates=3)
+    vae = load_vae_bundle()
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    fit(model, target, "gradient", steps=3)
+    fit(other, other_target, "decoder", steps=2, vae=vae)
+    generate(GenerateOptions(arch="test_resnet", out=str(tmp_path / "out")))
+    assert torch.equal(torch.get_rng_state(), state)
+    # and the global RNG does not steer a fit either
+    again = mlp(seed=0)
+    again_target = recast_for_fit(again, templates=3)
+    torch.manual_seed(99)
+    fit(again, again_target, "gradient", steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_progress_bar_ends_at_its_total(capsys):
+    model = mlp()
+    target = recast_for_fit(model, templates=3)
+    fit(model, target, "gradient", steps=4, progress=True)
+    err = capsys.readouterr().err
+    assert "4/4" in err and "/5" not in err
 
 
 def test_fit_rejects_bad_arguments():

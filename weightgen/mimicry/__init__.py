@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..recast import parameter_counts
 from .closed_form import fit_closed_form, solve_bank
 from .fidelity import function_fidelity, weight_fidelity
 from .gradient import GradientSettings, fit_gradient
@@ -62,8 +63,6 @@ def _fit_decoder(model, target, vae, steps, lr, seed, progress, on_step) -> dict
 
 def build_report(model: nn.Module, target: dict[str, torch.Tensor], method: str, seconds: float,
                  history: list[float] | None = None) -> dict:
-    from ..recast import parameter_counts
-
     layers = weight_fidelity(model, target)
     cosines = [row["cosine"] for row in layers]
     return {

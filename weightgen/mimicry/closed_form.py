@@ -78,9 +78,9 @@ def solve_bank(weights: torch.Tensor | list[torch.Tensor], templates: int, balan
 def _gram(rows: list[torch.Tensor]) -> torch.Tensor:
     """(L, L) float64 on the CPU; the dot products run where the rows are, in one transfer."""
     count = len(rows)
-    upper = torch.triu_indices(count, count)  # row-major (i, j >= i), the order of the dots below
+    upper = torch.triu_indices(count, count, device="cpu")  # row-major (i, j >= i), the order of the dots below
     dots = torch.stack([torch.dot(rows[i], rows[j]) for i, j in upper.T.tolist()]).double().cpu()
-    gram = torch.zeros(count, count, dtype=torch.float64)
+    gram = torch.zeros(count, count, dtype=torch.float64, device="cpu")
     gram[upper[0], upper[1]] = dots
     gram[upper[1], upper[0]] = dots
     return gram
@@ -190,7 +190,7 @@ def least_squares_coefficients(weights: torch.Tensor | list[torch.Tensor], bank:
 def _orthogonal_fill(directions: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     """Extra unit directions orthogonal to ``directions`` (more templates than rank)."""
     gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same directions on every device
-    noise = torch.randn(count, directions.shape[1], generator=gen).to(directions.device)  # (count, D)
+    noise = torch.randn(count, directions.shape[1], generator=gen, device="cpu").to(directions.device)  # (count, D)
     q, _ = torch.linalg.qr(torch.cat([directions, noise]).T)  # (D, min(D, r + count))
     extra = q[:, directions.shape[0]:].T
     if extra.shape[0] < count:  # more templates than a weight has entries: the surplus stays zero

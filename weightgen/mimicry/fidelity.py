@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..bank import banks_of
+from ..layers import recast_layers
+
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Cosine of two flattened tensors, clamped to [-1, 1], accumulated in float64.
@@ -21,8 +24,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def weight_fidelity(model: nn.Module, target: dict[str, torch.Tensor]) -> list[dict]:
     """One row per recast layer: name, shape, group, cosine and error relative to the target norm."""
-    from ..recast import banks_of, recast_layers
-
     layers = recast_layers(model)
     rows = []
     for group_name, bank in banks_of(model).items():
@@ -46,7 +47,7 @@ def feature_blocks(model: nn.Module) -> list[str]:
     for name, child in model.named_children():
         if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 0:
             names += [f"{name}.{sub}" for sub, _ in child.named_children()]
-        elif name != "recast_banks":
+        else:
             names.append(name)
     return names
 

@@ -70,8 +70,8 @@ def _random_start(problems: list[_BankProblem], seed: int) -> None:
         for p in problems:
             fan_in = math.prod(p.bank.weight_shape[1:])
             bound = 1.0 / math.sqrt(fan_in)  # the default nn.Linear / nn.Conv2d init range
-            p.templates.copy_(torch.rand(p.templates.shape, generator=gen) * 2 * bound - bound)  # copy_ moves
-            p.coefficients.copy_(torch.randn(p.coefficients.shape, generator=gen) / math.sqrt(p.templates.shape[0]))
+            p.templates.copy_(torch.rand(p.templates.shape, generator=gen, device="cpu") * 2 * bound - bound)  # copy_ moves
+            p.coefficients.copy_(torch.randn(p.coefficients.shape, generator=gen, device="cpu") / math.sqrt(p.templates.shape[0]))
 
 
 def cosine_loss(problems: list[_BankProblem]) -> torch.Tensor:
@@ -147,7 +147,7 @@ def fit_gradient(model: nn.Module, target: dict[str, torch.Tensor], mode: str = 
         if mode == "paper" and settings.noise_std > 0:
             with torch.no_grad():
                 for p in problems:
-                    noise = torch.randn(p.coefficients.shape, generator=noise_gen)  # CPU draw: device-independent
+                    noise = torch.randn(p.coefficients.shape, generator=noise_gen, device="cpu")  # CPU draw: device-independent
                     p.coefficients.add_(noise.to(p.coefficients.device) * settings.noise_std)
 
     best, history = descend_keep_best(params, lambda: loss_fn(problems), opt, settings.steps,

@@ -54,19 +54,21 @@ def fit_latent_density(records: list[tuple[str, float, torch.Tensor]], latent_di
     records: (kind, depth, mu (N, latent_dim)). Empty cells fall back to the kind's pooled
     statistics, then to the standard normal prior.
     """
-    sums = {k: torch.zeros(DEPTH_BUCKETS + 1, latent_dim, dtype=torch.float64) for k in KINDS}
-    squares = {k: torch.zeros(DEPTH_BUCKETS + 1, latent_dim, dtype=torch.float64) for k in KINDS}
-    counts = {k: torch.zeros(DEPTH_BUCKETS + 1, dtype=torch.float64) for k in KINDS}
+    cpu64 = {"dtype": torch.float64, "device": "cpu"}  # JSON-bound statistics, whatever device mu is on
+    sums = {k: torch.zeros(DEPTH_BUCKETS + 1, latent_dim, **cpu64) for k in KINDS}
+    squares = {k: torch.zeros(DEPTH_BUCKETS + 1, latent_dim, **cpu64) for k in KINDS}
+    counts = {k: torch.zeros(DEPTH_BUCKETS + 1, **cpu64) for k in KINDS}
     for kind, depth, mu in records:
+        mu = mu.detach().double().cpu()
         for bucket in (depth_bucket(depth), DEPTH_BUCKETS):  # the last row pools every depth
-            sums[kind][bucket] += mu.double().sum(0)
-            squares[kind][bucket] += mu.double().pow(2).sum(0)
+            sums[kind][bucket] += mu.sum(0)
+            squares[kind][bucket] += mu.pow(2).sum(0)
             counts[kind][bucket] += mu.shape[0]
     density = {}
     for kind in KINDS:
         n = counts[kind][:, None]
-        mean = torch.where(n > 0, sums[kind] / n.clamp(min=1), torch.zeros(1, dtype=torch.float64))
-        var = torch.where(n > 1, squares[kind] / n.clamp(min=1) - mean ** 2, torch.ones(1, dtype=torch.float64))
+        mean = torch.where(n > 0, sums[kind] / n.clamp(min=1), torch.zeros(1, **cpu64))
+        var = torch.where(n > 1, squares[kind] / n.clamp(min=1) - mean ** 2, torch.ones(1, **cpu64))
         std = var.clamp(min=1e-6).sqrt()
         pooled = counts[kind][DEPTH_BUCKETS] > 0
         for b in range(DEPTH_BUCKETS):
@@ -88,12 +90,12 @@ def sample_latents(density: dict | None, kind: str, depth: float, count: int, la
     Drawn on the CPU (``generator`` is a CPU generator), so a seed gives the same latents on any
     device; the caller moves them.
     """
-    noise = torch.randn(count, latent_dim, generator=generator) * temperature
+    noise = torch.randn(count, latent_dim, generator=generator, device="cpu") * temperature
     if not density or kind not in density:
         return noise
     cell = depth_bucket(depth)
-    mean = torch.tensor(density[kind]["mean"][cell], dtype=torch.float32)
-    std = torch.tensor(density[kind]["std"][cell], dtype=torch.float32)
+    mean = torch.tensor(density[kind]["mean"][cell], dtype=torch.float32, device="cpu")
+    std = torch.tensor(density[kind]["std"][cell], dtype=torch.float32, device="cpu")
     return mean + noise * std
 
 

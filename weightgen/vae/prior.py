@@ -30,7 +30,8 @@ def load_vae_bundle(path: str | Path | None = None) -> tuple[WeightVAE, dict]:
 
     path = Path(path) if path else default_vae_dir()
     try:
-        vae, meta = load_vae(path)
+        with torch.random.fork_rng(devices=[]):  # WeightVAE's init, overwritten at once, draws from the global RNG
+            vae, meta = load_vae(path)
     except ValueError as err:
         hint = "" if path != default_vae_dir() else " (the shipped VAE is missing: reinstall, or pass --vae DIR)"
         raise WeightgenError(f"{err}{hint}") from None
