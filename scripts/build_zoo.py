@@ -13,18 +13,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from weightgen.cli import run_cli  # noqa: E402
+from weightgen.cli import HelpFormatter, run_cli  # noqa: E402
 from weightgen.zoo import build_zoo, default_zoo_specs, quick_zoo_specs  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out", required=True, help="output directory (new or empty, or a zoo with --overwrite)")
     p.add_argument("--quick", action="store_true", help="3 tiny models (< 1 min), for tests")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing zoo once the new one is complete")
-    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+                   help="replace a zoo weightgen wrote, once the new one is complete (never other folders)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the models' init and training")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: torch's own; 1 is far faster on a busy machine)")

@@ -10,29 +10,31 @@ import argparse
 import json
 import sys
 
-from weightgen.cli import run_cli
+from weightgen.cli import HelpFormatter, run_cli
 from weightgen.vae.model import VAEConfig
 from weightgen.vae.train import train_vae
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--zoo", required=True, help="directory written by scripts/build_zoo.py")
     p.add_argument("--out", required=True, help="output directory (vae.safetensors + vae.json)")
-    p.add_argument("--logdir", help="TensorBoard logs (and Lightning checkpoints for resuming)")
-    p.add_argument("--max-epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--latent-dim", type=int, default=VAEConfig.latent_dim)
-    p.add_argument("--hidden", type=int, default=VAEConfig.hidden)
-    p.add_argument("--max-tokens-per-layer", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", help="a Lightning .ckpt to resume from")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--devices", default="auto")
-    p.add_argument("--strategy", default="auto")
-    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--logdir", help="TensorBoard logs (and Lightning checkpoints for resuming); default: none")
+    p.add_argument("--max-epochs", type=int, default=30, help="training epochs (the shipped VAE used 30)")
+    p.add_argument("--batch-size", type=int, default=1024, help="tokens per batch")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--latent-dim", type=int, default=VAEConfig.latent_dim, help="latent numbers per 64-value token")
+    p.add_argument("--hidden", type=int, default=VAEConfig.hidden, help="width of the encoder/decoder MLPs")
+    p.add_argument("--max-tokens-per-layer", type=int, default=4096,
+                   help="cap on tokens taken from one layer (a fixed seeded subset), so big layers do not dominate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, init and batches")
+    p.add_argument("--resume", help="a Lightning .ckpt (under --logdir) to resume from")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a VAE directory weightgen wrote before (never other folders)")
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu, gpu, auto")
+    p.add_argument("--devices", default="auto", help="Lightning devices: a count, a list, or auto")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    p.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes, for multi-node DDP")
     return p.parse_args(argv)
 
 

@@ -1,13 +1,27 @@
 """Shared CLI plumbing: one-line errors, key=value parsing, report tables."""
 from __future__ import annotations
 
+import argparse
 import ast
 import logging
 import sys
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable
 
 from .io import WeightgenError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and appends each option's default to its help, unless the
+    default is None/False or the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and not action.required
+        if shown and "default" not in text and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def parse_kwargs(items: list[str] | None) -> dict:
@@ -56,3 +70,37 @@ def total_line(report: dict) -> str:
     return (f"total: {len(report['layers'])} layers, mean cos {report['mean_cosine']:.6f}, "
             f"min cos {report['min_cosine']:.6f}{agree}; params model {p['model']:,}, templates "
             f"{p['templates']:,}, per-task {p['per_task_trainable']:,}; fit {report['seconds']:.2f}s")
+
+
+_FILE_ROLES = {
+    "recast_config.json": "arch, model kwargs, recast config, bank membership, versions",
+    "recast.safetensors": "templates + coefficients: weightgen.load(DIR) rebuilds the model",
+    "weights.safetensors": "the dense state dict; loads strict=True into timm.create_model(arch)",
+    "report.json": "per-layer cosines, parameter counts, timings (what is printed above)",
+}
+
+
+def fit_kind(report: dict, templates: int | None) -> str:
+    """One sentence on what the cosines mean: an exact fit by construction, or a compressed one."""
+    sizes: dict[str, int] = defaultdict(int)
+    for row in report["layers"]:
+        sizes[row["group"]] += 1
+    if report.get("method") != "closed_form":
+        return f"{report.get('method')} fit: the cosines measure how closely the fitted templates reproduce the weights."
+    short = sorted((g for g, n in sizes.items() if templates is not None and templates < n),
+                   key=lambda g: (len(g), g))
+    if not short:
+        return ("exact fit: every bank has at least as many templates as layers, so mean cos 1.000000 holds "
+                "by construction (the templates span the layers' weights).")
+    return (f"compressed fit: {len(short)} of {len(sizes)} banks have fewer templates ({templates}) than "
+            f"layers, so their cosines show how much of the weights the templates keep.")
+
+
+def artifact_listing(out: Path) -> str:
+    """The files of an artifact directory, one per line with size and role."""
+    lines = [f"files in {out}/:"]
+    for name, role in _FILE_ROLES.items():
+        path = Path(out) / name
+        if path.is_file():
+            lines.append(f"  {name:<20} {path.stat().st_size / 1e6:>8.2f} MB  {role}")
+    return "\n".join(lines)
