@@ -1,26 +1,33 @@
 #!/usr/bin/env python
-"""Interpolate two checkpoints of one architecture in weight space and through the VAE's latent space."""
+"""Interpolate two checkpoints of one architecture in weight space and through the VAE's latent space.
+
+    python scripts/interpolate.py --zoo zoo --a vit-e32-d1-s0 --b vit-e32-d1-s1 --steps 6 --out outputs/interp
+
+Zoo models (ids with --zoo, or zoo .safetensors files) bring their architecture and kwargs.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from weightgen.cli import parse_kwargs, run_cli
-from weightgen.vae.interpolate import METHODS, interpolate
+from weightgen.cli import HelpFormatter, parse_kwargs, run_cli
+from weightgen.studies.interpolation import METHODS, interpolate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--arch", required=True, help="timm model name both checkpoints were built with")
-    p.add_argument("--model-kwargs", nargs="*", metavar="K=V", help="forwarded to timm.create_model")
-    p.add_argument("--a", required=True, help="start checkpoint (.safetensors/.pt/.pth/.bin)")
-    p.add_argument("--b", required=True, help="end checkpoint, same architecture")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--arch", help="timm model name both checkpoints were built with (default: from the zoo records)")
+    p.add_argument("--model-kwargs", nargs="*", metavar="K=V",
+                   help="forwarded to timm.create_model (default: from the zoo records, else none)")
+    p.add_argument("--zoo", help="zoo directory: --a/--b are then model ids of that zoo")
+    p.add_argument("--a", required=True, help="start checkpoint (.safetensors/.pt/.pth/.bin) or zoo model id")
+    p.add_argument("--b", required=True, help="end checkpoint or zoo model id, same architecture")
     p.add_argument("--steps", type=int, required=True, help="points on each path, ends included (>= 2)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--vae", help="VAE directory (default: the shipped VAE)")
     p.add_argument("--image-size", type=int, help="digits size for CNNs (default 32, the zoo's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent paths and the digits evaluation")
     p.add_argument("--no-residual", action="store_true",
                    help="decode latent paths raw, without fading in each end's decoding error")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -41,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out, rows = interpolate(args.arch, args.a, args.b, args.steps, args.out, vae_dir=args.vae,
                             residual=not args.no_residual,
-                            model_kwargs=parse_kwargs(args.model_kwargs), seed=args.seed,
+                            model_kwargs=None if args.model_kwargs is None else parse_kwargs(args.model_kwargs),
+                            zoo=args.zoo, seed=args.seed,
                             overwrite=args.overwrite, logdir=args.logdir, progress=True,
                             image_size=args.image_size)
     summary = json.loads((out / "summary.json").read_text())

@@ -13,8 +13,9 @@ from weightgen.cli import run_cli
 from weightgen.digits import digits_model_kwargs, evaluate, load_digits_data, reestimate_batchnorm, train_classifier
 from weightgen.io import WeightgenError, load_checkpoint, save_tensors
 from weightgen.models import create_model, load_into
-from weightgen.vae.codec import fit_latent_density
-from weightgen.vae.interpolate import COLUMNS, METHODS, InterpolationPath, interpolate, slerp
+from weightgen.studies.interpolation import COLUMNS, interpolate
+from weightgen.vae.codec import decode_layer, encode_layer, fit_latent_density, weight_layers
+from weightgen.vae.paths import METHODS, InterpolationPath, slerp, weight_cosine
 from weightgen.vae.model import VAEConfig, WeightVAE
 from weightgen.vae.prior import load_vae_bundle
 from weightgen.vae.store import fit_scale_model, save_vae
@@ -114,7 +115,7 @@ def _loaded_ends(checkpoints, vae_dir):
 
 def test_paths_reproduce_the_inputs_at_both_ends(checkpoints, vae_dir):
     vae, meta, model, ends = _loaded_ends(checkpoints, vae_dir)
-    path = InterpolationPath(model, *ends, vae, meta, skip={"fc"})
+    path = InterpolationPath(model, *ends, vae, meta, skip={"fc": "head"})
     assert [layer.name for layer in path.layers][:2] == ["conv1.0", "conv1.3"] and path.weight_space == {"fc": "head"}
     for method in METHODS:
         for alpha, end in ((0.0, ends[0]), (1.0, ends[1])):
@@ -142,7 +143,19 @@ def test_script_run_csv_png_summary_tensorboard(run, checkpoints, digits, capsys
         assert 0.0 <= float(r["accuracy"]) <= 1.0
     assert (out / "interpolation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["accuracy"]["applies"] and summary["accuracy"]["image_size"] == 32
-    assert -1 <= summary["recon_cosine_a"] <= 1 and -1 <= summary["recon_cosine_b"] <= 1
+    # the reported reconstruction is the VAE's own decoding of each end (conv layers; the head as is)
+    vae, _ = load_vae_bundle(summary["vae"])
+    for end, ckpt in (("a", checkpoints[0]), ("b", checkpoints[1])):
+        state = load_checkpoint(ckpt)
+        layers = [layer for layer in weight_layers(create_model(ARCH, KWARGS)) if layer["name"] != "fc"]
+        keys = [f"{layer['name']}.weight" for layer in layers] + ["fc.weight"]
+        decoded = dict(state)
+        for layer in layers:
+            mu, scale = encode_layer(vae, state[f"{layer['name']}.weight"], layer["kind"], layer["depth"])
+            decoded[f"{layer['name']}.weight"] = decode_layer(vae, mu, layer["shape"], layer["kind"], layer["depth"], scale).detach()
+        flat = [torch.cat([d[k].reshape(-1).double() for k in keys]) for d in (decoded, state)]
+        assert summary[f"recon_cosine_{end}"] == pytest.approx(weight_cosine(*flat), abs=1e-6)
+        assert summary[f"recon_cosine_{end}"] < 0.99  # an untrained VAE does not reproduce the end
     assert len(summary["vae_layers"]) == 15 and summary["weight_space_layers"] == [{"name": "fc", "reason": "head"}]
     assert set(summary["methods"]) == set(METHODS) and "barrier" in summary["methods"]["latent_lerp"]
 
@@ -151,8 +164,11 @@ def test_script_run_csv_png_summary_tensorboard(run, checkpoints, digits, capsys
     events = EventAccumulator(str(logdir))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {f"interpolation/{m}/{k}" for m in METHODS for k in ("accuracy", "cosine_a", "cosine_b")} <= tags
-    assert [e.step for e in events.Scalars("interpolation/latent_slerp/accuracy")] == list(range(STEPS))
+    tag = "interpolation_vs_alpha_percent/{}/{}"
+    assert {tag.format(m, k) for m in METHODS for k in ("accuracy", "cosine_a", "cosine_b")} <= tags
+    # x axis = alpha in percent, not the point index
+    assert [e.step for e in events.Scalars(tag.format("latent_slerp", "accuracy"))] == [0, 50, 100]
+    assert "interpolation/plot_vs_alpha" in events.Tags()["images"]
 
 
 def test_deterministic_in_seed(run, checkpoints, vae_dir, tmp_path):
@@ -217,7 +233,35 @@ def test_residual_correction_makes_latent_paths_continuous(checkpoints, vae_dir)
     key = "conv1.0.weight"
     near = {}
     for residual in (True, False):
-        path = InterpolationPath(model, *ends, vae, meta, skip={"fc"}, residual=residual)
+        path = InterpolationPath(model, *ends, vae, meta, skip={"fc": "head"}, residual=residual)
         near[residual] = (path.state(1e-4, "latent_lerp")[key] - ends[0][key]).norm() / ends[0][key].norm()
     assert near[True] < 1e-2  # next to the end point, as weight-space lerp would be
     assert near[False] > 10 * near[True]  # raw decoding jumps by the VAE's reconstruction error
+
+
+def test_zoo_models_bring_arch_and_kwargs(checkpoints, vae_dir, tmp_path, capsys):
+    """--zoo DIR --a ID --b ID (or zoo files) needs neither --arch nor --model-kwargs."""
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for seed, ckpt in enumerate(checkpoints):
+        (zoo / f"m-s{seed}.safetensors").write_bytes(ckpt.read_bytes())
+        (zoo / f"m-s{seed}.json").write_text(json.dumps({"arch": ARCH, "model_kwargs": KWARGS}))
+    out = tmp_path / "out"
+    assert _run(["--zoo", str(zoo), "--a", "m-s0", "--b", "m-s1", "--steps", "2", "--out", str(out),
+                 "--vae", str(vae_dir)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arch"] == ARCH and summary["model_kwargs"] == KWARGS
+    _, rows = interpolate(None, zoo / "m-s0.safetensors", zoo / "m-s1.safetensors", 2, tmp_path / "files",
+                          vae_dir=vae_dir)
+    assert len(rows) == 2 * len(METHODS)
+    capsys.readouterr()
+    (zoo / "m-s1.json").write_text(json.dumps({"arch": ARCH, "model_kwargs": {**KWARGS, "num_classes": 5}}))
+    for argv, message in ((["--a", "m-s0", "--b", "m-s1"], "differ in architecture"),
+                          (["--a", "m-s0", "--b", "nope"], "no model 'nope' in zoo")):
+        assert _run(["--zoo", str(zoo), *argv, "--steps", "2", "--out", str(tmp_path / "bad"),
+                     "--vae", str(vae_dir)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert _run(["--a", str(checkpoints[0]), "--b", str(checkpoints[1]), "--steps", "2", "--out",
+                 str(tmp_path / "bad"), "--vae", str(vae_dir)]) == 2
+    assert "--arch is required" in capsys.readouterr().err and not (tmp_path / "bad").exists()

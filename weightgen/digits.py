@@ -155,22 +155,12 @@ def reestimate_batchnorm(model: nn.Module, dataset: TensorDataset, batches: int 
     Needed after weights are generated/reconstructed: their running stats are stale or missing.
     No-op (mode included) for models without batch norm.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # None = cumulative moving average over all batches seen
-    model.train()
     x = dataset.tensors[0]
-    for b in range(batches):
-        xb = x[b * batch_size:(b + 1) * batch_size]
-        if len(xb) < 2:  # BN in train mode cannot use a single sample
-            break
-        model(xb)
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
+    # BN in train mode cannot use a single sample: drop a last batch of one
+    loader = [xb for xb in (x[b * batch_size:(b + 1) * batch_size] for b in range(batches)) if len(xb) >= 2]
+    torch.optim.swa_utils.update_bn(loader, model)  # reset, cumulative average, momenta restored
     model.eval()
 
 

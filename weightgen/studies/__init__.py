@@ -1,0 +1,1 @@
+"""Experiment drivers on top of the library (checkpoints in, evaluation, CSV/PNG/TensorBoard out)."""
