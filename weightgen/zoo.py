@@ -106,6 +106,9 @@ def quick_zoo_specs(seed: int = 0) -> list[ZooSpec]:
         _spec("resnet18-w8-d1", "resnet18", s, 120, layers=[1, 1, 1, 1], channels=[8, 16, 32, 64]),
         _spec("vit-e32-d1", "vit_tiny_patch16_224", s, 240, 2e-3, embed_dim=32, depth=1, num_heads=2,
               global_pool="avg"),
+        # a second seed of the same ViT (~2 s): a pair for scripts/interpolate.py
+        _spec("vit-e32-d1", "vit_tiny_patch16_224", s + 1, 240, 2e-3, embed_dim=32, depth=1, num_heads=2,
+              global_pool="avg"),
         _spec("effnet-c025", "test_efficientnet", s, 90, channel_multiplier=0.25),
     ]
 
@@ -205,7 +208,8 @@ def build_zoo(out_dir: str | os.PathLike, specs: list[ZooSpec], progress: bool =
             "format": "weightgen-zoo", "version": ZOO_FORMAT_VERSION,
             "models": [s.model_id for s in specs],
             "total_params": sum(r["params"] for r in records),
-            "seconds": round(time.perf_counter() - t_start, 2),
+            "seconds": round(time.perf_counter() - t_start, 2),  # wall time of the whole build
+            "torch_threads": torch.get_num_threads(), "load_average_1min": round(os.getloadavg()[0], 2),
             "cpu_seconds": round(sum(r["cpu_seconds"] for r in records), 2), "records": records,
         }
         _write_json(tmp / "zoo.json", index)
