@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Learn a sequence of tasks on a RECAST backbone, each task a tiny file; or re-evaluate the files.
+
+Each task starts from the backbone, trains only what the method trains (recast: the coefficients
+and the head), keeps the epoch with the best accuracy on a validation split carved from the
+training data, and is written to OUT/tasks/<task>-s<seed>.safetensors. After every task, all
+earlier task files are loaded back and re-tested (the accuracy matrix; switching must be exact).
+
+OUT gets results.csv/.md, accuracy_matrix.csv/.md, adapt.png and adapt.json, written atomically.
+--evaluate OUT reloads every task file onto --backbone and writes OUT/evaluate.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from weightgen.cli import run_cli
+from weightgen.io import MANIFEST_FILE, WeightgenError, atomic_directory, read_manifest, write_json
+
+DEFAULT_SEEDS = "42,1998,3142592"
+KIND = "adapt-results"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from weightgen.data import TASKS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = " (default: %(default)s)"
+    p.add_argument("--backbone", required=True, help="artifact directory from generate_weights.py")
+    p.add_argument("--tasks", default="digits,mnist",
+                   help="comma-separated tasks, learned in this order" + d + "; known: " + "; ".join(TASKS))
+    p.add_argument("--method", default="recast", help="adaptation method (see weightgen.adapt.METHODS)" + d)
+    p.add_argument("--seeds", default=DEFAULT_SEEDS, help="comma-separated seeds (data split, init, order)" + d)
+    p.add_argument("--out", help="results directory (required unless --evaluate)")
+    p.add_argument("--evaluate", metavar="RESULTS_DIR",
+                   help="reload every task file of RESULTS_DIR onto --backbone; write RESULTS_DIR/evaluate.csv")
+    p.add_argument("--logdir", help="TensorBoard scalars per task: LOGDIR/<method>/<task>-s<seed>/")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per task" + d)
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size" + d)
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate; StepLR x0.1 at 1/3 and 2/3" + d)
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input side (default: the size the backbone was trained at, from its artifact; "
+                        "else its model's input size, capped at 32)")
+    p.add_argument("--max-train", type=int, default=None, help="cap on training images per task (default: 2000)")
+    p.add_argument("--max-eval", type=int, default=None, help="cap on val and test images per task (default: 1000)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where evaluation runs, and training unless "
+                                                   "--accelerator says otherwise" + d)
+    p.add_argument("--accelerator", default=None, help="Lightning accelerator (default: from --device)")
+    p.add_argument("--devices", default="1", help="Lightning devices" + d)
+    p.add_argument("--overwrite", action="store_true", help="replace a results directory weightgen wrote")
+    return p.parse_args(argv)
+
+
+def accelerator_for(device: str, accelerator: str | None) -> str:
+    if accelerator:
+        return accelerator
+    if device.startswith("cuda"):
+        return "gpu"
+    if device == "cpu":
+        return "cpu"
+    raise WeightgenError(f"unknown --device {device!r}: use cpu or cuda")
+
+
+def split(text: str, what: str, cast=str) -> list:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    try:
+        return [cast(s) for s in items]
+    except ValueError:
+        raise WeightgenError(f"bad --{what} {text!r}: expected a comma-separated list of integers") from None
+
+
+def write_evaluate_csv(results_dir: Path, text: str) -> Path:
+    """Add evaluate.csv to a results directory weightgen wrote, and list it in its manifest."""
+    manifest = read_manifest(results_dir)
+    target = results_dir / "evaluate.csv"
+    if manifest is None:
+        raise WeightgenError(f"{results_dir} was not written by weightgen (no {MANIFEST_FILE}); not writing into it")
+    if target.exists() and "evaluate.csv" not in manifest["files"]:
+        raise WeightgenError(f"{target} exists and weightgen did not write it; move it away first")
+    for name, data in (("evaluate.csv", text), (MANIFEST_FILE, None)):
+        if data is None:
+            manifest["files"] = sorted(set(manifest["files"]) | {"evaluate.csv"})
+            data = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=results_dir)
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, results_dir / name)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return adapt(args)
+    except KeyboardInterrupt:  # the results directory is written only when complete
+        raise WeightgenError("interrupted; nothing was written") from None
+
+
+def adapt(args: argparse.Namespace) -> int:
+    from weightgen.adapt.incremental import RUN_FILE, check_run, evaluate_results, open_backbone, run_sequence
+    from weightgen.adapt.report import (EVALUATE_COLUMNS, RESULT_COLUMNS, figure, matrix_markdown, matrix_rows,
+                                        results_markdown, to_csv)
+    from weightgen.adapt.trainer import TrainConfig
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # after its import, which sets INFO
+    if args.evaluate:
+        rows = evaluate_results(args.backbone, args.evaluate, device=args.device)
+        path = write_evaluate_csv(Path(args.evaluate), to_csv(rows, EVALUATE_COLUMNS))
+        for r in rows:
+            print(f"{r['task']:<12} seed {r['seed']:<8} test acc {r['test_acc']:.4f}")
+        print(f"wrote {path}")
+        return 0
+    if not args.out:
+        raise WeightgenError("pass --out DIR (or --evaluate RESULTS_DIR)")
+    tasks, seeds = split(args.tasks, "tasks"), split(args.seeds, "seeds", int)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         accelerator=accelerator_for(args.device, args.accelerator),
+                         devices=int(args.devices) if args.devices.isdigit() else args.devices,
+                         progress=True, logdir=args.logdir)
+    config.validate()
+    backbone = open_backbone(args.backbone, args.img_size)
+    check_run(backbone, args.method, tasks, seeds, args.max_train, args.max_eval)  # before anything is written
+    with atomic_directory(args.out, args.overwrite, kind=KIND) as tmp:
+        result = run_sequence(backbone, args.method, tasks, seeds, config, tmp, device=args.device,
+                              max_train=args.max_train, max_eval=args.max_eval)
+        (tmp / "results.csv").write_text(to_csv(result["rows"], RESULT_COLUMNS))
+        (tmp / "results.md").write_text(results_markdown(result))
+        (tmp / "accuracy_matrix.csv").write_text(to_csv(matrix_rows(result), ["seed", "after_task", *tasks]))
+        (tmp / "accuracy_matrix.md").write_text(matrix_markdown(result))
+        figure(result).savefig(tmp / "adapt.png", dpi=120)
+        write_json(tmp / RUN_FILE, {**result["run"], "exact_switch": result["exact_switch"]})
+    print(results_markdown(result))
+    print(f"wrote {args.out}; re-evaluate from the files alone with:\n"
+          f"  python scripts/adapt.py --backbone {args.backbone} --evaluate {args.out}")
+    if not result["exact_switch"]:
+        print("warning: a task file did not reproduce its logits bit for bit (see exact_switch)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(lambda: main(sys.argv[1:])))

@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Pretrain a source backbone offline: any timm arch on a many-class glyph task (Cyrillic letters
+and symbols, disjoint from every downstream task), at a small input size, with Lightning.
+
+Writes OUT/model.safetensors and OUT/pretrain.json; the same arguments reuse an existing output.
+Prints the generate_weights.py command that turns the backbone into template banks.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from weightgen.cli import parse_kwargs, run_cli
+from weightgen.io import WeightgenError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", required=True, help="any timm model name, e.g. resnet18 or vit_tiny_patch16_224")
+    p.add_argument("--out", required=True, help="output directory, e.g. backbones/r18-src")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs over the source task")
+    p.add_argument("--img-size", type=int, default=32, help="input side in pixels (recorded for adaptation)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (StepLR x0.1 at 1/3 and 2/3)")
+    p.add_argument("--max-train", type=int, default=6000, help="cap on source training images")
+    p.add_argument("--seed", type=int, default=0, help="data split, init and data order")
+    p.add_argument("--model-kwargs", nargs="*", metavar="K=V", default=[],
+                   help="forwarded to timm.create_model (default: in_chans=1, the source class count; "
+                        "ViTs also img_size and patch_size=img_size/4)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (sets --accelerator when that is not given)")
+    p.add_argument("--accelerator", default=None, help="Lightning accelerator (default: from --device)")
+    p.add_argument("--devices", default="1", help="Lightning devices")
+    p.add_argument("--logdir", default=None, help="write TensorBoard scalars here")
+    p.add_argument("--overwrite", action="store_true", help="retrain and replace an output weightgen wrote")
+    return p.parse_args(argv)
+
+
+def accelerator_for(device: str, accelerator: str | None) -> str:
+    if accelerator:
+        return accelerator
+    if device.startswith("cuda"):
+        return "gpu"
+    if device == "cpu":
+        return "cpu"
+    raise WeightgenError(f"unknown --device {device!r}: use cpu or cuda")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from weightgen.adapt.pretrain import pretrain
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # after its import, which sets INFO
+
+    try:
+        out, info, reused = pretrain(
+            args.arch, args.out, epochs=args.epochs, img_size=args.img_size, seed=args.seed,
+            model_kwargs=parse_kwargs(args.model_kwargs), batch_size=args.batch_size, lr=args.lr,
+            max_train=args.max_train, accelerator=accelerator_for(args.device, args.accelerator),
+            devices=int(args.devices) if args.devices.isdigit() else args.devices, logdir=args.logdir,
+            progress=True, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        raise WeightgenError("interrupted; nothing was written") from None
+    what = "reused (same arguments)" if reused else f"trained in {info['seconds']:.0f}s"
+    print(f"{args.arch} on {info['source_task']['name']} ({info['source_task']['classes']} classes, "
+          f"{info['img_size']}px): test accuracy {info['test_acc']:.3f}; {what}; in {out}")
+    print("next, make template banks from it:")
+    print(f"  {info['generate_command']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(lambda: main(sys.argv[1:])))
