@@ -59,6 +59,16 @@ def test_to_model_input_resizes_repeats_and_normalises():
         to_model_input(torch.zeros(1, 3, 8, 8))
 
 
+def test_task_loader_yields_model_inputs():
+    from weightgen.data import task_loader
+
+    task = get_task("digits", seed=0, max_train=64, max_eval=32)
+    x, y = next(iter(task_loader(task, "train", batch_size=16, channels=3, img_size=16)))
+    assert x.shape == (16, 3, 16, 16) and y.dtype == torch.int64
+    again = next(iter(task_loader(task, "train", batch_size=16, channels=3, img_size=16)))
+    assert torch.equal(y, again[1])  # shuffled by its own seeded generator, not the global RNG
+
+
 def test_unknown_task_names_the_known_ones():
     with pytest.raises(WeightgenError, match="unknown task 'nope'.*digits.*mnist"):
         get_task("nope")

@@ -51,7 +51,7 @@ def _fashion(seed: int, max_train: int | None, max_eval: int | None) -> ImageTas
                      as_split(x_te, y_te, te), 28, TASKS["fashion"])
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=12)  # ~12 MB per capped task
 def _build(name: str, seed: int, max_train: int | None, max_eval: int | None, image_size: int) -> ImageTask:
     if name == "digits":
         return _pool_task(name, sources.load_digits, sources.DIGIT_CLASSES, seed, max_train, max_eval)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,7 +242,7 @@ def glyph_task(task: str, seed: int, max_train: int | None, max_eval: int | None
     for s_i, (stage, cap) in enumerate((("train", max_train), ("val", max_eval), ("test", max_eval))):
         pairs = [(f, c) for f in by_stage[stage] for c in range(len(chars)) if base_glyph(f, chars[c]) is not None]
         k = per_font if cap is None else max(1, math.ceil(cap / len(pairs)))
-        rng = np.random.default_rng([seed, s_i, len(chars)])
+        rng = np.random.default_rng([seed, s_i, zlib.crc32(task.encode())])  # own stream per task and split
         images = np.stack([render(base_glyph(f, chars[c]), rng) for f, c in pairs for _ in range(k)])
         labels = np.repeat(np.array([c for _, c in pairs], dtype=np.int64), k)
         font_of = np.repeat(np.array([f.name for f, _ in pairs]), k)
