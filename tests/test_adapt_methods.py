@@ -1,0 +1,161 @@
+"""Adaptation methods: what each trains (counts from shapes), that it applies only where it can, that the
+function at init is the backbone's, and that merging folds LoRA / masks exactly or refuses clearly."""
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import weightgen as wg
+from weightgen.adapt import METHODS, get_method, merge_and_unload, trainable_counts
+from weightgen.adapt.base import Wrapper
+from weightgen.io import WeightgenError
+from weightgen.layers import RecastConv2d, recast_layers
+
+ARCHS = {"test_resnet": ("recast-conv", {}), "test_vit": ("recast-attn-mlp", {"img_size": 32})}
+
+
+def inputs(seed: int = 0) -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def backbones(request):
+    """(arch, dense model, recast model) with a 10-class head, eval mode."""
+    arch = request.param
+    preset, kwargs = ARCHS[arch]
+    torch.manual_seed(0)
+    dense = timm.create_model(arch, num_classes=10, **kwargs).eval()
+    recast = copy.deepcopy(dense)
+    wg.recast(recast, preset=preset)
+    return arch, dense, recast
+
+
+def _numel(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def expected_without_head(method: str, arch: str, dense: nn.Module, recast: nn.Module) -> int:
+    """Per-task trainable numbers (head excluded), from the layer shapes."""
+    coefficients = _numel(layer.coefficients for layer in recast_layers(recast).values())
+    rank, blocks = METHODS[method].rank, getattr(dense, "blocks", [])
+    norms = (nn.BatchNorm2d, nn.LayerNorm)
+    head = set(dense.get_classifier().parameters())
+    if method == "linear":
+        return 0
+    if method == "full":
+        return _numel(p for p in dense.parameters() if p not in head)
+    if method == "recast":
+        return coefficients
+    if method == "recast-norm":
+        return coefficients + _numel(p for m in recast.modules() if isinstance(m, norms) for p in m.parameters())
+    if method in ("lora", "recast+melo"):
+        if arch == "test_vit":  # q and v of every block: A (r, dim) and B (dim, r) each
+            lora = sum(2 * (rank * b.attn.qkv.in_features + b.attn.qkv.out_features // 3 * rank) for b in blocks)
+        else:  # residual-stage convs (no downsample): A (r, in, k, k) and B (out, r, 1, 1)
+            lora = sum(rank * m.weight[0].numel() + m.weight.shape[0] * rank for name, m in dense.named_modules()
+                       if isinstance(m, nn.Conv2d) and name.startswith("layer") and "downsample" not in name)
+        return lora + (coefficients if method == "recast+melo" else 0)
+    if method == "recast+adaptformer":  # down (r, dim) + r, up (dim, r) + dim
+        return coefficients + sum(2 * rank * b.mlp.fc1.in_features + rank + b.mlp.fc1.in_features for b in blocks)
+    recast_convs = [m for m in recast_layers(recast).values() if isinstance(m, RecastConv2d)]
+    if method == "recast+clr":  # depthwise 3x3 per output channel
+        return coefficients + sum(9 * m.out_channels for m in recast_convs)
+    if method == "recast+piggyback":  # one real mask value per conv weight
+        return coefficients + sum(m.weight.numel() for m in recast_convs)
+    raise AssertionError(method)
+
+
+NOT_FOR = {"test_resnet": {"recast+adaptformer"}, "test_vit": {"recast+clr", "recast+piggyback"}}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_counts_and_unchanged_function_at_init(backbones, method):
+    arch, dense, recast = backbones
+    m = get_method(method)
+    model = copy.deepcopy(recast if m.needs_recast else dense)
+    if method in NOT_FOR[arch]:
+        with pytest.raises(WeightgenError, match=re.escape(f"method {method!r} does not apply to")) as err:
+            m.check(model)
+        assert "\n" not in str(err.value)
+        return
+    x = inputs()
+    with torch.no_grad():
+        before = model(x)
+    m.apply(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    counts = trainable_counts(model)
+    head = _numel(model.get_classifier().parameters())
+    assert counts["without_head"] == expected_without_head(method, arch, dense, recast)
+    assert counts["with_head"] == counts["without_head"] + head
+    assert all(p.requires_grad for p in model.get_classifier().parameters())
+    if method.startswith("recast"):
+        assert all(not b.templates.requires_grad for b in model.recast_banks.values())
+
+
+def test_recast_methods_refuse_a_plain_model(backbones):
+    _, dense, _ = backbones
+    for name in ("recast", "recast+melo"):
+        with pytest.raises(WeightgenError, match="not recast"):
+            get_method(name).check(dense)
+
+
+def test_unknown_method_names_the_known_ones():
+    with pytest.raises(WeightgenError, match="recast\\+melo"):
+        get_method("dora")
+
+
+def test_apply_is_idempotent_and_refuses_a_second_method(backbones):
+    _, _, recast = backbones
+    model = copy.deepcopy(recast)
+    get_method("recast+melo").apply(model)
+    wrappers = sum(isinstance(m, Wrapper) for m in model.modules())
+    counts = trainable_counts(model)
+    get_method("recast+melo").apply(model)
+    assert sum(isinstance(m, Wrapper) for m in model.modules()) == wrappers and trainable_counts(model) == counts
+    with pytest.raises(WeightgenError, match="already set up for method 'recast\\+melo'"):
+        get_method("recast").apply(model)
+
+
+def _perturb(model: nn.Module) -> None:
+    """Move every trainable tensor (LoRA B, masks, coefficients) as training would."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                if name.endswith("mask"):  # some mask values below the threshold
+                    p.copy_(torch.rand(p.shape, generator=gen) * 2e-2)
+                else:
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.mark.parametrize("method", ["lora", "recast+melo", "recast+piggyback", "recast+clr", "recast+adaptformer"])
+def test_merge_folds_lora_and_masks_or_refuses(backbones, method):
+    arch, dense, recast = backbones
+    if method in NOT_FOR[arch]:
+        return
+    m = get_method(method)
+    model = copy.deepcopy(recast if m.needs_recast else dense)
+    m.apply(model)
+    _perturb(model)
+    x = inputs(1)
+    with torch.no_grad():
+        adapted = model(x)
+    if method in ("recast+clr", "recast+adaptformer"):
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(WeightgenError, match="cannot merge"):
+            merge_and_unload(model)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # untouched
+        return
+    merged = merge_and_unload(model)
+    assert not any(isinstance(mod, Wrapper) for mod in merged.modules()) and not recast_layers(merged)
+    plain = copy.deepcopy(dense)
+    plain.load_state_dict(merged.state_dict())  # strict: the original architecture
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), adapted, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(plain(x), dense(x), atol=1e-3)  # the adaptation is really in the weights
