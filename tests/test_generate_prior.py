@@ -131,3 +131,27 @@ def test_default_preset_matches_something_for_every_timm_test_model(arch):
 def test_prior_generation_of_unusual_families(arch, tmp_path):
     _, report = generate(GenerateOptions(arch=arch, out=str(tmp_path / "o"), fidelity_batch=1))
     assert report["activations"]["all_finite"] and report["mean_cosine"] > 0.9999
+    # every weight layer but the head is sampled or listed as fallback (test_nfnet: 25 of its 33
+    # are ScaledStdConv2d, a Conv2d subclass, which used to keep timm's init unreported)
+    from weightgen.recast import head_names
+
+    model = timm.create_model(arch)
+    layers = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    sampled = {row["name"] for row in report["prior"]["layers"]}
+    assert sampled | set(report["prior"]["fallback_layers"]) == layers - head_names(model)
+    if arch == "test_nfnet":
+        from timm.layers import ScaledStdConv2d
+
+        std = {n for n, m in model.named_modules() if isinstance(m, ScaledStdConv2d)}
+        assert len(std) >= 20 and std - head_names(model) <= sampled
+
+
+def test_parametrized_weights_are_fallback_with_a_warning(caplog):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8, 8),
+                                torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 8)))
+    vae, meta = load_vae_bundle()
+    with caplog.at_level("WARNING", logger="weightgen"):
+        weights, stats, fallback = sample_weights(model, vae, meta, seed=0)
+    assert fallback == ["3"] and sorted(weights) == ["0.weight", "2.weight"]
+    assert [row["name"] for row in stats] == ["0", "2"]
+    assert "not a plain tensor" in caplog.text and "3" in caplog.text

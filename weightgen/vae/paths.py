@@ -88,7 +88,7 @@ class InterpolationPath:
         self.state_a, self.state_b, self.vae = state_a, state_b, vae
         skip = dict(skip) if isinstance(skip, dict) else dict.fromkeys(skip or (), "skipped")
         kinds = trained_kinds(meta)
-        layers = weight_layers(model)
+        layers = [layer for layer in weight_layers(model) if layer["direct"]]  # others: plain state-dict lerp
         self.weight_keys = [f"{layer['name']}.weight" for layer in layers]
         self.flat_a, self.flat_b = self.flatten(state_a), self.flatten(state_b)
         self.layers: list[_Layer] = []
