@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from weightgen.cli import run_cli
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate_weights.py"
 OUTPUT_FILES = ["recast.safetensors", "recast_config.json", "report.json", "weights.safetensors"]
+MANIFEST = ".weightgen.json"
 
 
 def _load_script():
@@ -85,7 +87,7 @@ def two_runs(checkpoint, tmp_path_factory):
 def test_generate_writes_the_artifact(two_runs):
     code, out = two_runs[0]
     assert code == 0
-    assert sorted(os.listdir(out)) == OUTPUT_FILES
+    assert sorted(os.listdir(out)) == [MANIFEST] + OUTPUT_FILES
     config = json.loads((out / "recast_config.json").read_text())
     assert config["arch"] == "test_resnet" and config["recast"]["preset"] == "recast-conv"
     report = json.loads((out / "report.json").read_text())
@@ -160,13 +162,14 @@ def test_logdir_writes_tensorboard_events(checkpoint, tmp_path, capsys):
     assert events and all(e.stat().st_size > 100 for e in events)
 
 
-def test_overwrite_replaces_an_existing_output(checkpoint, tmp_path, capsys):
+def test_overwrite_replaces_an_existing_output(two_runs, checkpoint, tmp_path, capsys):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    shutil.copytree(two_runs[0][1], out)
+    (out / "report.json").write_text("{}")  # a file weightgen wrote, edited: still replaced
     code, _, err = cli(["--arch", "test_resnet", "--checkpoint", checkpoint, "--out", out, "--overwrite"], capsys)
     assert code == 0, err
-    assert sorted(os.listdir(out)) == OUTPUT_FILES
+    assert sorted(os.listdir(out)) == [MANIFEST] + OUTPUT_FILES
+    assert json.loads((out / "report.json").read_text())["mean_cosine"] > 0.999
     assert os.listdir(tmp_path) == ["o"]
 
 
@@ -237,11 +240,12 @@ def test_existing_out_without_overwrite_is_untouched(checkpoint, tmp_path, capsy
     out = tmp_path / "outs" / "run"
     out.mkdir(parents=True)
     (out / "precious.txt").write_text("keep")
-    code, _, err = cli(["--arch", "test_resnet", "--checkpoint", checkpoint, "--out", out], capsys)
-    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
-    assert "--overwrite" in err
-    assert os.listdir(out) == ["precious.txt"] and (out / "precious.txt").read_text() == "keep"
-    assert os.listdir(out.parent) == ["run"]
+    for extra in ([], ["--overwrite"]):
+        code, _, err = cli(["--arch", "test_resnet", "--checkpoint", checkpoint, "--out", out] + extra, capsys)
+        assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+        assert "not written by weightgen" in err
+        assert os.listdir(out) == ["precious.txt"] and (out / "precious.txt").read_text() == "keep"
+        assert os.listdir(out.parent) == ["run"]
 
 
 @pytest.mark.parametrize("extra", [["--preset", "all", "--target", "fc"], ["--pretrained"]])

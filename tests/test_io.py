@@ -166,6 +166,16 @@ def test_half_precision_overflowing_sum_is_not_flagged(tmp_path):
     assert load_checkpoint(path)["w"].dtype == torch.float16
 
 
+def test_timm_training_checkpoint_with_namespace_args(tmp_path):
+    import argparse
+
+    state = small_state()
+    path = tmp_path / "checkpoint-9.pth.tar.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 9,
+                "args": argparse.Namespace(lr=0.1, model="resnet50")}, path)
+    assert_same_state(load_checkpoint(path), state)
+
+
 @pytest.mark.parametrize("content", [{}, {"epoch": 3}, [torch.zeros(1)], torch.zeros(3)])
 def test_no_state_dict_inside(tmp_path, content):
     path = tmp_path / "empty.pt"

@@ -132,8 +132,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = load_tensors(path)
     else:
         try:
-            # timm training checkpoints hold their argparse.Namespace; allow it as timm does
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            # timm training checkpoints hold their argparse.Namespace; allow it as timm does (torch >= 2.5)
+            safe = getattr(torch.serialization, "safe_globals", None)
+            with safe([argparse.Namespace]) if safe else contextlib.nullcontext():
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for corrupt or unsafe pickles
             raise WeightgenError(f"cannot read checkpoint {path} (corrupt, truncated, or not a plain "
