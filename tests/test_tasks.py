@@ -205,3 +205,94 @@ def test_task_with_a_head_holding_batchnorm_buffers_round_trips(tmp_path):
     model.head[1].reset_running_stats()
     wg.load_task(model, tmp_path / "t.safetensors")
     assert torch.equal(model.head[1].running_mean, saved_mean)
+
+
+# --- exact switching whatever the next task trains (issue 6 section 2, issue 7 protocol) ----------------
+
+SWITCH = [  # (arch, how it is recast, adaptation method)
+    ("test_resnet", "recast-conv", "recast"),  # BatchNorm statistics move in train mode
+    ("test_resnet", "recast-conv", "recast+clr"),
+    ("test_resnet", None, "lora"),  # not recast: LoRA over plain convs
+    ("test_vit", "recast-attn-mlp", "recast-norm"),  # LayerNorm affine parameters train
+    ("test_vit", "recast-attn-mlp", "recast+melo"),
+]
+
+
+def small_model(arch: str, preset: str | None, method: str):
+    from weightgen.adapt import get_method
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=10, **({"img_size": 32} if arch == "test_vit" else {}))
+    if preset:
+        wg.recast(model, preset=preset)
+    return get_method(method).apply(model).eval()
+
+
+def train_steps(model, num_classes: int, seed: int, steps: int = 3) -> None:
+    """A few SGD steps in train mode on whatever the method trains (BatchNorm statistics move too)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 3, 32, 32, generator=gen)
+    y = torch.randint(0, num_classes, (8,), generator=gen)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("arch,preset,method", SWITCH)
+def test_every_earlier_task_file_reproduces_its_logits_bit_for_bit(tmp_path, arch, preset, method):
+    model = small_model(arch, preset, method)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    logits = []
+    for t, classes in enumerate((10, 5, 7)):  # T = 3 tasks, heads of different class counts
+        if t:
+            model.reset_classifier(classes)
+        train_steps(model, classes, seed=t)
+        with torch.no_grad():
+            logits.append(model(x))
+        wg.save_task(model, tmp_path / f"{t}.safetensors", name=f"t{t}")
+    assert not torch.equal(logits[0][:, :5], logits[1])  # the tasks really differ
+    for t in (0, 1, 2, 0):
+        wg.load_task(model, tmp_path / f"{t}.safetensors")
+        with torch.no_grad():
+            assert torch.equal(model(x), logits[t]), f"task {t} after switching"
+    meta = task_metadata(tmp_path / "0.safetensors")
+    assert meta["method"] == method
+    if arch == "test_resnet":  # every BatchNorm of the body is in the file
+        bn = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        assert set(meta["parts"]["buffers"]) == {f"{n}.{b}" for n in bn
+                                                for b in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def test_a_task_of_another_method_or_without_statistics_is_refused_untouched(tmp_path):
+    melo = small_model("test_vit", "recast-attn-mlp", "recast+melo")
+    wg.save_task(melo, tmp_path / "melo.safetensors")
+    plain = small_model("test_vit", "recast-attn-mlp", "recast")
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(WeightgenError, match="trained with method 'recast\\+melo'.*apply it first"):
+        wg.load_task(plain, tmp_path / "melo.safetensors")
+
+    resnet = small_model("test_resnet", "recast-conv", "recast")
+    train_steps(resnet, 10, seed=0)
+    wg.save_task(resnet, tmp_path / "r.safetensors")
+    state = load_file(str(tmp_path / "r.safetensors"))
+    old = {k: v for k, v in state.items() if "running" not in k and "num_batches" not in k}  # today's files
+    save_file(old, str(tmp_path / "old.safetensors"))
+    snapshot = {k: v.clone() for k, v in resnet.state_dict().items()}
+    with pytest.raises(WeightgenError, match="lacks .*running_mean"):
+        wg.load_task(resnet, tmp_path / "old.safetensors")
+    assert all(torch.equal(resnet.state_dict()[k], v) for k, v in snapshot.items())
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in before.items())
+
+
+def test_head_rebuilt_on_the_heads_device_and_dtype(tmp_path):
+    model = small_model("test_vit", "recast-attn-mlp", "recast")
+    model.reset_classifier(5)
+    wg.save_task(model, tmp_path / "five.safetensors")
+    model.reset_classifier(10)
+    model.double()
+    wg.load_task(model, tmp_path / "five.safetensors")
+    assert model.head.weight.dtype == torch.float64 and model.head.out_features == 5
