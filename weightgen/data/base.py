@@ -15,7 +15,7 @@ MAX_TRAIN = 2000
 MAX_EVAL = 1000
 
 
-@dataclass
+@dataclass(eq=False)  # tensors: compare splits explicitly
 class ImageTask:
     """One classification task on small grayscale images, split into train/val/test."""
 
