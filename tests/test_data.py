@@ -37,6 +37,10 @@ def test_same_seed_same_split_other_seed_other_split():
     assert not torch.equal(a.train[0], c.train[0])
     a.train[0].zero_()  # a caller's changes never reach the cache
     assert torch.equal(get_task("digits", seed=0).train[0], b.train[0])
+    from weightgen.data import clear_cache
+
+    clear_cache()  # rebuilt from the source: still the same arrays
+    assert torch.equal(get_task("digits", seed=0).train[0], b.train[0])
 
 
 def test_caps_are_stratified():

@@ -27,7 +27,14 @@ TASKS = {
 }
 
 __all__ = ["TASKS", "ImageTask", "get_task", "source_task", "to_model_input", "task_dataset", "task_loader",
-           "MAX_TRAIN", "MAX_EVAL", "describe_tasks"]
+           "MAX_TRAIN", "MAX_EVAL", "describe_tasks", "clear_cache"]
+
+
+def clear_cache() -> None:
+    """Forget built tasks and loaded sources (tests that patch a source call this first)."""
+    for cached in (_build, _source, sources.load_digits, sources.load_mnist, sources.load_animals,
+                   sources.load_fashion):
+        cached.cache_clear()
 
 
 def describe_tasks() -> str:
