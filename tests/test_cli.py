@@ -124,6 +124,79 @@ def test_prints_a_summary(checkpoint, tmp_path, capsys):
     assert "total: 9 layers" in out and f"wrote {tmp_path / 'o'}" in out
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["min_cosine"] < 0.999  # one template per bank really compresses
+    assert "compressed fit: 2 of 7 banks have fewer templates (1) than layers" in out
+    for name in OUTPUT_FILES:  # where the files are
+        assert f"  {name} " in out
+    assert "--method closed_form+gradient" in out and "tensorboard --logdir" in out
+
+
+def test_exact_fit_is_explained(two_runs, checkpoint, tmp_path, capsys):
+    code, out, err = cli(["--arch", "test_resnet", "--checkpoint", checkpoint, "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert "mean cos 1.000000" in out and "exact fit" in out and "by construction" in out
+    assert f"--templates 1 --out {tmp_path / 'o'}-t1" in out  # the next run does not collide with this one
+
+
+# ---------------------------------------------------------------- first-hour details
+
+
+def test_default_output_name_includes_the_source():
+    from weightgen.generate import GenerateOptions
+
+    names = {GenerateOptions(arch="resnet50").output_dir().name,
+             GenerateOptions(arch="resnet50", pretrained=True).output_dir().name,
+             GenerateOptions(arch="resnet50", checkpoint="dl/r50_tuned.pth").output_dir().name}
+    assert names == {"resnet50-prior-closed_form-s0", "resnet50-pretrained-closed_form-s0",
+                     "resnet50-r50_tuned-closed_form-s0"}
+
+
+def test_input_errors_come_before_already_exists(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    taken = tmp_path / "outputs" / "resnet5-missing-closed_form-s0"
+    taken.mkdir(parents=True)
+    (taken / "x").write_text("x")
+    code, _, err = cli(["--arch", "resnet5", "--checkpoint", "missing.safetensors"], capsys)
+    assert code == 2 and "unknown architecture" in err
+    code, _, err = cli(["--arch", "test_resnet", "--checkpoint", "missing.safetensors",
+                        "--out", taken], capsys)
+    assert code == 2 and "checkpoint not found" in err
+
+
+def test_pretrained_without_network_fails_fast_in_one_sentence(tmp_path, monkeypatch, capsys):
+    import time
+
+    import huggingface_hub.constants
+
+    import weightgen.models
+
+    monkeypatch.setattr(weightgen.models, "reachable", lambda host, timeout=3.0: False)  # no network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch_hub"))
+    start = time.perf_counter()
+    code, out, err = cli(["--arch", "test_resnet", "--pretrained", "--out", tmp_path / "o"], capsys)
+    assert time.perf_counter() - start < 10  # was 51 s of retries
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: could not fetch pretrained weights for test_resnet: huggingface.co")
+    assert lines[0].endswith("(--checkpoint FILE).")
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # offline mode was for that call only
+    assert not (tmp_path / "o").exists()
+
+
+def test_head_mismatch_names_both_shapes_and_hints_num_classes(tmp_path, capsys):
+    path = tmp_path / "ten.safetensors"
+    save_file(resnet_state(num_classes=10), str(path))
+    code, _, err = cli(["--arch", "test_resnet", "--checkpoint", path, "--out", tmp_path / "o"], capsys)
+    assert code == 2
+    assert "fc.weight checkpoint (10, 96) vs model (1000, 96)" in err
+    assert "pass --model-kwargs num_classes=10" in err
+    code, _, err = cli(["--arch", "test_resnet", "--checkpoint", path, "--out", tmp_path / "o",
+                        "--model-kwargs", "num_classes=10"], capsys)
+    assert code == 0, err
+    from weightgen.models import load_into
+
+    with pytest.raises(wg.io.WeightgenError, match=r"pass model_kwargs=\{'num_classes': 10\}"):
+        load_into(timm.create_model("test_resnet"), resnet_state(num_classes=10), "checkpoint")
 
 
 def test_model_kwargs(tmp_path, capsys):
