@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="output directory (default: outputs/ARCH-SOURCE-METHOD-sSEED)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output directory weightgen wrote before (never other folders)")
+    p.add_argument("--extra-templates", type=int, default=0, metavar="N",
+                   help="after the fit, add N templates to every bank with zero coefficients (the start point "
+                        "is unchanged): more directions for coefficient-only adaptation (default: %(default)s)")
+    p.add_argument("--extra-source", choices=("random", "pca", "vae"), default="random",
+                   help="extra templates: random at the bank's RMS, pca of the other same-shape banks, or "
+                        "drawn from the VAE prior (default: %(default)s)")
     p.add_argument("--logdir", help="write a TensorBoard run here, e.g. runs/x (default: none)")
     p.add_argument("--device", default="cpu",
                    help="where the model, the fit and the VAE run: cpu, cuda or cuda:N (default: %(default)s); "
@@ -56,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         model_kwargs=parse_kwargs(args.model_kwargs), preset=args.preset, target=args.target,
         layers_per_group=args.layers_per_group, templates=args.templates, coef_sets=args.coef_sets,
         method=args.method, steps=args.steps, lr=args.lr, seed=args.seed, out=args.out,
-        overwrite=args.overwrite, logdir=args.logdir, device=args.device)
+        overwrite=args.overwrite, logdir=args.logdir, device=args.device,
+        extra_templates=args.extra_templates, extra_source=args.extra_source)
     out, report = generate(opts, progress=True)
     print(group_table(report))
     print(total_line(report))

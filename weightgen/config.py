@@ -53,6 +53,9 @@ class RecastConfig:
     templates: int | None = None  # templates per bank; None = layers in the group (exact fit)
     # templates per bank as a share of its layers: n = max(1, ceil(ratio * layers)); exclusive with templates
     template_ratio: float | None = None
+    # templates appended after fitting (weightgen.adapt.extend_banks; their coefficients start at zero);
+    # recorded so that loading rebuilds banks of the right size
+    extra_templates: int = 0
     coef_sets: int = 2  # K coefficient sets per layer, averaged
     seed: int = 0
     preset: str | None = None  # name the config came from, for the record
@@ -66,6 +69,8 @@ class RecastConfig:
             raise ValueError(f"template_ratio must be > 0, got {self.template_ratio}")
         if self.template_ratio is not None and self.templates is not None:
             raise ValueError("pass either templates or template_ratio, not both")
+        if self.extra_templates < 0:
+            raise ValueError(f"extra_templates must be >= 0, got {self.extra_templates}")
         if self.layers_per_group is not None and self.layers_per_group < 1:
             raise ValueError(f"layers_per_group must be >= 1, got {self.layers_per_group}")
         bad = set(self.layer_types) - {"linear", "conv"}
@@ -89,12 +94,14 @@ class RecastConfig:
         return cls(**data)
 
     def templates_for(self, layers: int) -> int:
-        """Templates of a bank of ``layers`` layers under this config."""
+        """Templates of a bank of ``layers`` layers under this config (extra templates included)."""
         if self.templates is not None:
-            return self.templates
-        if self.template_ratio is not None:
-            return max(1, math.ceil(self.template_ratio * layers - 1e-9))
-        return layers
+            fitted = self.templates
+        elif self.template_ratio is not None:
+            fitted = max(1, math.ceil(self.template_ratio * layers - 1e-9))
+        else:
+            fitted = layers
+        return fitted + self.extra_templates
 
     def matches(self, name: str) -> bool:
         """Whether a module name is targeted (type and head checks happen in recast.py)."""

@@ -15,7 +15,7 @@ from .io import WeightgenError, check_checkpoint_path, check_output_dir, load_ch
 from .mimicry import METHODS, fit
 from .mimicry.fidelity import compare_features, record_features
 from .models import check_arch, create_model, example_batch, model_from_state
-from .recast import head_names, inject
+from .recast import head_names, inject, parameter_counts
 from .vae.prior import activation_ranges, default_vae_dir, load_vae_bundle, sample_weights
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class GenerateOptions:
     vae: str | None = None
     fidelity_batch: int = 4
     device: str = "cpu"  # where the model, the fit and the VAE run ("cuda", "cuda:1", ...)
+    extra_templates: int = 0  # templates added to every bank after the fit, coefficients at zero (issue 7 (d))
+    extra_source: str = "random"  # where they come from: random, pca (other banks), vae (the prior)
 
     def output_dir(self) -> Path:
         """``out``, else ``outputs/<arch>-<source>-<method>-s<seed>`` (source: prior, pretrained or
@@ -70,6 +72,10 @@ def validate(opts: GenerateOptions) -> None:
         raise WeightgenError("--steps has no effect with --method closed_form; use closed_form+gradient")
     if opts.method == "decoder" and not (opts.checkpoint or opts.pretrained):
         raise WeightgenError("--method decoder fits a given model: pass --checkpoint FILE or --pretrained")
+    if opts.extra_templates < 0:
+        raise WeightgenError("--extra-templates must be >= 0")
+    if opts.extra_source not in ("random", "pca", "vae"):
+        raise WeightgenError(f"unknown --extra-source {opts.extra_source!r}; choose from random, pca, vae")
     if opts.fidelity_batch < 1:
         raise WeightgenError("the fidelity batch must hold at least one input")
     resolve_device(opts.device)
@@ -157,6 +163,11 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
         report["function"] = compare_features(reference, recorded)
         if from_prior:
             report["activations"] = activation_ranges(recorded, batch)
+    if opts.extra_templates:
+        from .adapt.extend import extend_banks  # same top layer as this module
+        report["extra_templates"] = {"count": opts.extra_templates, "source": opts.extra_source, "banks": extend_banks(
+            model, opts.extra_templates, opts.extra_source, seed=opts.seed, vae=vae or opts.vae)}
+        report["params"] = parameter_counts(model)  # the extended banks' counts
     source = "checkpoint" if opts.checkpoint else "pretrained" if opts.pretrained else "vae_prior"
     report.update(arch=opts.arch, model_kwargs=opts.model_kwargs, source=source, **extra)
     if opts.logdir:

@@ -4,14 +4,15 @@ Each bank gains ``extra`` templates; every layer of the bank gains ``extra`` coe
 all zero, so the model's function at the start point is unchanged. Sources:
 
 - ``random``: Gaussian templates, each scaled to the RMS of the bank's own templates;
-- ``pca``: the top principal directions of the *other* banks' templates of the same shape, after
-  removing what the bank already spans (directions the bank lacks but its neighbours use); banks
+- ``pca``: the top singular directions (uncentred PCA) of the *other* banks' templates of the same
+  shape, after removing what the bank already spans (directions its neighbours use and it lacks); banks
   with no same-shape neighbour (or too few directions) are filled with ``random`` and reported;
 - ``vae``: templates decoded from latents drawn from the VAE prior for the bank's layer kind and
   depth, scaled to the bank's RMS; layer kinds the VAE never saw are filled with ``random``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -72,8 +73,9 @@ def extend_banks(model: nn.Module, extra: int, source: str = "random", seed: int
             layer.coefficients = nn.Parameter(torch.cat([coefficients, zeros], dim=1),
                                               requires_grad=layer.coefficients.requires_grad)
     config = model.__dict__.get("recast_config")
-    if config is not None:
-        log.info("extended %d banks by %d templates (%s)", len(banks), extra, source)
+    if config is not None:  # artifacts record it, so loading rebuilds banks of the new size
+        model.recast_config = dataclasses.replace(config, extra_templates=config.extra_templates + extra)
+    log.info("extended %d banks by %d templates (%s)", len(banks), extra, source)
     return used
 
 
@@ -82,14 +84,13 @@ def _rms(t: torch.Tensor) -> float:
 
 
 def _pca_directions(own: torch.Tensor, others: list[torch.Tensor], count: int) -> torch.Tensor | None:
-    """Top ``count`` principal directions of ``others`` orthogonal to the span of ``own``, or None."""
+    """Top ``count`` singular directions of ``others`` orthogonal to the span of ``own``, or None."""
     if not others:
         return None
     flat_own = own.reshape(own.shape[0], -1).double()  # (n, D)
     pool = torch.cat([o.reshape(o.shape[0], -1).double() for o in others]).cpu()  # (m, D)
     basis = torch.linalg.qr(flat_own.cpu().T).Q  # (D, n): what the bank already spans
     residual = pool - (pool @ basis) @ basis.T
-    residual = residual - residual.mean(0, keepdim=True) if residual.shape[0] > count else residual
     _, s, vh = torch.linalg.svd(residual, full_matrices=False)
     keep = int((s > s.max().clamp_min(1e-30) * 1e-6).sum()) if s.numel() else 0
     if keep < count:
