@@ -24,6 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (StepLR x0.1 at 1/3 and 2/3)")
     p.add_argument("--max-train", type=int, default=6000, help="cap on source training images")
+    p.add_argument("--max-eval", type=int, default=1500, help="cap on source validation and test images")
     p.add_argument("--seed", type=int, default=0, help="data split, init and data order")
     p.add_argument("--model-kwargs", nargs="*", metavar="K=V", default=[],
                    help="forwarded to timm.create_model (default: in_chans=1, the source class count; "
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         out, info, reused = pretrain(
             args.arch, args.out, epochs=args.epochs, img_size=args.img_size, seed=args.seed,
             model_kwargs=parse_kwargs(args.model_kwargs), batch_size=args.batch_size, lr=args.lr,
-            max_train=args.max_train, accelerator=accelerator_for(args.device, args.accelerator),
+            max_train=args.max_train, max_eval=args.max_eval, accelerator=accelerator_for(args.device, args.accelerator),
             devices=int(args.devices) if args.devices.isdigit() else args.devices, logdir=args.logdir,
             progress=True, overwrite=args.overwrite)
     except KeyboardInterrupt:

@@ -152,3 +152,27 @@ def test_help_documents_every_option(capsys):
                    "--batch-size", "--lr", "--img-size", "--device", "--accelerator", "--devices", "--overwrite"]:
         assert option in text
     assert "42,1998,3142592" in text and "default: 3" in text
+
+
+def test_pretrain_is_cached_and_its_input_size_reaches_adaptation(tmp_path, capsys):
+    """pretrain.py's backbone -> the printed generate command's artifact -> adapt reads img_size 24 from it."""
+    pretrain = load_script("pretrain")
+    out = tmp_path / "src"
+    argv = ["--arch", "test_resnet", "--out", str(out), "--epochs", "1", "--img-size", "24", "--max-train", "64",
+            "--max-eval", "64"]
+    assert run_cli(lambda: pretrain.main(argv)) == 0
+    first = capsys.readouterr().out
+    info = wg.io.read_json(out / "pretrain.json")
+    assert info["img_size"] == 24 and info["model_kwargs"]["num_classes"] == info["source_task"]["classes"] >= 30
+    assert run_cli(lambda: pretrain.main(argv)) == 0
+    assert "reused" in capsys.readouterr().out and "reused" not in first
+    command = next(line.strip() for line in first.splitlines() if "generate_weights.py" in line)
+    assert f"--checkpoint {out / 'model.safetensors'}" in command and "in_chans=1" in command
+
+    from weightgen.adapt.incremental import open_backbone
+    from weightgen.generate import GenerateOptions, generate
+
+    artifact, _ = generate(GenerateOptions(arch="test_resnet", checkpoint=str(out / "model.safetensors"),
+                                           model_kwargs=info["model_kwargs"], out=str(tmp_path / "artifact")))
+    backbone = open_backbone(artifact)
+    assert (backbone.img_size, backbone.channels) == (24, 1)

@@ -49,7 +49,7 @@ def default_preset_for(model) -> str | None:
 
 def pretrain(arch: str, out: str | Path, *, epochs: int = 10, img_size: int = 32, seed: int = 0,
              model_kwargs: dict | None = None, batch_size: int = 128, lr: float = 2e-3,
-             weight_decay: float = 1e-4, max_train: int | None = 6000, accelerator: str = "cpu",
+             weight_decay: float = 1e-4, max_train: int | None = 6000, max_eval: int | None = 1500, accelerator: str = "cpu",
              devices: int | str = 1, logdir: str | None = None, progress: bool = False,
              overwrite: bool = False) -> tuple[Path, dict, bool]:
     """Train ``arch`` on the source task; returns (out dir, info, reused).
@@ -62,13 +62,14 @@ def pretrain(arch: str, out: str | Path, *, epochs: int = 10, img_size: int = 32
     if img_size < 8:
         raise WeightgenError("--img-size must be >= 8")
     args = {"arch": arch, "epochs": epochs, "img_size": img_size, "seed": seed, "model_kwargs": dict(model_kwargs or {}),
-            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "max_train": max_train}
+            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "max_train": max_train,
+            "max_eval": max_eval}
     if (out / INFO).is_file() and (out / CHECKPOINT).is_file() and not overwrite:
         info = read_json(out / INFO)
         if info.get("args") == args:
             return out, info, True
     check_output_dir(out, overwrite, kind=KIND)
-    task = source_task(seed, max_train=max_train)
+    task = source_task(seed, max_train=max_train, max_eval=max_eval)
     kwargs = source_model_kwargs(arch, img_size, task.num_classes, model_kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the init is part of the run's seed
