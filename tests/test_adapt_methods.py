@@ -159,3 +159,16 @@ def test_merge_folds_lora_and_masks_or_refuses(backbones, method):
     with torch.no_grad():
         torch.testing.assert_close(plain(x), adapted, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(plain(x), dense(x), atol=1e-3)  # the adaptation is really in the weights
+
+
+def test_bank_merge_keeps_adapters_working(backbones):
+    arch, _, recast = backbones
+    method = "recast+melo"
+    model = copy.deepcopy(recast)
+    get_method(method).apply(model)
+    _perturb(model)
+    with torch.no_grad():
+        adapted = model(inputs())
+        wg.merge_and_unload(model)  # banks only: the LoRA wrappers stay, over plain layers
+        torch.testing.assert_close(model(inputs()), adapted, rtol=1e-4, atol=1e-5)
+    assert any(isinstance(m, Wrapper) for m in model.modules()) and not recast_layers(model)

@@ -6,9 +6,10 @@ API (the trainer, scripts and benchmarks code against this)::
     m = get_method("recast")        # unknown name -> WeightgenError naming the known ones
     m.name, m.description, m.needs_recast
     m.check(model)                  # WeightgenError (one line) if the method does not apply to model
-    m.apply(model)                  # in place, once per backbone: inject the method's modules (LoRA,
+    m.apply(model, seed=None)       # in place, once per backbone: inject the method's modules (LoRA,
                                     # adapters, masks, ...) and set requires_grad (head always trainable);
-                                    # the model's function is unchanged at init
+                                    # the model's function is unchanged at init; adapter inits come
+                                    # from CPU generators seeded by ``seed`` (never the global RNG)
     trainable_counts(model)         # {"with_head": int, "without_head": int}
     merge_and_unload(model)         # a plain dense model (LoRA / masks folded) or WeightgenError
     extend_banks(model, extra, source="random"|"pca"|"vae", seed=0, vae=None)   # issue 7 (d)
@@ -19,6 +20,11 @@ convs of a CNN), and on top of ``recast``: ``recast+melo`` (LoRA r=1, alpha=4, s
 ``recast+adaptformer`` (parallel bottleneck adapter on each block's MLP, r=2, scale 4, ReLU),
 ``recast+clr`` (depthwise 3x3 conv after each RECAST conv, dirac init), ``recast+piggyback``
 (real-valued masks on RECAST conv weights, thresholded at 5e-3, straight-through).
+
+Adapters wrap the layer they adapt (``<name>.base_layer``, as peft does), so the bank-only
+``weightgen.merge_and_unload`` keeps them working on top of the merged layers; a dense state dict in
+the original architecture comes from this package's ``merge_and_unload`` (AdaptFormer and CLR add
+computation no original layer can hold: it refuses them).
 
 Task files (``weightgen.save_task``) store what the method trains (every ``requires_grad``
 parameter, coefficients always, the head) plus every BatchNorm buffer of the model, so switching

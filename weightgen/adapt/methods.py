@@ -85,23 +85,25 @@ class AdaptMethod:
         }[self.adapter]
 
     # --- application ---------------------------------------------------------------------------
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, seed: int | None = None) -> nn.Module:
         """Inject this method's modules (once) and set ``requires_grad`` for it; returns ``model``.
 
-        A second call with the same method only re-marks what trains; another method is refused.
+        Injected tensors are initialised from CPU generators seeded by ``seed`` (default: the
+        method's ``seed``), never from the global RNG. A second call with the same method only
+        re-marks what trains; another method is refused.
         """
         self.check(model)
         if model.__dict__.get(METHOD_ATTR) is None and self.adapter is not None:
-            self._inject(model)
+            self._inject(model, self.seed if seed is None else seed)
         self._mark_trainable(model)
         model.__dict__[METHOD_ATTR] = self.name  # read by save_task / load_task
         return model
 
-    def _inject(self, model: nn.Module) -> None:
+    def _inject(self, model: nn.Module, seed: int) -> None:
         targets = self._targets(model)
         wrapped = {}
         for i, (name, module) in enumerate(targets.items()):
-            wrapped[name] = self._wrap(module, seed=self.seed + 1000 * i)
+            wrapped[name] = self._wrap(module, seed=seed + 1000 * i)
         for name, module in wrapped.items():  # all built before the model is touched
             swap(model, name, module)
         log.info("%s: wrapped %d modules", self.name, len(wrapped))
