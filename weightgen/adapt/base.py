@@ -1,6 +1,8 @@
 """What every injected adapter shares: it wraps one module as ``base_layer`` (peft's convention)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -26,17 +28,11 @@ class Wrapper(nn.Module):
                              "architecture can hold; keep the model as it is and save task files instead")
 
 
-def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight a Linear / Conv2d / RECAST layer applies (combined from its bank for RECAST)."""
-    return layer.weight
-
-
 def plain_copy(layer: nn.Module) -> nn.Module:
     """A plain nn.Linear / nn.Conv2d with ``layer``'s current weight and bias (``layer`` untouched)."""
     if isinstance(layer, RecastLayer):
         return layer.merge()
     if type(layer) in (nn.Linear, nn.Conv2d):
-        import copy
         return copy.deepcopy(layer)
     raise WeightgenError(f"cannot fold an adapter over a {type(layer).__name__}")
 

@@ -27,8 +27,7 @@ class LoRALinear(Wrapper):
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, slices: list[tuple[int, int]] | None = None,
                  seed: int = 0):
         super().__init__(base_layer)
-        like = base_layer.bias if base_layer.bias is not None else base_layer.coefficients if hasattr(
-            base_layer, "coefficients") else base_layer.weight
+        like = base_layer.weight.detach()  # a RECAST layer's combined weight: its device and dtype
         out_features, in_features = base_layer.out_features, base_layer.in_features
         self.slices = [tuple(s) for s in (slices or [(0, out_features)])]
         widths = {stop - start for start, stop in self.slices}
