@@ -172,3 +172,53 @@ def test_bank_merge_keeps_adapters_working(backbones):
         wg.merge_and_unload(model)  # banks only: the LoRA wrappers stay, over plain layers
         torch.testing.assert_close(model(inputs()), adapted, rtol=1e-4, atol=1e-5)
     assert any(isinstance(m, Wrapper) for m in model.modules()) and not recast_layers(model)
+
+
+# ---------------------------------------------------------------- on a GPU (pytest -m gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_methods_task_switching_and_extra_templates_on_gpu(tmp_path, arch):
+    from weightgen.adapt import extend_banks
+
+    preset, kwargs = ARCHS[arch]
+    x = inputs().cuda()
+    for name, method in METHODS.items():
+        if name in NOT_FOR[arch]:
+            continue
+        torch.manual_seed(0)
+        model = timm.create_model(arch, num_classes=10, **kwargs).eval().cuda()
+        if method.needs_recast:
+            wg.recast(model, preset=preset)
+        with torch.no_grad():
+            before = model(x)
+        method.apply(model)
+        assert all(t.is_cuda for t in model.state_dict().values()), name
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), before, rtol=1e-3, atol=1e-4)  # TF32 convs on CUDA
+        logits = []
+        for t, classes in enumerate((10, 5)):
+            if t:
+                model.reset_classifier(classes)
+                model.cuda()
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+            model.train()
+            y = torch.arange(8, device="cuda") % classes
+            for _ in range(2):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(torch.cat([x] * 4)), y).backward()
+                opt.step()
+            model.eval()
+            with torch.no_grad():
+                logits.append(model(x))
+            wg.save_task(model, tmp_path / f"{name}-{t}.safetensors")
+        wg.load_task(model, tmp_path / f"{name}-0.safetensors")
+        with torch.no_grad():
+            assert torch.equal(model(x), logits[0]), name
+        if method.needs_recast:
+            extend_banks(model, 1, "random")
+            assert all(b.templates.is_cuda for b in model.recast_banks.values())
+            with torch.no_grad():
+                torch.testing.assert_close(model(x), logits[0], rtol=1e-5, atol=1e-6)
