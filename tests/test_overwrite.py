@@ -22,7 +22,7 @@ import weightgen as wg
 from _scripts import ROOT, load_script
 from weightgen.cli import run_cli
 from weightgen.io import (
-    MANIFEST_FILE, WeightgenError, atomic_directory, atomic_file, check_output_dir, read_manifest,
+    MANIFEST_FILE, WeightgenError, add_output_file, atomic_directory, atomic_file, check_output_dir, read_manifest,
 )
 from weightgen.tasks import TASK_FORMAT
 
@@ -136,6 +136,29 @@ def test_api_error_names_overwrite_true_and_the_cli_names_the_flag(tmp_path):
         check_output_dir(out)
     assert "overwrite=True" in str(info.value) and "--overwrite" not in str(info.value)
     assert "--overwrite" in info.value.cli
+
+
+def test_add_output_file_writes_into_weightgen_folders_only(tmp_path):
+    out = weightgen_folder(tmp_path / "run")
+    add_output_file(out, "extra.csv", "a,b\n")
+    assert (out / "extra.csv").read_text() == "a,b\n"
+    assert read_manifest(out)["files"] == ["extra.csv", "result.json", "sub/deep.bin"]
+    add_output_file(out, "extra.csv", b"c\n", kind="test")  # its own file: replaced
+    assert (out / "extra.csv").read_text() == "c\n"
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(WeightgenError, match="weightgen did not write it"):
+        add_output_file(out, "notes.txt", "x")
+    with pytest.raises(WeightgenError, match="not a zoo"):
+        add_output_file(out, "more.csv", "x", kind="zoo")
+    mine = user_folder(tmp_path / "mine")
+    with pytest.raises(WeightgenError, match="not written by weightgen"):
+        add_output_file(mine, "extra.csv", "x")
+    assert untouched(mine) and (out / "notes.txt").read_text() == "mine"
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    (out / "notes.txt").unlink()
+    with atomic_directory(out, overwrite=True, kind="test"):  # listed, so overwrite may replace it
+        pass
+    assert os.listdir(out) == [MANIFEST_FILE]
 
 
 # ---------------------------------------------------------------- single files (task files)

@@ -312,6 +312,39 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, kind: 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def add_output_file(out_dir: str | os.PathLike, name: str, data: str | bytes, kind: str | None = None) -> Path:
+    """Write (or replace) the file ``name`` inside a directory weightgen wrote, atomically, and
+    list it in the directory's manifest (so a later ``overwrite`` may replace it).
+
+    Refused: a directory without a manifest (or of another ``kind``), and a file of that name
+    that the manifest does not list (a user's file).
+    """
+    out = Path(out_dir)
+    manifest = read_manifest(out) if out.is_dir() else None
+    if manifest is None:
+        _refuse(f"{out} was not written by weightgen (no {MANIFEST_FILE}); not writing into it")
+    if kind is not None and manifest.get("kind") != kind:
+        _refuse(f"{out} holds a weightgen {manifest.get('kind')}, not a {kind}; not writing into it")
+    if not name or "/" in name or name in (".", "..", MANIFEST_FILE):
+        raise ValueError(f"not a plain file name: {name!r}")
+    target = out / name
+    if (target.exists() or target.is_symlink()) and name not in manifest["files"]:
+        _refuse(f"{target} exists and weightgen did not write it; move it away first")
+    manifest["files"] = sorted(set(manifest["files"]) | {name})
+    text = json.dumps(manifest, indent=2, sort_keys=True, default=_json_default) + "\n"
+    for file, content in ((name, data), (MANIFEST_FILE, text)):  # the file first: listed only once written
+        fd, tmp = tempfile.mkstemp(prefix=f".{file}.", suffix=".tmp", dir=out)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(content.encode() if isinstance(content, str) else content)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, out / file)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return target
+
+
 def _version() -> str:
     from . import __version__  # the package sets it before importing any module
 
