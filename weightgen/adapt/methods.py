@@ -69,7 +69,7 @@ class AdaptMethod:
                       and not _EXCLUDED_CONVS.fullmatch(name)):
                     out[name] = module
             elif self.adapter == "adaptformer":
-                if re.fullmatch(_VIT_MLP_BLOCK, name) and hasattr(module, "fc1"):
+                if re.fullmatch(_VIT_MLP_BLOCK, name) and hasattr(module, "fc1") and hasattr(module, "fc2"):
                     out[name] = module
             elif self.adapter in ("clr", "piggyback"):
                 if isinstance(module, RecastConv2d):
@@ -117,7 +117,7 @@ class AdaptMethod:
         if self.adapter == "adaptformer":
             like = module.fc1.weight
             return ParallelAdapter(module, module.fc1.in_features, self.rank, self.alpha, seed=seed,
-                                   device=like.device, dtype=like.dtype)
+                                   device=like.device, dtype=like.dtype, out_dim=module.fc2.out_features)
         if self.adapter == "clr":
             return CLRConv(module)
         if self.adapter == "piggyback":
