@@ -15,6 +15,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -41,10 +42,14 @@ class Backbone:
     channels: int
     fingerprint: str  # sha256 of its recast.safetensors: a results directory names its backbone by it
     report: dict = field(repr=False, default_factory=dict)
+    # applied to every fresh copy (e.g. extend_banks for extra templates); not recorded for --evaluate
+    transform: Callable[[nn.Module], object] | None = field(repr=False, default=None)
 
     def model(self, recast_model: bool = True) -> nn.Module:
         """A fresh copy: the recast model, or (``recast_model=False``) its merged dense equivalent."""
         model = load(self.path)
+        if self.transform is not None:
+            self.transform(model)
         return model if recast_model else merge_and_unload(model)
 
 
