@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                         "num_nodes": args.num_nodes})
     print(json.dumps(summary["reconstruction"], indent=2))
     print(f"wrote {out} in {summary['seconds']:.0f}s")
+    if summary["warning"]:
+        print(f"WARNING: {summary['warning']}")
     return 0
 
 

@@ -44,7 +44,23 @@ def test_prior_generation_is_finite_sane_and_loads_strictly(arch, tmp_path):
     model.load_state_dict(dense, strict=True)
     acts = report["activations"]
     assert acts["all_finite"]
-    assert acts["max_ratio"] < 100
+    # block output std / input std within a factor 4 of timm's own init at both ends (measured
+    # within 1.6x: test_resnet 0.26..1.00 vs 0.17..0.65, test_vit 0.16..1.13 vs 0.16..1.00)
+    from weightgen.mimicry.fidelity import record_features
+    from weightgen.models import example_batch
+    from weightgen.vae.prior import activation_ranges
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        init = timm.create_model(arch).eval()
+    batch = example_batch(init, 2, 0)
+    with torch.no_grad():
+        timm_acts = activation_ranges(record_features(init, batch), batch)
+    assert timm_acts["min_ratio"] / 4 < acts["min_ratio"] and acts["max_ratio"] < 4 * timm_acts["max_ratio"]
+    # each sampled layer has the RMS the scale model predicted for it
+    for row in report["prior"]["layers"]:
+        weight = dense[row["name"] + ".weight"]
+        assert weight.pow(2).mean().sqrt().item() == pytest.approx(row["rms"], rel=1e-4), row["name"]
     # every generated layer has statistics next to timm's own init
     assert report["prior"]["layers"] and all("timm_init_rms" in row for row in report["prior"]["layers"])
     # generated weights are not timm's init
@@ -82,9 +98,42 @@ def test_decoder_method_reports_storage_against_closed_form(tmp_path):
                                          out=str(tmp_path / "out"), fidelity_batch=1))
     dec = report["decoder"]
     assert dec["closed_form_mean_cosine"] > 0.9999
-    assert dec["stored_numbers"] < dec["template_numbers"]
-    assert 0 < report["mean_cosine"] <= 1
+    # every decoded template is stored as 16 latents per 64-value token plus one log scale
+    from weightgen.vae.tokenize import token_count
+
+    shapes = [tuple(row["shape"]) for row in report["layers"]]
+    templates = {shape: shapes.count(shape) for shape in set(shapes)}  # exact fit: one template per layer
+    latents = sum(n * (16 * token_count(shape) + 1) for shape, n in templates.items())
+    assert dec["decoded_banks"] > 0 and dec["closed_form_banks"] == []
+    assert dec["stored_numbers"] == latents and dec["template_numbers"] == 4 * (latents - sum(templates.values()))
     assert len(report["loss_history"]) >= 2
+
+
+def test_decoder_beats_closed_form_at_equal_storage():
+    """README: at the decoder's storage (a quarter of the templates) it fits better than closed form."""
+    import weightgen
+    from weightgen.bank import banks_of
+
+    def vit():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=4,
+                                     num_heads=2, num_classes=10, in_chans=1)
+
+    target = vit().state_dict()
+    fits = {}
+    for templates, method in ((1, "closed_form"), (4, "decoder")):  # one bank of the 4 qkv layers
+        model = vit()
+        weightgen.recast(model, weightgen.preset_config("recast-attn", layers_per_group=4, templates=templates),
+                         init="empty")
+        report = weightgen.fit(model, target, method, steps=50 if method == "decoder" else None,
+                               vae=load_vae_bundle() if method == "decoder" else None)
+        stored = report["decoder"]["stored_numbers"] if method == "decoder" else sum(
+            b.templates.numel() for b in banks_of(model).values())
+        fits[method] = (report["mean_cosine"], stored)
+    (cf_cos, cf_stored), (dec_cos, dec_stored) = fits["closed_form"], fits["decoder"]
+    assert dec_stored <= cf_stored + 4  # + one log scale per template
+    assert dec_cos > cf_cos + 0.04  # measured 0.580 vs 0.505
 
 
 def test_decoder_without_checkpoint_is_refused(tmp_path, capsys):

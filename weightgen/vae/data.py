@@ -176,7 +176,13 @@ class ZooTokenDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         j, k = self._locate(int(index))
         values, mask, cond, kind_id = self._layer(j)
-        return {"values": values[k], "mask": mask[k], "cond": cond[k], "kind": torch.tensor(kind_id)}
+        return {"values": values[k], "mask": mask[k], "cond": cond[k], "kind": torch.tensor(kind_id),
+                "layer": torch.tensor(j)}
+
+    def layer_label(self, j: int) -> tuple[str, str]:
+        """(model id, layer name) of layer index ``j`` (a batch's ``"layer"`` entry)."""
+        path, key = self.layers[j][0], self.layers[j][1]
+        return Path(path).stem, key.removesuffix(".weight")
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         # DataLoader's batched fetch: visit each layer once per batch so a shuffled batch does not

@@ -29,6 +29,27 @@ def _token_images(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, s * s - d)).view(n, s, s)
 
 
+_EMBED_COLUMNS = ("kind", "depth", "depth_bucket", "model", "layer")  # projector metadata columns
+
+
+def _real_vs_decoded_figure(real: torch.Tensor, decoded: torch.Tensor):
+    """Figure of (k, s, s) real tokens (top row, labelled) above their decodings (bottom row)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state
+
+    k = real.shape[0]
+    lim = float(torch.cat([real, decoded]).abs().max().clamp_min(1e-8))
+    fig = Figure(figsize=(1.2 * k + 1, 3), layout="constrained")
+    axes = fig.subplots(2, k, squeeze=False)
+    for row, (label, images) in enumerate((("real", real), ("decoded", decoded))):
+        for i in range(k):
+            axes[row][i].imshow(images[i].numpy(), cmap="coolwarm", vmin=-lim, vmax=lim)
+            axes[row][i].set_xticks([])
+            axes[row][i].set_yticks([])
+        axes[row][0].set_ylabel(label)
+    fig.suptitle("validation tokens: real (top) vs decode(mu) (bottom)", fontsize=9)
+    return fig
+
+
 class LitWeightVAE(pl.LightningModule):
     def __init__(self, config: VAEConfig | dict, lr: float = 1e-3, weight_decay: float = 0.0):
         super().__init__()
@@ -106,19 +127,22 @@ class LitWeightVAE(pl.LightningModule):
         x, mask, mu, x_hat = x.cpu(), mask.cpu(), mu.cpu(), x_hat.cpu()
         step = self.global_step
 
-        # real vs decoded tokens, top row real, bottom row decoded, one shared colour scale
+        # real vs decoded tokens: a labelled figure, one shared colour scale
         k = min(_N_VIS_TOKENS, x.shape[0])
         real, dec = _token_images(x[:k] * mask[:k]), _token_images(x_hat[:k] * mask[:k])  # (k, s, s)
-        grid = torch.cat([torch.cat(list(real), dim=1), torch.cat(list(dec), dim=1)], dim=0)  # (2s, k*s)
-        lim = grid.abs().max().clamp_min(1e-8)
-        img = ((grid / lim + 1) / 2).clamp(0, 1).unsqueeze(0)  # (1, 2s, k*s) in [0, 1]
+        figure = _real_vs_decoded_figure(real, dec)
 
         n = min(_N_EMBED, mu.shape[0])
         depth = cond[:n, _DEPTH_COL].cpu()
-        labels = [f"{KINDS[int(kd)]}/d{min(int(dp * 4), 3)}" for kd, dp in zip(batch["kind"][:n], depth)]
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "val_set", None)
+        names = [dataset.layer_label(int(j)) if dataset is not None and "layer" in batch else ("?", "?")
+                 for j in batch.get("layer", torch.zeros(n, dtype=torch.long))[:n]]
+        metadata = [[KINDS[int(kd)], f"{float(dp):.2f}", f"d{min(int(dp * 4), 3)}", model, layer]
+                    for kd, dp, (model, layer) in zip(batch["kind"][:n], depth, names)]
         for w in writers:
             w.add_histogram("val/tokens_real", x[mask], step)
             w.add_histogram("val/tokens_decoded", x_hat[mask], step)
-            w.add_image("val/tokens_real_top_decoded_bottom", img, step)
+            w.add_figure("val/tokens_real_vs_decoded", figure, step, close=False)
             if n >= 2:
-                w.add_embedding(mu[:n], metadata=labels, tag="val/latent_mu", global_step=step)
+                w.add_embedding(mu[:n], metadata=metadata, metadata_header=list(_EMBED_COLUMNS),
+                                tag="val/latent_mu", global_step=step)

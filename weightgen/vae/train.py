@@ -84,10 +84,24 @@ def reconstruction_vs_pca(vae: WeightVAE, train: list[dict], held_out: list[dict
     return {"summary": summary, "layers": rows}
 
 
+def _real_vs_decoded_layer(weight: torch.Tensor, decoded: torch.Tensor, title: str, max_side: int = 128):
+    """Figure: the real layer (rows = output units, cropped to ``max_side``) beside its decoding."""
+    from matplotlib.figure import Figure  # no pyplot: no global state
+
+    pair = [w.detach().float().reshape(w.shape[0], -1)[:max_side, :max_side] for w in (weight, decoded)]
+    lim = float(max(p.abs().max() for p in pair).clamp_min(1e-12))
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    for ax, label, matrix in zip(fig.subplots(1, 2), ("real", "decoded (VAE)"), pair):
+        ax.imshow(matrix.numpy(), cmap="coolwarm", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+        ax.set(title=label, xlabel="input (fan-in)", ylabel="output unit")
+    cos = torch.nn.functional.cosine_similarity(weight.reshape(-1).float(), decoded.reshape(-1).float(), dim=0)
+    fig.suptitle(f"{title}: cosine {float(cos):.3f}", fontsize=9)
+    return fig
+
+
 @torch.no_grad()
 def log_layer_reconstructions(writer, vae: WeightVAE, models: list[dict], step: int, per_kind: int = 2) -> None:
-    """TensorBoard images of whole held-out layers: real (left) beside decoded (right), and 3x3 kernels."""
-    from ..tensorboard_log import weight_image
+    """TensorBoard figures of whole held-out layers, real beside decoded (titled), and 3x3 kernels."""
     from .codec import decode_layer
 
     shown: dict[str, int] = {}
@@ -97,12 +111,22 @@ def log_layer_reconstructions(writer, vae: WeightVAE, models: list[dict], step: 
         shown[kind] = shown.get(kind, 0) + 1
         mu, scale = encode_layer(vae, weight, kind, layer["depth"])
         decoded = decode_layer(vae, mu, tuple(weight.shape), kind, layer["depth"], scale)
-        pair = torch.cat([weight_image(weight), weight_image(decoded)], dim=2)  # (1, H, 2W)
-        writer.add_image(f"reconstruction/{kind}/{meta['model_id']}/{layer['name']}", pair, step)
+        title = f"{meta['model_id']} {layer['name']} {tuple(weight.shape)}"
+        writer.add_figure(f"reconstruction/{kind}/{meta['model_id']}/{layer['name']}",
+                          _real_vs_decoded_layer(weight, decoded, title), step)
         if weight.ndim == 4 and weight.shape[-1] > 1:  # kernels as a grid: first 16 filters, channel 0
             kernels = torch.stack([weight[:16, 0], decoded[:16, 0]]).flatten(0, 1)[:, None]  # (32, 1, kh, kw)
             kernels = (kernels / kernels.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12) + 1) / 2
             writer.add_images(f"kernels/{kind}/{meta['model_id']}/{layer['name']}", kernels, step)
+
+
+def below_pca_warning(recon: dict) -> str | None:
+    """A warning when the VAE reconstructs held-out layers worse than PCA of the same size, else None."""
+    vae, pca = recon["vae_mean_cosine"], recon["pca_mean_cosine"]
+    if vae >= pca:
+        return None
+    return (f"this VAE reconstructs held-out layers worse than PCA of the same latent size (cosine {vae:.4f} "
+            f"vs {pca:.4f}): it is undertrained; train longer (--max-epochs) or on a bigger zoo before using it")
 
 
 def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = None, max_epochs: int = 20,
@@ -131,7 +155,8 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
     except ValueError as err:
         raise WeightgenError(str(err)) from None
     module = LitWeightVAE(config, lr=lr)
-    logger = TensorBoardLogger(str(logdir), name="vae") if logdir else False
+    # no placeholder hp_metric (-1): the real metrics are logged with the hyperparameters at the end
+    logger = TensorBoardLogger(str(logdir), name="vae", default_hp_metric=False) if logdir else False
     steps_per_epoch = -(-len(data.train_set) // batch_size)
     trainer = pl.Trainer(max_epochs=max_epochs, logger=logger, deterministic=True,
                          log_every_n_steps=max(1, min(50, steps_per_epoch)),
@@ -145,6 +170,9 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
     recon = reconstruction_vs_pca(vae, train_models, held_out, seed)
     if logger:
         log_layer_reconstructions(logger.experiment, vae, held_out, trainer.global_step)
+        logger.log_hyperparams(module.hparams, {"hp/heldout_vae_cosine": recon["summary"]["vae_mean_cosine"],
+                                                "hp/heldout_pca_cosine": recon["summary"]["pca_mean_cosine"]})
+        logger.finalize("success")
     summary = {
         "seconds": time.perf_counter() - start,
         "epochs": max_epochs,
@@ -152,6 +180,7 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
         "val_models": data.val_ids,
         "archs": sorted({m["arch"] for m in models.values()}),
         "reconstruction": recon["summary"],
+        "warning": below_pca_warning(recon["summary"]),
     }
     extra = {"scale_model": scale_model, "latent_density": density, "training": summary,
              "trainer": {"lr": lr, "batch_size": batch_size, "max_tokens_per_layer": max_tokens_per_layer,
@@ -160,7 +189,9 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
         save_vae(vae, out, extra=extra, overwrite=overwrite)
     log.info("VAE trained in %.0fs: held-out cosine VAE %.4f vs PCA %.4f", summary["seconds"],
              recon["summary"]["vae_mean_cosine"], recon["summary"]["pca_mean_cosine"])
+    if summary["warning"]:
+        log.warning(summary["warning"])
     return Path(out), summary
 
 
-__all__ = ["train_vae", "fit_priors", "reconstruction_vs_pca", "iter_layers"]
+__all__ = ["train_vae", "fit_priors", "reconstruction_vs_pca", "iter_layers", "below_pca_warning"]
