@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="decode latent paths raw, without fading in each end's decoding error")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--logdir", help="write TensorBoard scalars here")
+    p.add_argument("--device", default="cpu",
+                   help="where the models, the VAE and the evaluation run: cpu, cuda or cuda:N (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                             model_kwargs=None if args.model_kwargs is None else parse_kwargs(args.model_kwargs),
                             zoo=args.zoo, seed=args.seed,
                             overwrite=args.overwrite, logdir=args.logdir, progress=True,
-                            image_size=args.image_size)
+                            image_size=args.image_size, device=args.device)
     summary = json.loads((out / "summary.json").read_text())
     print(table(rows))
     recon = (f"VAE reconstruction of the ends (not used at alpha 0/1): weight cosine "

@@ -19,6 +19,7 @@ from weightgen.generate import GenerateOptions, generate, resolve_device
 from weightgen.io import WeightgenError, load_tensors
 from weightgen.mimicry import fit
 from weightgen.recast import BANKS_ATTR
+from weightgen.studies.interpolation import interpolate
 from weightgen.vae.prior import load_vae_bundle, sample_weights
 
 FACTORIES = ("zeros", "empty", "ones", "full", "rand", "randn", "randint", "tensor", "arange", "eye",
@@ -95,6 +96,12 @@ def test_device_is_checked_before_any_work(tmp_path):
         assert not out.exists()
 
 
+def test_interpolate_checks_the_device_first(tmp_path):
+    with pytest.raises(WeightgenError, match="unknown device"):
+        interpolate("test_resnet", "a.safetensors", "b.safetensors", 3, tmp_path / "never", device="gpu0")
+    assert not (tmp_path / "never").exists()
+
+
 def test_banks_follow_to():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     wg.recast(model)
@@ -165,3 +172,25 @@ def test_generate_from_prior_on_gpu_matches_cpu(arch, tmp_path):
     for key, value in dense_cpu.items():
         scale = value.float().abs().max().clamp(min=1e-12)
         assert (dense_gpu[key].float() - value.float()).abs().max() <= 1e-3 * scale, key
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_interpolate_on_gpu_matches_cpu(tmp_path):
+    from weightgen.digits import digits_model_kwargs
+    from weightgen.io import save_tensors
+
+    kwargs = digits_model_kwargs("test_resnet")
+    ends = []
+    for seed in (0, 1):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model("test_resnet", **kwargs)
+        ends.append(tmp_path / f"end{seed}.safetensors")
+        save_tensors(ends[-1], model.state_dict())
+    rows = {device: interpolate("test_resnet", *ends, 3, tmp_path / device, model_kwargs=kwargs, device=device)[1]
+            for device in ("cpu", "cuda")}
+    for cpu, gpu in zip(rows["cpu"], rows["cuda"]):
+        assert (cpu["alpha"], cpu["method"]) == (gpu["alpha"], gpu["method"])
+        assert abs(cpu["cosine_a"] - gpu["cosine_a"]) < 1e-4 and abs(cpu["cosine_b"] - gpu["cosine_b"]) < 1e-4
+        assert abs(cpu["accuracy"] - gpu["accuracy"]) <= 0.05  # untrained ends: argmax may flip on near-ties

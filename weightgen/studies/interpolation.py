@@ -15,15 +15,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from ..digits import evaluate, load_digits_data, reestimate_batchnorm
+from ..generate import resolve_device
 from ..io import WeightgenError, atomic_directory, check_output_dir, load_checkpoint, write_json
 from ..models import create_model, input_size, load_into
 from ..recast import head_names
 from ..vae.codec import weight_layers
 from ..vae.paths import METHODS, InterpolationPath, weight_cosine
-from ..vae.prior import default_vae_dir, load_vae_bundle
+from ..vae.prior import default_vae_dir, load_vae_bundle, vae_on
 from ..zoo import ZOO_DATA_SEED, ZOO_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -77,15 +79,17 @@ class _DigitsEval:
     def __init__(self, model: nn.Module, image_size: int, in_chans: int, seed: int):
         self.model, self.seed = model, seed
         # the zoo's split: another seed would test on images the zoo models were trained on
-        self.data = load_digits_data(image_size, in_chans, seed=ZOO_DATA_SEED)
+        data = load_digits_data(image_size, in_chans, seed=ZOO_DATA_SEED)
+        device = next(model.parameters()).device
+        self.train, self.test = (TensorDataset(*(t.to(device) for t in split.tensors)) for split in (data.train, data.test))
 
     def __call__(self, state: dict, reestimate: bool = True) -> float:
         self.model.load_state_dict(state, strict=True)
         if reestimate:
             with torch.random.fork_rng(devices=[]):  # dropout / drop-path run in train mode here
                 torch.manual_seed(self.seed)
-                reestimate_batchnorm(self.model, self.data.train)
-        return evaluate(self.model, self.data.test)
+                reestimate_batchnorm(self.model, self.train)
+        return evaluate(self.model, self.test)
 
 
 def _eval_setup(model: nn.Module, image_size: int | None) -> tuple[int, int] | str:
@@ -123,7 +127,7 @@ def _load_end(model: nn.Module, path, label: str) -> dict[str, torch.Tensor]:
 def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwargs: dict | None = None,
                 seed: int = 0, overwrite: bool = False, logdir=None, progress: bool = False,
                 image_size: int | None = None, skip: set[str] | None = None, residual: bool = True,
-                zoo=None) -> tuple[Path, list[dict]]:
+                zoo=None, device: str | torch.device = "cpu") -> tuple[Path, list[dict]]:
     """Interpolate checkpoints ``a`` -> ``b`` along every method in :data:`METHODS`.
 
     ``a``/``b``: checkpoint files, or zoo model ids with ``zoo``; zoo models bring ``arch`` and
@@ -134,19 +138,22 @@ def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwa
     and the plot as a figure. Accuracy (held-out digits, BN re-estimated on training batches) only
     when the head has 10 classes; ``image_size`` defaults to the model's fixed input size, else the
     zoo's 32. ``skip``: Linear/Conv2d module names interpolated in weight space (default: the head).
+    ``device``: where the model, the VAE and the evaluation run (a seed gives the same path on any device).
     Returns (out dir, rows); raises WeightgenError on bad input before anything is written.
     """
     start = time.perf_counter()
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise WeightgenError(f"--steps must be an integer >= 2 (the two end points), got {steps!r}")
+    device = resolve_device(str(device))
     out = Path(out)
     check_output_dir(out, overwrite, kind="interpolation")
     (a, record_a), (b, record_b) = resolve_checkpoint(a, zoo), resolve_checkpoint(b, zoo)
     arch, model_kwargs = _architecture(arch, model_kwargs, (record_a, record_b))
     vae, meta = load_vae_bundle(vae_dir)
+    vae = vae_on(vae, device)
     with torch.random.fork_rng(devices=[]):  # deterministic in seed; the caller's RNG is untouched
         torch.manual_seed(seed)
-        model = create_model(arch, model_kwargs)
+        model = create_model(arch, model_kwargs).to(device)
         state_a, state_b = _load_end(model, a, "a"), _load_end(model, b, "b")
         heads = head_names(model)
         skip = heads if skip is None else set(skip)
