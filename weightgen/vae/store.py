@@ -27,16 +27,12 @@ _RESERVED = ("format_version", "config", "torch_version", "weightgen_version")
 
 
 def _weightgen_version() -> str | None:
+    """The installed distribution's version (no import of the top-level package from down here)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        import weightgen
-
-        v = getattr(weightgen, "__version__", None)
-        if v:
-            return str(v)
-        from importlib.metadata import version
-
         return version("weightgen")
-    except Exception:  # not installed / not importable: the field is simply omitted
+    except PackageNotFoundError:  # run from a checkout without install: the field is simply omitted
         return None
 
 
