@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import weightgen as wg
-from weightgen.adapt import METHODS, get_method, merge_and_unload, trainable_counts
+from weightgen.adapt import METHODS, export_dense, get_method, merge_and_unload, trainable_counts
 from weightgen.adapt.base import Wrapper
 from weightgen.io import WeightgenError
 from weightgen.layers import RecastConv2d, recast_layers
@@ -149,10 +149,17 @@ def test_merge_folds_lora_and_masks_or_refuses(backbones, method):
     if method in ("recast+clr", "recast+adaptformer"):
         state = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(WeightgenError, match="cannot merge"):
+            export_dense(model)
+        with pytest.raises(WeightgenError, match="cannot merge"):
             merge_and_unload(model)
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # untouched
         return
+    exported = export_dense(model)  # from a copy: the adapted model is untouched
+    with torch.no_grad():
+        assert torch.equal(model(x), adapted)
     merged = merge_and_unload(model)
+    assert exported.keys() == merged.state_dict().keys()
+    assert all(torch.equal(v, merged.state_dict()[k]) for k, v in exported.items())
     assert not any(isinstance(mod, Wrapper) for mod in merged.modules()) and not recast_layers(merged)
     plain = copy.deepcopy(dense)
     plain.load_state_dict(merged.state_dict())  # strict: the original architecture

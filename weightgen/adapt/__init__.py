@@ -12,6 +12,7 @@ API (the trainer, scripts and benchmarks code against this)::
                                     # from CPU generators seeded by ``seed`` (never the global RNG)
     trainable_counts(model)         # {"with_head": int, "without_head": int}
     merge_and_unload(model)         # a plain dense model (LoRA / masks folded) or WeightgenError
+    export_dense(model)             # its state dict, from a copy (model untouched); same refusals
     extend_banks(model, extra, source="random"|"pca"|"vae", seed=0, vae=None)   # issue 7 (d)
 
 Methods: ``recast`` (coefficients + head), ``recast-norm`` (+ norm affine parameters), ``linear``
@@ -30,7 +31,8 @@ Task files (``weightgen.save_task``) store what the method trains (every ``requi
 parameter, coefficients always, the head) plus every BatchNorm buffer of the model, so switching
 back to a task is exact whatever the next task trained.
 """
-from .methods import METHODS, AdaptMethod, get_method, merge_and_unload, trainable_counts
+from .methods import METHODS, AdaptMethod, export_dense, get_method, merge_and_unload, trainable_counts
 from .extend import extend_banks
 
-__all__ = ["METHODS", "AdaptMethod", "get_method", "trainable_counts", "merge_and_unload", "extend_banks"]
+__all__ = ["METHODS", "AdaptMethod", "get_method", "trainable_counts", "merge_and_unload", "export_dense",
+           "extend_banks"]

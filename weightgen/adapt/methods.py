@@ -1,10 +1,12 @@
 """The registry of adaptation methods: what each one injects and trains."""
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..bank import BANKS_ATTR
@@ -213,3 +215,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         swap(model, name, model.get_submodule(name).fold())
     model.__dict__.pop(METHOD_ATTR, None)
     return model
+
+
+def export_dense(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapted model's plain state dict in the original architecture (``model`` untouched).
+
+    Same refusals as :func:`merge_and_unload`; works on a copy, so it costs one model of memory.
+    """
+    unfoldable = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Wrapper) and not m.foldable})
+    if unfoldable:  # checked before copying a possibly large model
+        raise WeightgenError(f"cannot merge {', '.join(unfoldable)} into the original architecture; "
+                             "keep the adapted model and its task files instead")
+    return merge_and_unload(copy.deepcopy(model)).state_dict()
