@@ -81,6 +81,17 @@ def test_same_seed_identical_bytes(built, tmp_path):
         assert (base / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_training_leaves_the_global_rng_alone(built, tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_zoo(tmp_path / "z", [TINY], progress=False)
+    assert torch.equal(torch.rand(3), expected)
+    base, _ = built  # and the seed alone still decides the bytes
+    name = "tiny-resnet-s0.safetensors"
+    assert (tmp_path / "z" / name).read_bytes() == (base / "a" / name).read_bytes()
+
+
 def test_existing_dir_and_overwrite(built, tmp_path):
     out = tmp_path / "zoo"
     shutil.copytree(built[0] / "a", out)

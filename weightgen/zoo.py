@@ -144,8 +144,9 @@ def _write_json(path: Path, obj) -> None:
 
 def train_zoo_model(spec: ZooSpec, data: DigitsData, out_dir: Path, progress: bool = False) -> dict:
     """Train one spec, write its safetensors + JSON into out_dir, return its metadata."""
-    torch.manual_seed(spec.seed)  # init is seeded; training forks its own seeded RNG
-    model = create_zoo_model(spec.arch, spec.model_kwargs)
+    with torch.random.fork_rng(devices=[]):  # seeded init; the caller's global RNG is untouched
+        torch.manual_seed(spec.seed)
+        model = create_zoo_model(spec.arch, spec.model_kwargs)
     losses = train_classifier(model, data, spec.steps, batch_size=spec.batch_size, lr=spec.lr,
                               seed=spec.seed, progress=progress)
     # Exact BN stats for the final weights: momentum-0.1 running stats lag badly on short runs.
