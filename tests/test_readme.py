@@ -19,9 +19,8 @@ from _scripts import ROOT, parse_script_args
 README = ROOT / "README.md"
 SCRIPT_RE = re.compile(r"^(scripts|benchmarks)/[\w.-]+\.py$")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-# input option -> the script whose --out produces it
-PRODUCERS = {"--zoo": "scripts/build_zoo.py", "--vae": "scripts/train_vae.py",
-             "--backbone": "scripts/generate_weights.py"}
+# input directories that some README command must write (or the repository must hold)
+INPUT_DIRS = ("--zoo", "--vae", "--backbone")
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,8 @@ def _kwargs_problem(command: Command, spec) -> str | None:
 
 
 def _outputs(commands: list[Command], script: str) -> dict[str, Command]:
-    """Output directory (normalised) -> the README command of ``script`` that writes it."""
+    """Output directory (normalised) -> the README command of ``script`` that writes it (its --out;
+    generate_weights' default name when it has none)."""
     outs = {}
     for command in commands:
         if command.script != script:
@@ -169,15 +169,13 @@ def _consistency_problems(commands: list[Command]) -> list[str]:
     problems = []
     builds = _outputs(commands, "scripts/build_zoo.py")
     zoos = {out: _zoo_specs(c) for out, c in builds.items()}
+    written = {out for script in {c.script for c in commands} for out in _outputs(commands, script)}
     for command in commands:
-        for option, producer in PRODUCERS.items():
+        for option in INPUT_DIRS:
             value = command.option(option)
-            if value is None:
-                continue
-            made = _outputs(commands, producer)
-            if _norm(value) not in made and not (ROOT / value).exists():
-                problems.append(f"{command}: {option} {value} is neither written by a README "
-                                f"{producer} command nor part of the repository")
+            if value is not None and _norm(value) not in written and not (ROOT / value).exists():
+                problems.append(f"{command}: {option} {value} is neither written by a README command "
+                                f"(--out) nor part of the repository")
         zoo = command.option("--zoo")
         for token in command.argv:  # zoo/<id>.safetensors paths into a README zoo
             head, _, name = token.rpartition("/")

@@ -44,7 +44,7 @@ def run_cli(main: Callable[[], int]) -> int:
     try:
         return main()
     except WeightgenError as err:
-        print(f"error: {err.cli or err}", file=sys.stderr)
+        print("error: " + " ".join(str(err.cli or err).split()), file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
