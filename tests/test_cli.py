@@ -329,3 +329,11 @@ def test_argparse_conflicts_exit_2(extra, checkpoint, tmp_path, capsys):
     assert info.value.code == 2
     assert "not allowed with" in capsys.readouterr().err
     assert not out.parent.exists()
+
+
+def test_run_cli_prints_one_line_even_for_a_multiline_message(capsys):
+    def fails():
+        raise wg.io.WeightgenError("first\nsecond", cli="first\n  second --flag")
+
+    assert run_cli(fails) == 2
+    assert capsys.readouterr().err == "error: first second --flag\n"
