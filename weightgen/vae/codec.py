@@ -14,14 +14,21 @@ _CHUNK = 65536  # tokens per decoder call: bounds memory on large layers
 
 
 def weight_layers(model: nn.Module) -> list[dict]:
-    """Every Linear / Conv2d weight (plain or recast) in model order with kind and relative depth."""
+    """Every Linear / Conv2d weight (subclasses and recast layers too) in model order.
+
+    Each entry: name, shape, groups, kind, relative depth, and ``direct``: whether ``name.weight``
+    is the module's own tensor (False for recast layers and parametrized weights such as weight
+    norm), i.e. whether it can be read from / written into the state dict as is. Subclasses such
+    as timm's ``ScaledStdConv2d`` are direct: their forward transforms a plain weight.
+    """
     from ..layers import RecastLayer
 
     found = [(n, tuple(m.bank.weight_shape) if isinstance(m, RecastLayer) else tuple(m.weight.shape), m)
-             for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) or isinstance(m, RecastLayer)]
+             for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, RecastLayer))]
     last = max(len(found) - 1, 1)
     return [{"name": name, "shape": shape, "groups": getattr(m, "groups", 1),
-             "kind": layer_kind(shape, getattr(m, "groups", 1)), "depth": i / last}
+             "kind": layer_kind(shape, getattr(m, "groups", 1)), "depth": i / last,
+             "direct": not isinstance(m, RecastLayer) and isinstance(m._parameters.get("weight"), torch.Tensor)}
             for i, (name, shape, m) in enumerate(found)]
 
 

@@ -57,8 +57,10 @@ def sample_weights(model: nn.Module, vae: WeightVAE, meta: dict, seed: int = 0, 
     """Sample every Linear/Conv2d weight of ``model`` (except ``skip``) from the VAE.
 
     Latents come from the density fitted to the zoo per layer kind and depth; each layer is then
-    scaled to the RMS the zoo's scale model predicts for its kind, shape and depth. Layers of a
-    kind the VAE never saw keep timm's init and are returned as ``fallback``.
+    scaled to the RMS the zoo's scale model predicts for its kind, shape and depth. Linear/Conv2d
+    subclasses (timm's ``ScaledStdConv2d``) are sampled too. Layers of a kind the VAE never saw, and
+    layers whose weight is not a plain tensor (parametrized), keep timm's init, are returned as
+    ``fallback`` and named in a logged warning.
     Weights come out on the model's device, where the VAE decodes them; the latents are drawn
     from a CPU generator, so a seed gives the same weights on every device (to float rounding).
     Returns (weights keyed ``name.weight``, per-layer statistics, fallback layer names).
@@ -75,7 +77,7 @@ def sample_weights(model: nn.Module, vae: WeightVAE, meta: dict, seed: int = 0, 
     layers = [layer for layer in weight_layers(model) if layer["name"] not in (skip or set())]
     for layer in tqdm(layers, desc="sampling layers", disable=not progress):
         name, shape, kind, depth = layer["name"], layer["shape"], layer["kind"], layer["depth"]
-        if kind not in kinds:
+        if kind not in kinds or not layer["direct"]:
             fallback.append(name)
             continue
         latents = sample_latents(density, kind, depth, token_count(shape, vae.config.token_size),
@@ -89,9 +91,14 @@ def sample_weights(model: nn.Module, vae: WeightVAE, meta: dict, seed: int = 0, 
         stats.append({"name": name, "kind": kind, "shape": list(shape), "depth": depth,
                       "rms": target, "timm_init_rms": init_rms, "mean": weight.mean().item(),
                       "timm_init_mean": init.mean().item(), "rms_ratio_to_timm": target / max(init_rms, 1e-12)})
-    if fallback:
+    unseen = [l for l in layers if l["name"] in fallback and l["kind"] not in kinds]
+    if unseen:
         log.warning("VAE knows no %s layers; kept timm init for %d layers (e.g. %s)",
-                    "/".join(sorted({l["kind"] for l in layers if l["name"] in fallback})), len(fallback), fallback[0])
+                    "/".join(sorted({l["kind"] for l in unseen})), len(unseen), unseen[0]["name"])
+    indirect = [l["name"] for l in layers if l["name"] in fallback and l["kind"] in kinds]
+    if indirect:
+        log.warning("kept timm init for %d layers whose weight is not a plain tensor (parametrized, e.g. %s)",
+                    len(indirect), indirect[0])
     return weights, stats, fallback
 
 
