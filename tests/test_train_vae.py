@@ -91,7 +91,7 @@ def test_an_undertrained_vae_is_exported_with_a_warning(tmp_path, capsys, caplog
     recon = meta["training"]["reconstruction"]
     assert recon["vae_mean_cosine"] < recon["pca_mean_cosine"]
     assert "worse than PCA" in meta["training"]["warning"] and "worse than PCA" in caplog.text
-    assert "WARNING: this VAE reconstructs held-out layers worse than PCA" in capsys.readouterr().out
+    assert "WARNING: held-out cosine VAE" in capsys.readouterr().out
 
 
 def test_train_vae_refuses_an_empty_zoo_and_an_existing_output(tmp_path, capsys):
