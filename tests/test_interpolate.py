@@ -13,7 +13,7 @@ from weightgen.cli import run_cli
 from weightgen.digits import digits_model_kwargs, evaluate, load_digits_data, reestimate_batchnorm, train_classifier
 from weightgen.io import WeightgenError, load_checkpoint, save_tensors
 from weightgen.models import create_model, load_into
-from weightgen.studies.interpolation import COLUMNS, interpolate
+from weightgen.studies.interpolation import COLUMNS, interpolate, resolve_checkpoint
 from weightgen.vae.codec import decode_layer, encode_layer, fit_latent_density, weight_layers
 from weightgen.vae.paths import METHODS, InterpolationPath, slerp, weight_cosine
 from weightgen.vae.model import VAEConfig, WeightVAE
@@ -251,9 +251,10 @@ def test_zoo_models_bring_arch_and_kwargs(checkpoints, vae_dir, tmp_path, capsys
                  "--vae", str(vae_dir)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["arch"] == ARCH and summary["model_kwargs"] == KWARGS
-    _, rows = interpolate(None, zoo / "m-s0.safetensors", zoo / "m-s1.safetensors", 2, tmp_path / "files",
-                          vae_dir=vae_dir)
-    assert len(rows) == 2 * len(METHODS)
+    # a zoo file brings its record too (no --zoo needed)
+    path, record = resolve_checkpoint(zoo / "m-s0.safetensors")
+    assert path == zoo / "m-s0.safetensors" and record["arch"] == ARCH and record["model_kwargs"] == KWARGS
+    assert resolve_checkpoint(checkpoints[0]) == (checkpoints[0], None)  # a plain checkpoint: no record
     capsys.readouterr()
     (zoo / "m-s1.json").write_text(json.dumps({"arch": ARCH, "model_kwargs": {**KWARGS, "num_classes": 5}}))
     for argv, message in ((["--a", "m-s0", "--b", "m-s1"], "differ in architecture"),
