@@ -77,6 +77,10 @@ def test_train_vae_learns_beats_pca_and_exports(tmp_path, capsys):
     assert len(recon_loss) >= 10 and sum(late) / len(late) < 0.7 * sum(first) / 3, recon_loss  # measured 0.52x
     assert any(t.startswith("reconstruction/conv/") for t in tags) and "val/tokens_real_vs_decoded" in tags
     assert "hp_metric" not in tags and "hp/heldout_vae_cosine" in tags  # a real metric, no placeholder -1
+    metadata = sorted(logs.rglob("metadata.tsv"))  # the projector's latent labels: named columns
+    assert metadata and metadata[-1].read_text().splitlines()[0].split("\t") == [
+        "kind", "depth", "depth_bucket", "model", "layer"]
+    assert metadata[-1].read_text().splitlines()[1].split("\t")[3] in meta["training"]["val_models"]
     printed = capsys.readouterr().out
     assert '"vae_mean_cosine"' in printed and f"wrote {out}" in printed and "WARNING" not in printed
 
