@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 
 TOKEN_SIZE = 64
 KINDS = ("linear", "conv", "dwconv")  # index = kind id
@@ -151,8 +152,8 @@ def tokenize(weight, kind: str, depth: float, token_size: int = TOKEN_SIZE) -> T
     mask = torch.zeros(out, cpr * token_size, dtype=torch.bool, device=w.device)
     mask[:, :row] = True
     return Tokens(
-        values=padded.view(out * cpr, token_size),  # (N, token_size)
-        mask=mask.view(out * cpr, token_size),  # (N, token_size)
+        values=rearrange(padded, "o (c t) -> (o c) t", t=token_size),  # (N = out * cpr, token_size)
+        mask=rearrange(mask, "o (c t) -> (o c) t", t=token_size),
         cond=condition(shape, kind, depth, token_size).to(w.device),  # (N, COND_DIM)
         scale=scale,
         shape=shape,
@@ -173,5 +174,5 @@ def detokenize(values, shape, scale, token_size: int = TOKEN_SIZE) -> torch.Tens
         raise ValueError(
             f"expected values of shape {(out * cpr, token_size)} for weight {shape}, got {tuple(v.shape)}"
         )
-    rows = v.reshape(out, cpr * token_size)[:, :row]  # (out, fan_in)
+    rows = rearrange(v, "(o c) t -> o (c t)", o=out)[:, :row]  # (out, fan_in)
     return (rows * float(scale)).reshape(shape).contiguous()
