@@ -27,10 +27,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-eval", type=int, default=1500, help="cap on source validation and test images")
     p.add_argument("--seed", type=int, default=0, help="data split, init and data order")
     p.add_argument("--model-kwargs", nargs="*", metavar="K=V", default=[],
-                   help="forwarded to timm.create_model (default: in_chans=1, the source class count; "
-                        "ViTs also img_size and patch_size=img_size/4)")
+                   help="forwarded to timm.create_model, over in_chans=1 and the source class count "
+                        "(ViTs also get img_size and patch_size=img_size/4)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (sets --accelerator when that is not given)")
-    p.add_argument("--accelerator", default=None, help="Lightning accelerator (default: from --device)")
+    p.add_argument("--accelerator", default=None, help="Lightning accelerator; None: from --device")
     p.add_argument("--devices", default="1", help="Lightning devices")
     p.add_argument("--logdir", default=None, help="write TensorBoard scalars here")
     p.add_argument("--overwrite", action="store_true", help="retrain and replace an output weightgen wrote")
