@@ -49,8 +49,8 @@ COEFFICIENT_ONLY = ("recast",)
 FULL = {"tasks": ["digits", "mnist", "animals", "greek"], "seeds": [42, 1998, 3142592], "epochs": 3,
         "max_train": 2000, "max_eval": 1000, "batch_size": 64, "pretrain_scale": 1.0, "pretrain_max_train": 6000,
         "step_steps": 20, "banks": BANKS, "methods": METHODS}
-QUICK = {"tasks": ["digits", "mnist"], "seeds": [42], "epochs": 1, "max_train": 192, "max_eval": 96,
-         "batch_size": 64, "pretrain_scale": 0.125, "pretrain_max_train": 600, "step_steps": 3,
+QUICK = {"tasks": ["digits", "mnist"], "seeds": [42], "epochs": 2, "max_train": 512, "max_eval": 256,
+         "batch_size": 64, "pretrain_scale": 0.25, "pretrain_max_train": 2000, "step_steps": 10,
          "banks": ["source", "prior", "source+pca2"],
          "methods": {"resnet34-w16": ["linear", "full", "recast", "lora", "recast+melo"],
                      "vit-d6-e96": ["linear", "full", "recast", "lora", "recast+melo"]}}
