@@ -27,6 +27,7 @@ KIND = "adapt-results"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from weightgen.adapt import METHODS
     from weightgen.data import TASKS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backbone", required=True, help="artifact directory from generate_weights.py")
     p.add_argument("--tasks", default="digits,mnist",
                    help="comma-separated tasks, learned in this order" + d + "; known: " + "; ".join(TASKS))
-    p.add_argument("--method", default="recast", help="adaptation method (see weightgen.adapt.METHODS)" + d)
+    p.add_argument("--method", default="recast", help="adaptation method" + d + "; one of: " + ", ".join(METHODS))
     p.add_argument("--seeds", default=DEFAULT_SEEDS, help="comma-separated seeds (data split, init, order)" + d)
     p.add_argument("--out", help="results directory (required unless --evaluate)")
     p.add_argument("--evaluate", metavar="RESULTS_DIR",
