@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from weightgen.cli import run_cli
+from weightgen.cli import accelerator_for, run_cli
 from weightgen.io import MANIFEST_FILE, WeightgenError, atomic_directory, read_manifest, write_json
 
 DEFAULT_SEEDS = "42,1998,3142592"
@@ -55,16 +55,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--devices", default="1", help="Lightning devices" + d)
     p.add_argument("--overwrite", action="store_true", help="replace a results directory weightgen wrote")
     return p.parse_args(argv)
-
-
-def accelerator_for(device: str, accelerator: str | None) -> str:
-    if accelerator:
-        return accelerator
-    if device.startswith("cuda"):
-        return "gpu"
-    if device == "cpu":
-        return "cpu"
-    raise WeightgenError(f"unknown --device {device!r}: use cpu or cuda")
 
 
 def split(text: str, what: str, cast=str) -> list:

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from weightgen.cli import parse_kwargs, run_cli
+from weightgen.cli import accelerator_for, parse_kwargs, run_cli
 from weightgen.io import WeightgenError
 
 
@@ -35,16 +35,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--logdir", default=None, help="write TensorBoard scalars here")
     p.add_argument("--overwrite", action="store_true", help="retrain and replace an output weightgen wrote")
     return p.parse_args(argv)
-
-
-def accelerator_for(device: str, accelerator: str | None) -> str:
-    if accelerator:
-        return accelerator
-    if device.startswith("cuda"):
-        return "gpu"
-    if device == "cpu":
-        return "cpu"
-    raise WeightgenError(f"unknown --device {device!r}: use cpu or cuda")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,3 +104,14 @@ def artifact_listing(out: Path) -> str:
         if path.is_file():
             lines.append(f"  {name:<20} {path.stat().st_size / 1e6:>8.2f} MB  {role}")
     return "\n".join(lines)
+
+
+def accelerator_for(device: str, accelerator: str | None) -> str:
+    """The Lightning accelerator for ``--device`` unless ``--accelerator`` names one."""
+    if accelerator:
+        return accelerator
+    if device.startswith("cuda"):
+        return "gpu"
+    if device == "cpu":
+        return "cpu"
+    raise WeightgenError(f"unknown --device {device!r}: use cpu or cuda")
