@@ -9,6 +9,7 @@ import textwrap
 from urllib.parse import urlparse
 
 import timm
+from timm.data import resolve_model_data_config
 import torch
 from torch import nn
 
@@ -157,8 +158,9 @@ def model_from_state(arch: str, model_kwargs: dict | None, state: dict[str, torc
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else getattr(cfg, "input_size", None)
+    cfg = getattr(model, "pretrained_cfg", None)
+    # timm's own resolution of the model's data config; a non-timm model has none to resolve
+    size = resolve_model_data_config(model).get("input_size") if cfg else None
     # models built with img_size=... report their real size on the patch embedding
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
