@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from weightgen.cli import HelpFormatter, run_cli  # noqa: E402
+from weightgen.generate import resolve_device  # noqa: E402
 from weightgen.zoo import build_zoo, default_zoo_specs, quick_zoo_specs  # noqa: E402
 
 
@@ -25,6 +26,7 @@ def parse_args(argv):
                    help="replace a zoo weightgen wrote, once the new one is complete (never other folders)")
     p.add_argument("--seed", type=int, default=0, help="base seed of the models' init and training")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--device", default="cpu", help="where the models train: cpu or cuda")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: torch's own; 1 is far faster on a busy machine)")
     return p.parse_args(argv)
@@ -39,7 +41,8 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     specs = quick_zoo_specs(args.seed) if args.quick else default_zoo_specs(args.seed)
-    index = build_zoo(args.out, specs, progress=not args.no_progress, overwrite=args.overwrite)
+    index = build_zoo(args.out, specs, progress=not args.no_progress, overwrite=args.overwrite,
+                      device=resolve_device(args.device))
     width = max(len(r["model_id"]) for r in index["records"])
     print(f"\n{'model_id':<{width}}  {'params':>9}  {'test_acc':>8}  {'seconds':>7}")
     for r in index["records"]:

@@ -194,3 +194,21 @@ def test_interpolate_on_gpu_matches_cpu(tmp_path):
         assert (cpu["alpha"], cpu["method"]) == (gpu["alpha"], gpu["method"])
         assert abs(cpu["cosine_a"] - gpu["cosine_a"]) < 1e-4 and abs(cpu["cosine_b"] - gpu["cosine_b"]) < 1e-4
         assert abs(cpu["accuracy"] - gpu["accuracy"]) <= 0.05  # untrained ends: argmax may flip on near-ties
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_zoo_model_trains_on_gpu_like_on_cpu(tmp_path):
+    from weightgen.digits import load_digits_data
+    from weightgen.zoo import ZOO_DATA_SEED, ZOO_IMAGE_SIZE, quick_zoo_specs, train_zoo_model
+
+    spec = quick_zoo_specs(0)[0]
+    data = load_digits_data(ZOO_IMAGE_SIZE, int(spec.model_kwargs.get("in_chans", 1)), seed=ZOO_DATA_SEED)
+    results = {}
+    for device in ("cpu", "cuda"):
+        (tmp_path / device).mkdir()
+        results[device] = train_zoo_model(spec, data, tmp_path / device, device=device)
+    # same init and data order; float rounding differs between devices, so compare accuracy loosely
+    assert abs(results["cpu"]["test_accuracy"] - results["cuda"]["test_accuracy"]) < 0.05
+    saved = load_tensors(tmp_path / "cuda" / f"{spec.model_id}.safetensors")
+    assert all(t.device.type == "cpu" and torch.isfinite(t.float()).all() for t in saved.values())

@@ -155,3 +155,17 @@ def test_zoo_specs_are_valid():
             depthwise = r["groups"] > 1 and r["groups"] == r["shape"][0]
             kinds.add("linear" if not k else "depthwise" if depthwise else k)
     assert kinds >= {"linear", "depthwise", (1, 1), (3, 3), (7, 7)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_build_zoo_refuses_cuda_without_a_gpu(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "zoo"
+    proc = subprocess.run([sys.executable, "scripts/build_zoo.py", "--quick", "--out", str(out), "--device", "cuda"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [line for line in proc.stderr.splitlines() if line.strip()] and "CUDA is not available" in errors[0]
+    assert not out.exists()

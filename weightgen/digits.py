@@ -116,12 +116,13 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
+    device = next(model.parameters()).device  # data follows the model (batches move one at a time)
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         bar = tqdm(total=steps, disable=not progress, desc="train", leave=False)
         for idx in _batches(len(y), batch_size, steps, gen):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
@@ -141,9 +142,11 @@ def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 256) ->
     """Top-1 accuracy in [0, 1]; leaves the model in eval mode."""
     model.eval()
     x, y = dataset.tensors
+    device = next(model.parameters()).device
     correct = 0
     for i in range(0, len(y), batch_size):
-        correct += (model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum().item()
+        predicted = model(x[i:i + batch_size].to(device)).argmax(-1).cpu()
+        correct += (predicted == y[i:i + batch_size]).sum().item()
     return correct / max(1, len(y))
 
 
@@ -160,7 +163,8 @@ def reestimate_batchnorm(model: nn.Module, dataset: TensorDataset, batches: int 
     x = dataset.tensors[0]
     # BN in train mode cannot use a single sample: drop a last batch of one
     loader = [xb for xb in (x[b * batch_size:(b + 1) * batch_size] for b in range(batches)) if len(xb) >= 2]
-    torch.optim.swa_utils.update_bn(loader, model)  # reset, cumulative average, momenta restored
+    device = next(model.parameters()).device
+    torch.optim.swa_utils.update_bn(loader, model, device=device)  # reset, cumulative average, momenta restored
     model.eval()
 
 

@@ -142,11 +142,15 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, sort_keys=True, indent=2) + "\n")
 
 
-def train_zoo_model(spec: ZooSpec, data: DigitsData, out_dir: Path, progress: bool = False) -> dict:
-    """Train one spec, write its safetensors + JSON into out_dir, return its metadata."""
+def train_zoo_model(spec: ZooSpec, data: DigitsData, out_dir: Path, progress: bool = False,
+                    device: str | torch.device = "cpu") -> dict:
+    """Train one spec on ``device``, write its safetensors + JSON into out_dir, return its metadata.
+
+    The init is drawn on the CPU, then moved, so a seed gives the same model on any device.
+    """
     with torch.random.fork_rng(devices=[]):  # seeded init; the caller's global RNG is untouched
         torch.manual_seed(spec.seed)
-        model = create_zoo_model(spec.arch, spec.model_kwargs)
+        model = create_zoo_model(spec.arch, spec.model_kwargs).to(device)
     losses = train_classifier(model, data, spec.steps, batch_size=spec.batch_size, lr=spec.lr,
                               seed=spec.seed, progress=progress)
     # Exact BN stats for the final weights: momentum-0.1 running stats lag badly on short runs.
@@ -181,7 +185,7 @@ def _check_specs(specs: list[ZooSpec]) -> None:
 
 
 def build_zoo(out_dir: str | os.PathLike, specs: list[ZooSpec], progress: bool = True,
-              overwrite: bool = False) -> dict:
+              overwrite: bool = False, device: str | torch.device = "cpu") -> dict:
     """Train every spec and write the zoo to out_dir atomically; return the index (zoo.json)."""
     from tqdm.auto import tqdm
 
@@ -197,7 +201,7 @@ def build_zoo(out_dir: str | os.PathLike, specs: list[ZooSpec], progress: bool =
             if chans not in data_cache:
                 data_cache[chans] = load_digits_data(ZOO_IMAGE_SIZE, chans, seed=ZOO_DATA_SEED)
             t0, c0 = time.perf_counter(), time.process_time()
-            meta = train_zoo_model(spec, data_cache[chans], tmp, progress=progress)
+            meta = train_zoo_model(spec, data_cache[chans], tmp, progress=progress, device=device)
             # CPU seconds too: wall time swings a lot when other jobs share the cores.
             secs, cpu = time.perf_counter() - t0, time.process_time() - c0
             log.info("%s: %d params, test acc %.4f, %.1fs (%.1f cpu-s)", spec.model_id,
