@@ -1,0 +1,211 @@
+"""scripts/reconstruct.py end to end, in-process: every layer through the VAE, files that agree with the
+report, mimic beating encode, --keep-head, determinism, clean failures."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from _scripts import load_script
+from weightgen.cli import run_cli
+from weightgen.mimicry.fidelity import cosine
+from weightgen.vae.codec import decode_layer, weight_layers
+from weightgen.vae.prior import default_vae_dir, load_vae_bundle
+
+script = load_script("scripts/reconstruct.py")
+KWARGS = {"test_resnet": {"num_classes": 10}, "test_vit": {"num_classes": 10}}
+FILES = [".weightgen.json", "latents.safetensors", "report.json", "weights.safetensors"]
+
+
+def _state(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(arch, **KWARGS[arch])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # non-trivial BN statistics: they must be copied, not re-initialised
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run(arch: str, checkpoint: Path, out: Path, *extra) -> int:
+    argv = ["--arch", arch, "--checkpoint", checkpoint, "--out", out, "--model-kwargs", "num_classes=10", *extra]
+    return run_cli(lambda: script.main([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reconstruct")
+    ckpt = {arch: root / f"{arch}.safetensors" for arch in KWARGS}
+    for arch, path in ckpt.items():
+        save_file(_state(arch), str(path))
+    rng = torch.get_rng_state()
+    codes = {
+        "encode": run("test_resnet", ckpt["test_resnet"], root / "encode"),
+        "again": run("test_resnet", ckpt["test_resnet"], root / "again"),
+        "mimic": run("test_resnet", ckpt["test_resnet"], root / "mimic", "--mode", "mimic", "--steps", "15"),
+        "head": run("test_resnet", ckpt["test_resnet"], root / "head", "--keep-head"),
+        "vit": run("test_vit", ckpt["test_vit"], root / "vit", "--mode", "mimic", "--steps", "2"),
+    }
+    assert torch.equal(rng, torch.get_rng_state()), "the global RNG was drawn from"
+    return root, ckpt, codes
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("name, arch", [("encode", "test_resnet"), ("vit", "test_vit")])
+def test_every_weight_layer_is_reconstructed(runs, name, arch):
+    root, ckpt, codes = runs
+    assert codes[name] == 0 and sorted(os.listdir(root / name)) == FILES
+    report, original = _report(root / name), load_file(str(ckpt[arch]))
+    model = timm.create_model(arch, **KWARGS[arch])
+    assert [r["name"] for r in report["layers"]] == [s["name"] for s in weight_layers(model)]
+    assert report["kept"] == []
+    weights = load_file(str(root / name / "weights.safetensors"))
+    model.load_state_dict(weights, strict=True)
+    for row in report["layers"]:
+        assert not torch.equal(weights[f"{row['name']}.weight"], original[f"{row['name']}.weight"]), row["name"]
+    replaced = {f"{r['name']}.weight" for r in report["layers"]}
+    for key, value in original.items():  # biases, norms, BN statistics, position embeddings: copied
+        if key not in replaced:
+            assert torch.equal(weights[key], value), key
+
+
+@pytest.mark.parametrize("name, arch", [("encode", "test_resnet"), ("mimic", "test_resnet"), ("vit", "test_vit")])
+def test_report_matches_the_files(runs, name, arch):
+    root, ckpt, _ = runs
+    report, original = _report(root / name), load_file(str(ckpt[arch]))
+    weights = load_file(str(root / name / "weights.safetensors"))
+    latents = load_file(str(root / name / "latents.safetensors"))
+    vae, _ = load_vae_bundle(None)
+    cosines = []
+    for row in report["layers"]:
+        key = f"{row['name']}.weight"
+        assert cosine(weights[key], original[key]) == pytest.approx(row["cosine"], abs=1e-6)
+        err = (weights[key] - original[key]).norm() / original[key].norm()
+        assert err.item() == pytest.approx(row["rel_error"], rel=1e-4)
+        z, scale = latents[f"{row['name']}.latents"], latents[f"{row['name']}.scale"]
+        assert z.numel() + scale.numel() == row["latent_numbers"]
+        with torch.no_grad():  # the latents alone rebuild the weight, as the report says
+            decoded = decode_layer(vae, z, row["shape"], row["kind"], row["depth"], scale)
+        torch.testing.assert_close(decoded, weights[key], rtol=1e-5, atol=1e-7)
+        cosines.append(row["cosine"])
+    totals = report["totals"]
+    assert totals["mean_cosine"] == pytest.approx(sum(cosines) / len(cosines))
+    assert totals["min_cosine"] == min(cosines)
+    assert totals["compression"] == pytest.approx(sum(v.numel() for v in latents.values()) / sum(
+        original[f"{r['name']}.weight"].numel() for r in report["layers"]))
+    assert 0 < totals["compression"] < 0.5  # 16 latents per 64-value token, plus padding and one scale
+    fn = report["function"]
+    assert fn["batch_size"] == 8 and fn["logits_rel_error"] > 0
+
+
+def test_mimic_beats_encode(runs):
+    root, _, codes = runs
+    encode, mimic = _report(root / "encode"), _report(root / "mimic")
+    assert codes["mimic"] == 0 and mimic["mode"] == "mimic" and mimic["steps"] == 15
+    assert mimic["totals"]["mean_cosine"] > encode["totals"]["mean_cosine"] + 0.01
+    assert mimic["totals"]["mean_rel_error"] < encode["totals"]["mean_rel_error"]
+    history = mimic["loss_history"]
+    assert len(history) == 16 and min(history) < history[0]
+
+
+def test_keep_head_leaves_the_head_bit_identical(runs):
+    root, ckpt, codes = runs
+    report, original = _report(root / "head"), load_file(str(ckpt["test_resnet"]))
+    weights = load_file(str(root / "head" / "weights.safetensors"))
+    assert codes["head"] == 0
+    assert [k["name"] for k in report["kept"]] == ["fc"] and "head" in report["kept"][0]["reason"]
+    assert "fc" not in {r["name"] for r in report["layers"]}
+    assert torch.equal(weights["fc.weight"], original["fc.weight"])
+    assert len(report["layers"]) == len(_report(root / "encode")["layers"]) - 1
+
+
+def test_same_command_twice_gives_the_same_bytes(runs):
+    root, _, _ = runs
+    for name in ("weights.safetensors", "latents.safetensors"):
+        assert (root / "encode" / name).read_bytes() == (root / "again" / name).read_bytes(), name
+    first, second = _report(root / "encode"), _report(root / "again")
+    for report in (first, second):
+        for key in ("seconds", "fit_seconds", "checkpoint"):
+            report.pop(key)
+    assert first == second
+
+
+def test_a_kind_the_vae_never_saw_is_kept(runs, tmp_path):
+    root, ckpt, _ = runs
+    vae_dir = tmp_path / "vae"
+    shutil.copytree(default_vae_dir(), vae_dir)
+    meta = json.loads((vae_dir / "vae.json").read_text())
+    meta["latent_density"]["linear"]["seen"] = False
+    (vae_dir / "vae.json").write_text(json.dumps(meta))
+    assert run("test_vit", ckpt["test_vit"], tmp_path / "out", "--vae", vae_dir) == 0
+    report, original = _report(tmp_path / "out"), load_file(str(ckpt["test_vit"]))
+    weights = load_file(str(tmp_path / "out" / "weights.safetensors"))
+    assert [r["name"] for r in report["layers"]] == ["patch_embed.proj"]  # the only conv
+    assert len(report["kept"]) == 25 and all("never saw linear" in k["reason"] for k in report["kept"])
+    for row in report["kept"]:
+        assert torch.equal(weights[f"{row['name']}.weight"], original[f"{row['name']}.weight"])
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("unknown_arch", ["unknown architecture", "resnet5"]),
+    ("missing", ["not found", "missing.safetensors"]),
+    ("corrupt", ["corrupt", "corrupt.safetensors"]),
+    ("other_arch", ["does not fit", "missing"]),
+    ("bad_vae", ["VAE directory not found", "novae"]),
+    ("bad_device", ["cuda"]),
+    ("steps_encode", ["--steps", "--mode mimic"]),
+    ("foreign_out", ["not written by weightgen"]),
+])
+def test_bad_inputs_fail_cleanly(runs, case, expect, tmp_path, capsys):
+    _, ckpt, _ = runs
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + bytes(64))
+    out = tmp_path / "outs" / "run"
+    arch, checkpoint, extra = "test_resnet", ckpt["test_resnet"], []
+    if case == "unknown_arch":
+        arch = "resnet5"
+    elif case == "missing":
+        checkpoint = tmp_path / "missing.safetensors"
+    elif case == "corrupt":
+        checkpoint = corrupt
+    elif case == "other_arch":
+        checkpoint = ckpt["test_vit"]
+    elif case == "bad_vae":
+        extra = ["--vae", tmp_path / "novae"]
+    elif case == "bad_device":
+        extra = ["--device", "cuda:99"]
+    elif case == "steps_encode":
+        extra = ["--steps", "5"]
+    elif case == "foreign_out":
+        out.mkdir(parents=True)
+        (out / "precious.txt").write_text("keep")
+    capsys.readouterr()
+    code = run(arch, checkpoint, out, *extra)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for fragment in expect:
+        assert fragment in lines[0], (fragment, lines[0])
+    if case == "foreign_out":
+        assert os.listdir(out) == ["precious.txt"] and os.listdir(out.parent) == ["run"]
+    else:
+        assert not out.parent.exists() or os.listdir(out.parent) == []
+
+
+def test_latents_file_names_its_format(runs):
+    root, _, _ = runs
+    with safe_open(str(root / "encode" / "latents.safetensors"), framework="pt") as f:
+        assert f.metadata()["format"] == "weightgen-latents/1"
