@@ -90,6 +90,22 @@ def test_sampling_falls_back_for_unseen_kinds():
     assert all(row["kind"] != "dwconv" for row in stats)
 
 
+def test_in_place_sampling_writes_the_model_and_keeps_no_copy():
+    vae, meta = load_vae_bundle()
+    model = timm.create_model("test_vit")
+    copies, stats, fallback = sample_weights(model, vae, meta, seed=0)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    written, stats_in_place, fallback_in_place = sample_weights(model, vae, meta, seed=0, in_place=True)
+    assert stats_in_place == stats and fallback_in_place == fallback  # timm-init statistics read before the write
+    assert sorted(written) == sorted(copies)
+    params = dict(model.named_parameters())
+    for key, value in written.items():
+        assert value is params[key]  # the model's own tensor: no second model-size copy
+        assert torch.equal(value, copies[key]) and not torch.equal(value, init[key])
+    untouched = set(init) - set(written)
+    assert untouched and all(torch.equal(model.state_dict()[k], init[k]) for k in untouched)
+
+
 def test_decoder_method_reports_storage_against_closed_form(tmp_path):
     model = timm.create_model("test_vit")
     ckpt = tmp_path / "vit.safetensors"

@@ -140,11 +140,10 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
     if not from_prior:
         state = model.state_dict()  # the fit target, on the device (the same tensors on the CPU)
     else:
-        weights, stats, fallback = sample_weights(model, *vae, seed=opts.seed, skip=head_names(model), progress=progress)
-        with torch.no_grad():
-            for key, value in weights.items():
-                model.get_parameter(key).copy_(value)
-        state = model.state_dict()
+        # each layer goes straight into the model's weight as it is decoded: no dict of sampled copies
+        _, stats, fallback = sample_weights(model, *vae, seed=opts.seed, skip=head_names(model), progress=progress,
+                                            in_place=True)
+        state = model.state_dict()  # the fit target: the model's own tensors, not a copy
         extra["prior"] = {"vae": str(opts.vae or default_vae_dir()), "layers": stats, "fallback_layers": fallback}
     config = recast_config(model, opts)
 

@@ -53,7 +53,8 @@ def trained_kinds(meta: dict) -> set[str]:
 
 @torch.no_grad()
 def sample_weights(model: nn.Module, vae: WeightVAE, meta: dict, seed: int = 0, temperature: float = 1.0,
-                   skip: set[str] | None = None, progress: bool = False) -> tuple[dict, list[dict], list[str]]:
+                   skip: set[str] | None = None, progress: bool = False,
+                   in_place: bool = False) -> tuple[dict, list[dict], list[str]]:
     """Sample every Linear/Conv2d weight of ``model`` (except ``skip``) from the VAE.
 
     Latents come from the density fitted to the zoo per layer kind and depth; each layer is then
@@ -63,6 +64,8 @@ def sample_weights(model: nn.Module, vae: WeightVAE, meta: dict, seed: int = 0, 
     ``fallback`` and named in a logged warning.
     Weights come out on the model's device, where the VAE decodes them; the latents are drawn
     from a CPU generator, so a seed gives the same weights on every device (to float rounding).
+    With ``in_place`` each layer is written into the model's own weight as soon as it is decoded,
+    and the returned dict holds those weights themselves: no second model-size copy (issue 8).
     Returns (weights keyed ``name.weight``, per-layer statistics, fallback layer names).
     """
     if "scale_model" not in meta:
@@ -85,12 +88,17 @@ def sample_weights(model: nn.Module, vae: WeightVAE, meta: dict, seed: int = 0, 
         weight = decode_layer(vae, latents, shape, kind, depth, 1.0)
         target = predict_scale(meta["scale_model"], kind, shape, depth)
         weight.mul_(target / max(rms(weight), 1e-12))
-        weights[f"{name}.weight"] = weight
         init = modules[name].weight
-        init_rms = rms(init)
+        init_rms = rms(init)  # timm's init: read before an in-place write replaces it
         stats.append({"name": name, "kind": kind, "shape": list(shape), "depth": depth,
                       "rms": target, "timm_init_rms": init_rms, "mean": weight.mean().item(),
                       "timm_init_mean": init.mean().item(), "rms_ratio_to_timm": target / max(init_rms, 1e-12)})
+        if in_place:
+            init.copy_(weight)
+            del weight  # freed before the next layer is decoded
+            weights[f"{name}.weight"] = init
+        else:
+            weights[f"{name}.weight"] = weight
     unseen = [l for l in layers if l["name"] in fallback and l["kind"] not in kinds]
     if unseen:
         log.warning("VAE knows no %s layers; kept timm init for %d layers (e.g. %s)",
