@@ -209,3 +209,25 @@ def test_latents_file_names_its_format(runs):
     root, _, _ = runs
     with safe_open(str(root / "encode" / "latents.safetensors"), framework="pt") as f:
         assert f.metadata()["format"] == "weightgen-latents/1"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["encode", "mimic"])
+def test_on_gpu_matches_cpu(runs, mode, tmp_path):
+    from weightgen.reconstruct import ReconstructOptions, reconstruct
+
+    _, ckpt, _ = runs
+    results = {}
+    for device in ("cpu", "cuda"):
+        opts = ReconstructOptions(arch="test_resnet", checkpoint=str(ckpt["test_resnet"]), out=str(tmp_path / device),
+                                  model_kwargs=KWARGS["test_resnet"], mode=mode, steps=5 if mode == "mimic" else None,
+                                  device=device)
+        out, report = reconstruct(opts)
+        assert report["device"].startswith(device)
+        results[device] = (load_file(str(out / "weights.safetensors")), report)
+    (cpu_w, cpu_r), (gpu_w, gpu_r) = results["cpu"], results["cuda"]
+    for key in cpu_w:
+        torch.testing.assert_close(gpu_w[key], cpu_w[key], rtol=1e-3, atol=1e-5)
+    for a, b in zip(cpu_r["layers"], gpu_r["layers"]):
+        assert a["cosine"] == pytest.approx(b["cosine"], abs=1e-4)
