@@ -211,6 +211,24 @@ def test_latents_file_names_its_format(runs):
         assert f.metadata()["format"] == "weightgen-latents/1"
 
 
+def test_linear_and_conv_subclasses_are_reconstructed(tmp_path):
+    """NFNet's ScaledStdConv2d transforms a plain weight in its forward: that weight is rebuilt too."""
+    from weightgen.reconstruct import ReconstructOptions, reconstruct
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model("test_nfnet", num_classes=10)
+    save_file(model.state_dict(), str(tmp_path / "nf.safetensors"))
+    _, report = reconstruct(ReconstructOptions(arch="test_nfnet", checkpoint=str(tmp_path / "nf.safetensors"),
+                                               out=str(tmp_path / "out"), model_kwargs={"num_classes": 10}))
+    modules = dict(model.named_modules())
+    subclassed = [r["name"] for r in report["layers"] if type(modules[r["name"]]).__name__ == "ScaledStdConv2d"]
+    assert report["kept"] == [] and len(report["layers"]) == len(weight_layers(model)) and len(subclassed) >= 10
+    weights = load_file(str(tmp_path / "out" / "weights.safetensors"))
+    timm.create_model("test_nfnet", num_classes=10).load_state_dict(weights, strict=True)
+    assert not torch.equal(weights[f"{subclassed[0]}.weight"], model.get_parameter(f"{subclassed[0]}.weight"))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["encode", "mimic"])
