@@ -205,6 +205,22 @@ def test_bad_inputs_fail_cleanly(runs, case, expect, tmp_path, capsys):
         assert not out.parent.exists() or os.listdir(out.parent) == []
 
 
+def test_overwrite_replaces_only_a_reconstruction(runs, tmp_path, capsys):
+    root, ckpt, _ = runs
+    out = tmp_path / "out"
+    shutil.copytree(root / "head", out)
+    assert run("test_resnet", ckpt["test_resnet"], out) == 2  # exists: refused without --overwrite
+    assert _report(out)["keep_head"] is True
+    assert run("test_resnet", ckpt["test_resnet"], out, "--overwrite") == 0
+    assert _report(out)["keep_head"] is False and sorted(os.listdir(out)) == FILES
+    manifest = json.loads((out / ".weightgen.json").read_text())
+    manifest["kind"] = "artifact"
+    (out / ".weightgen.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert run("test_resnet", ckpt["test_resnet"], out, "--overwrite") == 2
+    assert "not a reconstruction" in capsys.readouterr().err and _report(out)["keep_head"] is False
+
+
 def test_latents_file_names_its_format(runs):
     root, _, _ = runs
     with safe_open(str(root / "encode" / "latents.safetensors"), framework="pt") as f:
