@@ -146,7 +146,9 @@ def run_job(job: dict, settings: dict) -> dict:
         extra = bank.split("+", 1)[1]
         source, count = extra.rstrip("0123456789"), int(extra[len(extra.rstrip("0123456789")):])
         backbone.transform = lambda model: extend_banks(model, count, source=source, seed=0)
-    config = TrainConfig(epochs=settings["epochs"], batch_size=settings["batch_size"])
+    # a job may override the protocol (bench_adapt_gap.py: learning rate and epochs of coefficient-only runs)
+    config = TrainConfig(epochs=job.get("epochs", settings["epochs"]), batch_size=settings["batch_size"],
+                         lr=job.get("lr", TrainConfig.lr))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = run_sequence(backbone, job["method"], settings["tasks"], settings["seeds"], config, tmp,
