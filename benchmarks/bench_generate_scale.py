@@ -17,6 +17,7 @@ import argparse
 import filecmp
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ TARGET_RATIO = 2.5
 
 def measure(checkout: Path, arch: str, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(checkout)}  # that checkout's weightgen, not the installed one
+    load, cpu = os.getloadavg()[0], _children_cpu()
     run = run_measured([sys.executable, str(checkout / "scripts" / "generate_weights.py"), "--arch", arch,
                         "--out", str(out)], cwd=checkout, env=env)
     if run["rc"] != 0:
@@ -39,7 +41,14 @@ def measure(checkout: Path, arch: str, out: Path) -> dict:
     f32 = params * 4
     peak = run["peak_rss_mb"] * 2**20
     return {"arch": arch, "checkout": str(checkout), "params": params, "float32_bytes": f32,
-            "wall_s": run["wall_s"], "peak_rss_bytes": peak, "ratio": peak / f32}
+            "wall_s": run["wall_s"], "cpu_s": _children_cpu() - cpu, "load_at_start": load,
+            "peak_rss_bytes": peak, "ratio": peak / f32}
+
+
+def _children_cpu() -> float:
+    """User + system seconds of every waited-for child so far (run_measured waits for its child)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -70,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def cells(label: str, m: dict) -> list:
         return [m["arch"], label, f"{m['params'] / 1e6:.1f}M", f"{m['float32_bytes'] / 1e9:.2f}",
-                f"{m['wall_s']:.1f}", f"{m['peak_rss_bytes'] / 1e9:.2f}", f"{m['ratio']:.2f}x",
+                f"{m['wall_s']:.1f}", f"{m['cpu_s']:.0f}", f"{m['load_at_start']:.1f}", f"{m['peak_rss_bytes'] / 1e9:.2f}", f"{m['ratio']:.2f}x",
                 "yes" if m["ratio"] <= TARGET_RATIO else "no"]
 
     rows = []
@@ -89,10 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     md = (f"# Generation from the VAE prior at scale\n\n`{info['command']}` on {info['cpu']} ({info['cpus']} cores, "
           f"{info['mem_total_gib']} GiB, load average {info['loadavg']}), {info['date_utc']}, commit "
           f"{info['git_commit']}. One fresh process per row (`scripts/generate_weights.py --arch ARCH`, seed 0); "
-          f"wall time includes start-up and imports (~0.7 GB of the RSS is torch + timm before any model). "
+          f"wall time includes start-up and imports (~0.7 GB of the RSS is torch + timm before any model); cpu s is the "
+          f"process's user + system time, load the 1-minute load average when it started (other jobs share the 2 cores, "
+          f"so compare wall times at similar load). "
           f"GB are 10^9 bytes; ratio = peak RSS / (params x 4 bytes); target <= {TARGET_RATIO}x (issue 8)."
           f"{before_note}\n\n"
-          + markdown_table(["arch", "code", "params", "float32 GB", "wall s", "peak RSS GB", "ratio",
+          + markdown_table(["arch", "code", "params", "float32 GB", "wall s", "cpu s", "load", "peak RSS GB", "ratio",
                             f"<= {TARGET_RATIO}x", "identical"], rows) + "\n")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
