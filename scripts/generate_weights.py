@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -76,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def next_steps(args: argparse.Namespace, out) -> str:
     """Commands worth trying next, built from this run's own arguments."""
-    source = f" --checkpoint {args.checkpoint}" if args.checkpoint else " --pretrained" if args.pretrained else ""
-    base = f"python scripts/generate_weights.py --arch {args.arch}{source}"
+    argv = ["python", "scripts/generate_weights.py", "--arch", args.arch]
+    argv += ["--checkpoint", args.checkpoint] if args.checkpoint else ["--pretrained"] if args.pretrained else []
+    argv += ["--model-kwargs", *args.model_kwargs] if args.model_kwargs else []  # the suggestions must run as shown
+    for flag, value in (("--preset", args.preset), ("--target", args.target), ("--layers-per-group", args.layers_per_group)):
+        argv += [flag, str(value)] if value is not None else []
+    base = shlex.join(argv)
     if args.templates is None and args.method == "closed_form":
         fit = f"  a compressed fit (1 template per bank):  {base} --templates 1 --out {out}-t1"
     else:

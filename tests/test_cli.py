@@ -337,3 +337,18 @@ def test_run_cli_prints_one_line_even_for_a_multiline_message(capsys):
 
     assert run_cli(fails) == 2
     assert capsys.readouterr().err == "error: first second --flag\n"
+
+
+def test_suggested_next_commands_carry_the_run_s_model_kwargs_and_preset():
+    import shlex
+
+    from _scripts import load_script
+
+    script = load_script("scripts/generate_weights.py")
+    args = script.parse_args(["--arch", "resnet34", "--checkpoint", "b/model.safetensors", "--model-kwargs",
+                              "channels=[16,32,64,128]", "in_chans=1", "--preset", "recast-resnet"])
+    lines = [line for line in script.next_steps(args, "outputs/r34").splitlines() if "generate_weights.py" in line]
+    argv = shlex.split(lines[0].split(":  ", 1)[1])
+    reparsed = script.parse_args(argv[2:])  # the suggestion is a command the script accepts as is
+    assert reparsed.model_kwargs == ["channels=[16,32,64,128]", "in_chans=1"]
+    assert reparsed.preset == "recast-resnet" and reparsed.templates == 1
