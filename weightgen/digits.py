@@ -145,8 +145,8 @@ def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 256) ->
     device = next(model.parameters()).device
     correct = 0
     for i in range(0, len(y), batch_size):
-        predicted = model(x[i:i + batch_size].to(device)).argmax(-1).cpu()
-        correct += (predicted == y[i:i + batch_size]).sum().item()
+        predicted = model(x[i:i + batch_size].to(device)).argmax(-1)
+        correct += (predicted.to(y.device) == y[i:i + batch_size]).sum().item()  # data may sit on either device
     return correct / max(1, len(y))
 
 
