@@ -237,10 +237,11 @@ def _script_argv(script: str, out: Path, checkpoint: Path, tmp_path: Path) -> li
         "build_zoo": ["--quick", "--no-progress"],
         "train_vae": ["--zoo", zoo],
         "interpolate": ["--arch", "test_resnet", "--a", checkpoint, "--b", checkpoint, "--steps", "3"],
+        "pretrain": ["--arch", "test_resnet", "--epochs", "1", "--max-train", "64", "--max-eval", "32"],
     }[script] + ["--out", out, "--overwrite"]
 
 
-SCRIPTS = ["generate_weights", "build_zoo", "train_vae", "interpolate"]
+SCRIPTS = ["generate_weights", "build_zoo", "train_vae", "interpolate", "pretrain"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
