@@ -6,6 +6,7 @@ RSS is their own.
 from __future__ import annotations
 
 import datetime
+import json
 import importlib.metadata
 import os
 import platform
@@ -123,3 +124,13 @@ def markdown_table(headers: list[str], rows: list[list], align: str | None = Non
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_outputs(out_dir, stem: str, markdown: str, data, *, indent: int = 2, default=None,
+                  newline: bool = False) -> None:
+    """Write ``stem.md`` and ``stem.json`` under ``out_dir`` (created) and print the Markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(markdown)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=indent, default=default) + ("\n" if newline else ""))
+    print(markdown)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_adapt as ba  # noqa: E402
-from _common import REPO, machine_info, markdown_table  # noqa: E402
+from _common import REPO, machine_info, markdown_table, write_outputs  # noqa: E402
 
 # (label, learning rate, epochs); the protocol's own (2e-3, 3 epochs) comes from bench_adapt.json
 VARIANTS = [("lr 2e-2", 2e-2, 3), ("lr 1e-1", 1e-1, 3), ("lr 2e-2, 10 epochs", 2e-2, 10)]
@@ -56,15 +56,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([b, name, f"{acc:.3f} ± {std:.3f}", f"{acc / full:.0%}", f"{size:,.0f}"])
     table = markdown_table(["backbone", "run", "test acc (mean over tasks)", "of full", "bytes per task file"], rows)
     data = {"machine": machine_info(), "variants": VARIANTS, "wall_s": time.perf_counter() - start, "runs": runs}
-    out = Path(args.out)
-    (out / "bench_adapt_gap.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     text = (f"# What closes the gap: coefficient-only learning rate and epochs\n\n"
             f"`python benchmarks/bench_adapt_gap.py`, {data['machine'].get('date_utc', '')}; tasks "
             f"{', '.join(settings['tasks'])}, seeds {', '.join(map(str, settings['seeds']))}, the backbones, data caps "
             f"and protocol of `docs/bench_adapt.md` except the learning rate and epochs named. "
             f"Wall time {data['wall_s'] / 60:.1f} min with {args.jobs} parallel jobs.\n\n{table}\n")
-    (out / "bench_adapt_gap.md").write_text(text)
-    print(text)
+    write_outputs(args.out, "bench_adapt_gap", text, data, indent=1, default=str, newline=True)
     return 0
 
 

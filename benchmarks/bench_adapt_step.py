@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_info, markdown_table  # noqa: E402
+from _common import REPO, machine_info, markdown_table, write_outputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,14 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         for m in methods:
             rows.append([name, m, f"{medians[m] * 1000:.1f}", f"{medians[m] / medians['full']:.2f}"])
     table = markdown_table(["backbone", "method", "ms / step (median)", "x full"], rows)
-    out = Path(args.out)
-    (out / "bench_adapt_step.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     text = (f"# Seconds per training step, side by side\n\n`python benchmarks/bench_adapt_step.py`, "
             f"{data['machine']['date_utc']}, 1 torch thread, load average {data['machine'].get('loadavg')}: "
             f"one process, every method takes one step in turn ({args.rounds} rounds, batch {args.batch}, "
             f"32 px, forward + backward + AdamW), the backbones of `docs/bench_adapt.md`.\n\n{table}\n")
-    (out / "bench_adapt_step.md").write_text(text)
-    print(text)
+    write_outputs(args.out, "bench_adapt_step", text, data, indent=1, default=str, newline=True)
     return 0
 
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_info, markdown_table, run_measured  # noqa: E402
+from _common import REPO, machine_info, markdown_table, run_measured, write_outputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
           f"and imports; median of {args.repeats}.\n\n"
           + markdown_table(["arch", "params", "wall s", "peak RSS MB", "all finite",
                             "block std / input std", "fallback layers"], rows) + "\n")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_generate.md").write_text(md)
-    (out_dir / "bench_generate.json").write_text(json.dumps({"machine": info, "rows": raw}, indent=2))
-    print(md)
+    write_outputs(args.out, "bench_generate", md, {"machine": info, "rows": raw})
     return 0
 
 

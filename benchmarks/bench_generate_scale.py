@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_info, markdown_table, run_measured  # noqa: E402
+from _common import REPO, machine_info, markdown_table, run_measured, write_outputs  # noqa: E402
 
 TARGET_RATIO = 2.5
 
@@ -105,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{before_note}\n\n"
           + markdown_table(["arch", "code", "params", "float32 GB", "wall s", "cpu s", "load", "peak RSS GB", "ratio",
                             f"<= {TARGET_RATIO}x", "identical"], rows) + "\n")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_generate_scale.md").write_text(md)
-    (out_dir / "bench_generate_scale.json").write_text(json.dumps({"machine": info, "rows": raw}, indent=2))
-    print(md)
+    write_outputs(args.out, "bench_generate_scale", md, {"machine": info, "rows": raw})
     return 0
 
 

@@ -264,6 +264,13 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, kind: 
         _refuse(f"cannot create {out}: {blocking} is a file")
 
 
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WeightgenError(f"cannot create {path.parent}: {err.strerror or err}") from None
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, kind: str = "output") -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to ``out_dir`` only if the block succeeds.
@@ -275,10 +282,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, kind: 
     """
     out = Path(out_dir)
     check_output_dir(out, overwrite, kind)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise WeightgenError(f"cannot create {out.parent}: {err.strerror or err}") from None
+    _make_parent(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp
@@ -386,10 +390,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False, *, owned_forma
     """
     path = Path(path)
     check_output_file(path, overwrite, owned_format)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise WeightgenError(f"cannot create {path.parent}: {err.strerror or err}") from None
+    _make_parent(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
