@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from weightgen.cli import HelpFormatter, run_cli  # noqa: E402
-from weightgen.generate import resolve_device  # noqa: E402
+from weightgen.models import resolve_device  # noqa: E402
 from weightgen.zoo import build_zoo, default_zoo_specs, quick_zoo_specs  # noqa: E402
 
 

@@ -14,7 +14,7 @@ from .config import PRESETS, RecastConfig, default_preset, preset_config
 from .io import WeightgenError, check_checkpoint_path, check_output_dir, load_checkpoint, read_json
 from .mimicry import METHODS, fit
 from .mimicry.fidelity import compare_features, record_features
-from .models import check_arch, create_model, example_batch, model_from_state
+from .models import check_arch, create_model, example_batch, model_from_state, resolve_device
 from .recast import head_names, inject, parameter_counts
 from .vae.prior import activation_ranges, default_vae_dir, load_vae_bundle, sample_weights
 
@@ -83,25 +83,6 @@ def validate(opts: GenerateOptions) -> None:
     if opts.checkpoint:
         check_checkpoint_path(opts.checkpoint)
     check_output_dir(opts.output_dir(), opts.overwrite, kind="artifact")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``name`` as a torch device that exists on this machine, or one clear error."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise WeightgenError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise WeightgenError(f"CUDA is not available, so --device {name} cannot be used; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise WeightgenError(f"no CUDA device {device.index}: this machine has {torch.cuda.device_count()}")
-    elif device.type != "cpu":
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as err:
-            raise WeightgenError(f"device {name!r} is not available: {str(err).splitlines()[0]}") from None
-    return device
 
 
 def recast_config(model: torch.nn.Module, opts: GenerateOptions) -> RecastConfig:

@@ -18,6 +18,25 @@ from .io import WeightgenError
 log = logging.getLogger(__name__)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``name`` as a torch device that exists on this machine, or one clear error."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise WeightgenError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise WeightgenError(f"CUDA is not available, so --device {name} cannot be used; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise WeightgenError(f"no CUDA device {device.index}: this machine has {torch.cuda.device_count()}")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as err:
+            raise WeightgenError(f"device {name!r} is not available: {str(err).splitlines()[0]}") from None
+    return device
+
+
 def create_model(arch: str, model_kwargs: dict | None = None, pretrained: bool = False) -> nn.Module:
     """``timm.create_model`` with one-line errors for unknown names and bad kwargs."""
     model_kwargs = dict(model_kwargs or {})

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .generate import resolve_device
+from .models import resolve_device
 from .io import WeightgenError, atomic_directory, check_checkpoint_path, check_output_dir, load_checkpoint, \
     save_tensors, write_json
 from .mimicry.fidelity import compare_features, cosine, record_features

@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from ..digits import evaluate, load_digits_data, reestimate_batchnorm
-from ..generate import resolve_device
+from ..models import resolve_device
 from ..io import WeightgenError, atomic_directory, check_output_dir, load_checkpoint, write_json
 from ..models import create_model, input_size, load_into
 from ..recast import head_names
