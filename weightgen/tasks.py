@@ -46,10 +46,14 @@ def _parts(model: nn.Module, include_head: bool = True) -> dict[str, list[str]]:
 
 def task_state(model: nn.Module, include_head: bool = True) -> dict[str, torch.Tensor]:
     """The tensors that make one task (see the module docstring), copied."""
+    return _task_tensors(model, _parts(model, include_head))
+
+
+def _task_tensors(model: nn.Module, parts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
     if not recast_layers(model) and model.__dict__.get(METHOD_ATTR) is None:
         raise WeightgenError("model has no RECAST layers; recast it first (or apply a weightgen.adapt method)")
     state = model.state_dict()
-    return {key: state[key].detach().clone() for keys in _parts(model, include_head).values() for key in keys}
+    return {key: state[key].detach().clone() for keys in parts.values() for key in keys}
 
 
 def save_task(model: nn.Module, path: str | Path, name: str = "task", include_head: bool = True,
@@ -60,8 +64,8 @@ def save_task(model: nn.Module, path: str | Path, name: str = "task", include_he
     ``weightgen.adapt`` method was applied) and which keys it holds, by part.
     """
     path = Path(path)
-    tensors = task_state(model, include_head)
     parts = _parts(model, include_head)
+    tensors = _task_tensors(model, parts)
     metadata = {"format": TASK_FORMAT, "task": name, "method": model.__dict__.get(METHOD_ATTR) or "recast",
                 "parts": json.dumps(parts, separators=(",", ":"))}
     # overwrite replaces only a weightgen task file (recognised by its metadata format)
