@@ -108,3 +108,27 @@ def test_train_vae_refuses_an_empty_zoo_and_an_existing_output(tmp_path, capsys)
     assert run_cli(lambda: script.main(["--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "taken")])) == 2
     assert "already exists" in capsys.readouterr().err
     assert not (tmp_path / "v").exists()
+
+
+def test_train_vae_transformer_with_augmentations(tmp_path):
+    """The transformer body trains through the same script (windows, masking, row permutations) and exports."""
+    make_patterned_zoo(tmp_path / "zoo")
+    out = tmp_path / "vae"
+    assert run_cli(lambda: script.main([
+        "--zoo", str(tmp_path / "zoo"), "--out", str(out), "--max-epochs", "2", "--batch-size", "256",
+        "--arch", "transformer", "--hidden", "32", "--layers", "1", "--heads", "2", "--window", "16",
+        "--latent-dim", "4", "--mask-ratio", "0.1", "--permute-rows"])) == 0
+    vae, meta = load_vae_bundle(out)
+    assert vae.config.arch == "transformer" and vae.config.window == 16 and vae.config.mask_ratio == 0.1
+    assert meta["trainer"]["permute_rows"] is True and meta["training"]["arch"] == "transformer"
+    assert meta["training"]["epochs"] == 2 and meta["training"]["steps"] > 0
+    assert 0.0 < meta["training"]["reconstruction"]["vae_mean_cosine"] <= 1.0 + 1e-6
+
+
+def test_train_vae_bad_architecture_settings_are_one_line(tmp_path, capsys):
+    make_patterned_zoo(tmp_path / "zoo", n_models=2)
+    code = run_cli(lambda: script.main(["--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "v"),
+                                        "--arch", "transformer", "--hidden", "30", "--heads", "4"]))
+    err = capsys.readouterr().err
+    assert code == 2 and "error:" in err and "multiple of heads" in err and "Traceback" not in err
+    assert not (tmp_path / "v").exists()

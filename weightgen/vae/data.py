@@ -61,9 +61,17 @@ def list_zoo(root) -> list[dict]:
 
 
 def split_by_model(models: list[dict], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Deterministic (train_ids, val_ids); both non-empty when there are >= 2 models."""
+    """Deterministic (train_ids, val_ids); both non-empty when there are >= 2 models.
+
+    A zoo whose models say ``"split": "train" | "heldout"`` (the field zoo: held-out seeds and their
+    checkpoints) is split that way; otherwise a seeded random ``val_fraction`` of the models.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    marked = {m["model_id"]: m.get("split") for m in models}
+    if any(v == "heldout" for v in marked.values()) and any(v != "heldout" for v in marked.values()):
+        return (sorted(i for i, v in marked.items() if v != "heldout"),
+                sorted(i for i, v in marked.items() if v == "heldout"))
     ids = sorted({m["model_id"] for m in models})  # input order must not change the split
     if len(ids) < 2:
         return ids, []
@@ -75,7 +83,14 @@ def split_by_model(models: list[dict], val_fraction: float = 0.2, seed: int = 0)
 
 
 class ZooTokenDataset(Dataset):
-    """One item per token: ``dict(values, mask, cond, kind)``.
+    """One item per token: ``dict(values, mask, cond, kind)``; with ``window > 1``, one per window.
+
+    A window is ``window`` consecutive tokens of one layer in row-major order, starting at a
+    multiple of ``window`` (what the transformer VAE sees at inference); the layer's last window is
+    padded with zero tokens (mask False, cond zero). ``max_tokens_per_layer`` then keeps a seeded
+    subset of whole windows. ``permute_rows`` (training augmentation) permutes each layer's output
+    units afresh every epoch (``set_epoch``): a permuted layer is as real as the original, and the
+    VAE learns not to rely on an order of hidden units.
 
     The index (model, layer, token ids) comes from JSON metadata and safetensors headers; weights
     are read lazily through ``safe_open`` (memory-mapped) and tokenised layers are kept in a small
@@ -90,8 +105,14 @@ class ZooTokenDataset(Dataset):
         max_tokens_per_layer: int | None = None,
         seed: int = 0,
         cache_mb: float = 256.0,
+        window: int = 1,
+        permute_rows: bool = False,
     ):
         self.root = Path(root)
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window, self.permute_rows, self.seed, self.epoch = int(window), bool(permute_rows), int(seed), 0
+        self._perms: dict[int, np.ndarray] = {}
         self.token_size = int(token_size)
         self.cache_bytes = int(cache_mb * 2**20)
         models = {m["model_id"]: m for m in list_zoo(root)}
@@ -119,12 +140,17 @@ class ZooTokenDataset(Dataset):
                 if not 0.0 <= float(layer["depth"]) <= 1.0:  # fail at index time, not mid-epoch
                     raise ValueError(f"{mid}: layer {layer['name']!r} has depth {layer['depth']} outside [0, 1]")
                 n = token_count(shape, self.token_size)
+                n = -(-n // self.window)  # windows (tokens when window == 1)
                 ids = None
-                if max_tokens_per_layer is not None and n > max_tokens_per_layer:
+                if self.window == 1 and max_tokens_per_layer is not None and n > max_tokens_per_layer:
                     # seeded by model id, not position, so a model's subset never depends on the split
                     rng = np.random.default_rng([seed, zlib.crc32(mid.encode()), li])
                     ids = np.sort(rng.choice(n, size=max_tokens_per_layer, replace=False))
                     n = max_tokens_per_layer
+                cap = None if max_tokens_per_layer is None else max(1, max_tokens_per_layer // self.window)
+                if self.window > 1 and cap is not None and n > cap:
+                    rng = np.random.default_rng([seed, zlib.crc32(mid.encode()), li])
+                    ids, n = np.sort(rng.choice(n, size=cap, replace=False)), cap
                 self.layers.append((meta["weights"], key, kind, float(layer["depth"]), shape, ids))
                 lengths.append(n)
         self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (L + 1,)
@@ -154,7 +180,7 @@ class ZooTokenDataset(Dataset):
             weight = f.get_tensor(key)
         t = tokenize(weight, kind, depth, self.token_size)
         values, mask, cond = t.values, t.mask, t.cond
-        if ids is not None:
+        if ids is not None and self.window == 1:
             idx = torch.from_numpy(ids)
             values, mask, cond = values[idx], mask[idx], cond[idx]
         entry = (values, mask, cond, KINDS.index(kind))
@@ -173,8 +199,35 @@ class ZooTokenDataset(Dataset):
         j = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return j, index - int(self.offsets[j])
 
+    def set_epoch(self, epoch: int) -> None:
+        """New row permutations for ``permute_rows`` (called by the trainer at each epoch start)."""
+        if int(epoch) != self.epoch:
+            self.epoch, self._perms = int(epoch), {}
+
+    def _window(self, j: int, k: int) -> dict[str, torch.Tensor]:
+        values, mask, cond, kind_id = self._layer(j)
+        ids = self.layers[j][5]
+        w = int(ids[k]) if ids is not None else k
+        n = values.shape[0]
+        pos = torch.arange(w * self.window, min((w + 1) * self.window, n))  # layout positions in the window
+        src = pos
+        if self.permute_rows:
+            out = self.layers[j][4][0]
+            cpr = n // out
+            perm = self._perms.get(j)
+            if perm is None:
+                perm = self._perms[j] = np.random.default_rng([self.seed, self.epoch, j]).permutation(out)
+            src = torch.from_numpy(perm)[pos // cpr] * cpr + pos % cpr  # the token that sits there after permuting rows
+        pad = self.window - len(pos)
+        padded = [torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
+                  for t in (values[src], mask[src], cond[pos])]
+        return {"values": padded[0], "mask": padded[1], "cond": padded[2], "kind": torch.tensor(kind_id),
+                "layer": torch.tensor(j)}
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         j, k = self._locate(int(index))
+        if self.window > 1:
+            return self._window(j, k)
         values, mask, cond, kind_id = self._layer(j)
         return {"values": values[k], "mask": mask[k], "cond": cond[k], "kind": torch.tensor(kind_id),
                 "layer": torch.tensor(j)}
@@ -206,8 +259,11 @@ class ZooDataModule(pl.LightningDataModule):
         max_tokens_per_layer: int | None = None,
         token_size: int = TOKEN_SIZE,
         cache_mb: float = 256.0,
+        window: int = 1,
+        permute_rows: bool = False,
     ):
         super().__init__()
+        self.window, self.permute_rows = window, permute_rows
         self.root = Path(root)
         self.batch_size = batch_size
         self.val_fraction = val_fraction
@@ -229,8 +285,8 @@ class ZooDataModule(pl.LightningDataModule):
             raise ValueError(f"need at least 2 models in {self.root} to split train/val, found {len(models)}")
         self.train_ids, self.val_ids = split_by_model(models, self.val_fraction, self.seed)
         kw = dict(token_size=self.token_size, max_tokens_per_layer=self.max_tokens_per_layer, seed=self.seed,
-                  cache_mb=self.cache_mb)
-        self.train_set = ZooTokenDataset(self.root, self.train_ids, **kw)
+                  cache_mb=self.cache_mb, window=self.window)
+        self.train_set = ZooTokenDataset(self.root, self.train_ids, permute_rows=self.permute_rows, **kw)
         self.val_set = ZooTokenDataset(self.root, self.val_ids, **kw)
         log.info(
             "zoo %s: %d train models (%d tokens), %d val models (%d tokens)",

@@ -29,6 +29,19 @@ def _token_images(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, s * s - d)).view(n, s, s)
 
 
+def _flat(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Windowed batches (B, window, ...) as token batches (B * window, ...); token batches as they are.
+
+    Windows stay contiguous, so the transformer VAE cuts the flat list back into the same windows.
+    """
+    if batch["values"].dim() == 2:
+        return batch
+    w = batch["values"].shape[1]
+    flat = {k: batch[k].flatten(0, 1) for k in ("values", "mask", "cond")}
+    flat.update({k: batch[k].repeat_interleave(w) for k in batch if k not in flat})
+    return flat
+
+
 _EMBED_COLUMNS = ("kind", "depth", "depth_bucket", "model", "layer")  # projector metadata columns
 
 
@@ -65,6 +78,7 @@ class LitWeightVAE(pl.LightningModule):
         return kl_weight(self.config, self.global_step)
 
     def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        batch = _flat(batch)
         x, mask, cond, kind = batch["values"], batch["mask"], batch["cond"], batch["kind"]
         beta = self.current_beta()
         out = self.vae.loss(x, mask, cond, beta)
@@ -81,18 +95,24 @@ class LitWeightVAE(pl.LightningModule):
             x_mu = self.vae.decode(out["mu"].detach(), cond)  # (B, token_size)
             cos = F.cosine_similarity(x * m, x_mu * m, dim=-1, eps=1e-8)  # (B,)
             for kid, name in enumerate(KINDS):
-                sel = kind == kid
+                sel = (kind == kid) & mask.any(-1)  # not the zero tokens padding a window
                 n = int(sel.sum())
                 if n:
                     self.log(f"{stage}/cosine_{name}", cos[sel].mean(), batch_size=n, **kw)
         return out["loss"]
+
+    def on_train_epoch_start(self) -> None:
+        # fresh row permutations (augmentation) for the windowed zoo dataset
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "train_set", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
 
     def training_step(self, batch, batch_idx):
         return self._common_step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
         if batch_idx == 0 and self._vis_batch is None:
-            self._vis_batch = {k: v[:_N_CACHE].detach().cpu() for k, v in batch.items()}
+            self._vis_batch = {k: v[:_N_CACHE].detach().cpu() for k, v in _flat(batch).items()}
         return self._common_step(batch, "val")
 
     def configure_optimizers(self):

@@ -132,7 +132,8 @@ def below_pca_warning(recon: dict) -> str | None:
 def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = None, max_epochs: int = 20,
               batch_size: int = 1024, lr: float = 2e-3, config: VAEConfig | None = None,
               max_tokens_per_layer: int | None = 4096, seed: int = 0, overwrite: bool = False,
-              resume: str | None = None, trainer_kwargs: dict | None = None, progress: bool = True) -> tuple[Path, dict]:
+              resume: str | None = None, trainer_kwargs: dict | None = None, progress: bool = True,
+              permute_rows: bool = False) -> tuple[Path, dict]:
     """Train, fit priors, evaluate against PCA and export; returns (out dir, summary)."""
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
@@ -148,8 +149,10 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
     start = time.perf_counter()
     pl.seed_everything(seed, workers=True)
     config = config or VAEConfig()
-    data = ZooDataModule(zoo, batch_size=batch_size, seed=seed, max_tokens_per_layer=max_tokens_per_layer,
-                         token_size=config.token_size)
+    # batch_size counts tokens for both bodies: the transformer's batches hold batch_size / window windows
+    data = ZooDataModule(zoo, batch_size=max(1, batch_size // config.window), seed=seed,
+                         max_tokens_per_layer=max_tokens_per_layer, token_size=config.token_size,
+                         window=config.window, permute_rows=permute_rows)
     try:
         data.setup()
     except ValueError as err:
@@ -157,7 +160,7 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
     module = LitWeightVAE(config, lr=lr)
     # no placeholder hp_metric (-1): the real metrics are logged with the hyperparameters at the end
     logger = TensorBoardLogger(str(logdir), name="vae", default_hp_metric=False) if logdir else False
-    steps_per_epoch = -(-len(data.train_set) // batch_size)
+    steps_per_epoch = -(-len(data.train_set) // data.batch_size)
     trainer = pl.Trainer(max_epochs=max_epochs, logger=logger, deterministic=True,
                          log_every_n_steps=max(1, min(50, steps_per_epoch)),
                          enable_checkpointing=bool(logdir), enable_progress_bar=progress,
@@ -175,7 +178,10 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
         logger.finalize("success")
     summary = {
         "seconds": time.perf_counter() - start,
-        "epochs": max_epochs,
+        "epochs": trainer.current_epoch,  # epochs run: max_time can stop before max_epochs
+        "max_epochs": max_epochs,
+        "steps": trainer.global_step,
+        "arch": config.arch,
         "train_models": data.train_ids,
         "val_models": data.val_ids,
         "archs": sorted({m["arch"] for m in models.values()}),
@@ -184,7 +190,7 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
     }
     extra = {"scale_model": scale_model, "latent_density": density, "training": summary,
              "trainer": {"lr": lr, "batch_size": batch_size, "max_tokens_per_layer": max_tokens_per_layer,
-                         "seed": seed}}
+                         "seed": seed, "permute_rows": permute_rows}}
     if trainer.is_global_zero:
         save_vae(vae, out, extra=extra, overwrite=overwrite)
     log.info("VAE trained in %.0fs: held-out cosine VAE %.4f vs PCA %.4f", summary["seconds"],
