@@ -4,6 +4,7 @@
     python scripts/interpolate.py --zoo zoo --a vit-e32-d1-s0 --b vit-e32-d1-s1 --steps 6 --out outputs/interp
 
 Zoo models (ids with --zoo, or zoo .safetensors files) bring their architecture and kwargs.
+--align adds every path to b with its hidden units permuted to match a (weight matching, same function).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import sys
 
 from weightgen.cli import HelpFormatter, parse_kwargs, run_cli
-from weightgen.studies.interpolation import METHODS, interpolate
+from weightgen.studies.interpolation import interpolate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the latent paths and the digits evaluation")
     p.add_argument("--no-residual", action="store_true",
                    help="decode latent paths raw, without fading in each end's decoding error")
+    p.add_argument("--align", action="store_true",
+                   help="also interpolate to b with its hidden units permuted to match a (weight matching, "
+                        "Git Re-Basin): methods <method>_aligned")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--logdir", help="write TensorBoard scalars here")
     p.add_argument("--device", default="cpu",
@@ -39,10 +43,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def table(rows: list[dict]) -> str:
     key = "accuracy" if rows[0]["accuracy"] is not None else "cosine_b"
-    lines = [f"{key} along each path", f"{'alpha':>6} " + " ".join(f"{m:>13}" for m in METHODS)]
+    methods = list(dict.fromkeys(r["method"] for r in rows))  # METHODS, then their _aligned twins
+    width = max(13, *map(len, methods))
+    lines = [f"{key} along each path", f"{'alpha':>6} " + " ".join(f"{m:>{width}}" for m in methods)]
     for alpha in dict.fromkeys(r["alpha"] for r in rows):
         values = {r["method"]: r[key] for r in rows if r["alpha"] == alpha}
-        lines.append(f"{alpha:>6.3f} " + " ".join(f"{values[m]:>13.4f}" for m in METHODS))
+        lines.append(f"{alpha:>6.3f} " + " ".join(f"{values[m]:>{width}.4f}" for m in methods))
     return "\n".join(lines)
 
 
@@ -53,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                             model_kwargs=None if args.model_kwargs is None else parse_kwargs(args.model_kwargs),
                             zoo=args.zoo, seed=args.seed,
                             overwrite=args.overwrite, logdir=args.logdir, progress=True,
-                            image_size=args.image_size, device=args.device)
+                            image_size=args.image_size, device=args.device, align=args.align)
     summary = json.loads((out / "summary.json").read_text())
     print(table(rows))
     recon = (f"VAE reconstruction of the ends (not used at alpha 0/1): weight cosine "
@@ -61,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if summary["recon_accuracy_a"] is not None:
         recon += f"; accuracy a {summary['recon_accuracy_a']:.4f}, b {summary['recon_accuracy_b']:.4f}"
     print(recon)
+    if "alignment" in summary:
+        info = summary["alignment"]
+        print(f"weight matching: {info['units_moved']}/{info['units_permutable']} units of b moved, weight cosine "
+              f"to a {info['path_cosine_before']:.4f} -> {info['path_cosine_after']:.4f}, "
+              f"logits changed by {info['max_logit_change']:.1e} (relative)")
     print(f"wrote {out} in {summary['seconds']:.1f}s")
     return 0
 

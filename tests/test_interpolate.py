@@ -266,3 +266,49 @@ def test_zoo_models_bring_arch_and_kwargs(checkpoints, vae_dir, tmp_path, capsys
     assert _run(["--a", str(checkpoints[0]), "--b", str(checkpoints[1]), "--steps", "2", "--out",
                  str(tmp_path / "bad"), "--vae", str(vae_dir)]) == 2
     assert "--arch is required" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_align_adds_paths_to_the_weight_matched_b(checkpoints, vae_dir, digits, tmp_path, capsys):
+    """--align: every method again to b permuted to match a (same function, closer weights)."""
+    out = tmp_path / "aligned"
+    argv = ["--arch", ARCH, "--model-kwargs", *[f"{k}={v}" for k, v in KWARGS.items()],
+            "--a", str(checkpoints[0]), "--b", str(checkpoints[1]), "--steps", "3", "--out", str(out),
+            "--vae", str(vae_dir), "--seed", "3", "--align", "--no-residual"]
+    assert _run(argv) == 0
+    printed = capsys.readouterr().out
+    assert "weight matching:" in printed and "latent_slerp_aligned" in printed
+    with open(out / "interpolation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    summary = json.loads((out / "summary.json").read_text())
+    aligned = [f"{m}_aligned" for m in METHODS]
+    assert list(dict.fromkeys(r["method"] for r in rows)) == [*METHODS, *aligned]
+    assert set(summary["methods"]) == {*METHODS, *aligned} and not summary["residual_corrected"]
+    info = summary["alignment"]
+    assert info["max_logit_change"] < 1e-4 and info["units_moved"] > 0 and info["skipped"] == []
+    assert info["path_cosine_after"] > info["path_cosine_before"] + 0.02
+    at = {(float(r["alpha"]), r["method"]): r for r in rows}
+    acc_b = _own_accuracy(checkpoints[1], digits)
+    for method, twin in zip(METHODS, aligned):
+        assert {**at[0.0, twin], "method": method} == at[0.0, method]  # both paths start at a
+        end = at[1.0, twin]  # ... and end at b and at its permuted copy: same accuracy, other weights
+        assert float(end["accuracy"]) == pytest.approx(acc_b, abs=2 / len(digits.test))
+        assert float(end["cosine_b"]) == pytest.approx(1.0, abs=1e-9)
+        assert float(end["cosine_a"]) == pytest.approx(info["path_cosine_after"], abs=1e-9)
+        assert float(at[1.0, method]["cosine_a"]) == pytest.approx(info["path_cosine_before"], abs=1e-9)
+    assert float(at[0.5, "weight_lerp_aligned"]["cosine_a"]) > float(at[0.5, "weight_lerp"]["cosine_a"])
+    assert (out / "interpolation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_field_zoo_models_are_evaluated_on_their_task(checkpoints, vae_dir, tmp_path, capsys):
+    """A record's "task" (field zoos) picks the evaluation data; two tasks in one study are refused."""
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for seed, (ckpt, task) in enumerate(zip(checkpoints, ("digits", "greek"))):
+        (zoo / f"m-s{seed}.safetensors").write_bytes(ckpt.read_bytes())
+        (zoo / f"m-s{seed}.json").write_text(json.dumps({"arch": ARCH, "model_kwargs": KWARGS, "task": task}))
+    base = ["--zoo", str(zoo), "--a", "m-s0", "--steps", "2", "--vae", str(vae_dir)]
+    assert _run([*base, "--b", "m-s1", "--out", str(tmp_path / "bad")]) == 2
+    assert "different tasks" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert _run([*base, "--b", "m-s0", "--out", str(tmp_path / "ok")]) == 0
+    summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
+    assert summary["accuracy"]["data"] == "weightgen.data task 'digits', zoo split, test set"

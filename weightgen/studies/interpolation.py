@@ -21,12 +21,15 @@ from tqdm.auto import tqdm
 from ..digits import evaluate, load_digits_data, reestimate_batchnorm
 from ..models import resolve_device
 from ..io import WeightgenError, atomic_directory, check_output_dir, load_checkpoint, write_json
-from ..models import create_model, input_size, load_into
+from ..models import create_model, example_batch, input_size, load_into
 from ..recast import head_names
 from ..vae.codec import weight_layers
 from ..vae.paths import METHODS, InterpolationPath, weight_cosine
 from ..vae.prior import default_vae_dir, load_vae_bundle, vae_on
-from ..zoo import ZOO_DATA_SEED, ZOO_IMAGE_SIZE
+from ..zoo import ZOO_DATA_SEED, ZOO_IMAGE_SIZE, zoo_data
+from .align import align_state, function_change
+
+ALIGNED = "_aligned"  # method-name suffix of the paths to the weight-matched copy of b
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +76,27 @@ def _architecture(arch, model_kwargs, records) -> tuple[str, dict]:
     return arch, dict(model_kwargs)
 
 
-class _DigitsEval:
-    """Held-out digits accuracy with BatchNorm statistics re-estimated on training batches."""
+def _task(records) -> str | None:
+    """The weightgen.data task the zoo models were trained on (field zoos), None for plain digits."""
+    tasks = {r.get("task") for r in records if r is not None}
+    if len(tasks) > 1:
+        raise WeightgenError(f"the two zoo models were trained on different tasks: {sorted(map(str, tasks))}")
+    return next(iter(tasks), None)
 
-    def __init__(self, model: nn.Module, image_size: int, in_chans: int, seed: int):
+
+class _DigitsEval:
+    """Held-out accuracy (digits, or the zoo models' task) with BatchNorm re-estimated on training batches."""
+
+    def __init__(self, model: nn.Module, image_size: int, in_chans: int, seed: int, task: str | None = None):
         self.model, self.seed = model, seed
-        # the zoo's split: another seed would test on images the zoo models were trained on
-        data = load_digits_data(image_size, in_chans, seed=ZOO_DATA_SEED)
+        if task is not None:  # a field-zoo model: its own task's zoo split, at the zoo's size
+            if image_size != ZOO_IMAGE_SIZE:
+                raise WeightgenError(f"zoo models of task {task!r} are evaluated at {ZOO_IMAGE_SIZE}, "
+                                     f"not --image-size {image_size}")
+            data = zoo_data(task, in_chans)
+        else:
+            # the zoo's split: another seed would test on images the zoo models were trained on
+            data = load_digits_data(image_size, in_chans, seed=ZOO_DATA_SEED)
         device = next(model.parameters()).device
         self.train, self.test = (TensorDataset(*(t.to(device) for t in split.tensors)) for split in (data.train, data.test))
 
@@ -127,7 +144,7 @@ def _load_end(model: nn.Module, path, label: str) -> dict[str, torch.Tensor]:
 def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwargs: dict | None = None,
                 seed: int = 0, overwrite: bool = False, logdir=None, progress: bool = False,
                 image_size: int | None = None, skip: set[str] | None = None, residual: bool = True,
-                zoo=None, device: str | torch.device = "cpu") -> tuple[Path, list[dict]]:
+                zoo=None, device: str | torch.device = "cpu", align: bool = False) -> tuple[Path, list[dict]]:
     """Interpolate checkpoints ``a`` -> ``b`` along every method in :data:`METHODS`.
 
     ``a``/``b``: checkpoint files, or zoo model ids with ``zoo``; zoo models bring ``arch`` and
@@ -139,6 +156,9 @@ def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwa
     when the head has 10 classes; ``image_size`` defaults to the model's fixed input size, else the
     zoo's 32. ``skip``: Linear/Conv2d module names interpolated in weight space (default: the head).
     ``device``: where the model, the VAE and the evaluation run (a seed gives the same path on any device).
+    ``align``: also every path to b with its hidden units permuted to match a (weight matching,
+    :func:`weightgen.studies.align.align_state`; same function as b), as methods ``<method>_aligned``
+    whose ``cosine_b`` is to the aligned b; ``summary.json["alignment"]`` has the permutation report.
     Returns (out dir, rows); raises WeightgenError on bad input before anything is written.
     """
     start = time.perf_counter()
@@ -149,6 +169,7 @@ def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwa
     check_output_dir(out, overwrite, kind="interpolation")
     (a, record_a), (b, record_b) = resolve_checkpoint(a, zoo), resolve_checkpoint(b, zoo)
     arch, model_kwargs = _architecture(arch, model_kwargs, (record_a, record_b))
+    task = _task((record_a, record_b))
     vae, meta = load_vae_bundle(vae_dir)
     vae = vae_on(vae, device)
     with torch.random.fork_rng(devices=[]):  # deterministic in seed; the caller's RNG is untouched
@@ -163,7 +184,25 @@ def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwa
         setup = _eval_setup(model, image_size)
         path = InterpolationPath(model, state_a, state_b, vae, meta,
                                  {n: "head" if n in heads else "skipped" for n in skip}, residual)
-        evaluator = None if isinstance(setup, str) else _DigitsEval(model, *setup, seed=seed)
+        paths = {"": path}
+        alignment = None
+        if align:
+            state_b_aligned, alignment = align_state(model, state_a, state_b)
+            if not alignment["groups"]:
+                log.warning("no permutable blocks in %s: the aligned paths equal the unaligned ones", arch)
+            # the permuted b must be the same function; a block variant align.py misreads would show here
+            gen = torch.Generator().manual_seed(seed)
+            batch = (example_batch(model, 8, seed=seed) if isinstance(setup, str)
+                     else torch.randn(8, setup[1], setup[0], setup[0], generator=gen)).to(device)
+            alignment["max_logit_change"] = function_change(model, state_b, state_b_aligned, batch)
+            if not alignment["max_logit_change"] < 1e-4:
+                raise WeightgenError(f"weight matching changed model b's outputs (relative "
+                                     f"{alignment['max_logit_change']:.2g}); run without --align")
+            paths[ALIGNED] = InterpolationPath(model, state_a, state_b_aligned, vae, meta,
+                                               {n: "head" if n in heads else "skipped" for n in skip}, residual)
+            alignment["path_cosine_before"] = weight_cosine(path.flat_a, path.flat_b)
+            alignment["path_cosine_after"] = weight_cosine(path.flat_a, paths[ALIGNED].flat_b)
+        evaluator = None if isinstance(setup, str) else _DigitsEval(model, *setup, seed=seed, task=task)
         if evaluator is None:
             log.info("no accuracy: %s", setup)
         unseen = {n: why for n, why in path.weight_space.items() if why.startswith("VAE never")}
@@ -171,22 +210,24 @@ def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwa
             log.warning("%d layer(s) of kinds the VAE never saw are interpolated in weight space (e.g. %s)",
                         len(unseen), next(iter(unseen)))
 
-        def measure(state: dict) -> dict:
-            cos_a, cos_b = path.cosines(state)
+        def measure(state: dict, along: InterpolationPath) -> dict:
+            cos_a, cos_b = along.cosines(state)
             return {"accuracy": evaluator(state) if evaluator else None, "cosine_a": cos_a, "cosine_b": cos_b}
 
         alphas = torch.linspace(0, 1, steps, dtype=torch.float64).tolist()
         rows: list[dict] = []
-        ends: dict[float, dict] = {}  # every method is the original checkpoint at 0 and 1
+        ends: dict[tuple, dict] = {}  # every method of a path is the original checkpoint at 0 and 1
         for alpha in tqdm(alphas, desc="interpolating", disable=not progress):
-            for method in METHODS:
-                if alpha in (0.0, 1.0):
-                    if alpha not in ends:
-                        ends[alpha] = measure(path.state(alpha, method))
-                    metrics = ends[alpha]
-                else:
-                    metrics = measure(path.state(alpha, method))
-                rows.append({"alpha": alpha, "method": method, **metrics})
+            for suffix, along in paths.items():
+                for method in METHODS:
+                    if alpha in (0.0, 1.0):
+                        end = (alpha, suffix if alpha == 1.0 else "")  # a is the same on every path
+                        if end not in ends:
+                            ends[end] = measure(along.state(alpha, method), along)
+                        metrics = ends[end]
+                    else:
+                        metrics = measure(along.state(alpha, method), along)
+                    rows.append({"alpha": alpha, "method": method + suffix, **metrics})
 
         recon = {}
         for end, source in (("a", state_a), ("b", state_b)):
@@ -197,8 +238,17 @@ def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwa
         checkpoint_accuracy = {end: evaluator(s, reestimate=False) if evaluator else None
                                for end, s in (("a", state_a), ("b", state_b))}
 
+        if alignment is not None:
+            state, _ = paths[ALIGNED].reconstruction("b")
+            alignment["recon_cosine_b_aligned"] = weight_cosine(path.flatten(state), paths[ALIGNED].flat_b)
+            alignment["recon_accuracy_b_aligned"] = evaluator(state) if evaluator else None
+
     summary = _summary(arch, model_kwargs, a, b, steps, seed, vae_dir, setup, path, rows, recon,
                        checkpoint_accuracy)
+    if task is not None and summary["accuracy"]["applies"]:
+        summary["accuracy"]["data"] = f"weightgen.data task {task!r}, zoo split, test set"
+    if alignment is not None:
+        summary["alignment"] = alignment
     with atomic_directory(out, overwrite, kind="interpolation") as tmp:
         _write_csv(tmp / "interpolation.csv", rows)
         figure = _plot(rows, recon, arch)
@@ -213,7 +263,7 @@ def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwa
 
 def _summary(arch, model_kwargs, a, b, steps, seed, vae_dir, setup, path, rows, recon, checkpoint_accuracy) -> dict:
     methods = {}
-    for method in METHODS:
+    for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         acc = [r["accuracy"] for r in mine]
         entry = {"accuracy": acc, "cosine_a": [r["cosine_a"] for r in mine], "cosine_b": [r["cosine_b"] for r in mine]}
@@ -253,24 +303,46 @@ def _plot(rows: list[dict], recon: dict, arch: str):
     from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
 
     has_acc = rows[0]["accuracy"] is not None
-    fig = Figure(figsize=(11 if has_acc else 6, 5), layout="constrained")
-    axes = fig.subplots(1, 2 if has_acc else 1, squeeze=False)[0]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    aligned = any(m.endswith(ALIGNED) for m in methods)
+    panels = has_acc + (2 if aligned else 1)  # with aligned paths: cosine to a and to b side by side
+    fig = Figure(figsize=(5.5 * panels, 5.2), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
     colors = dict(zip(METHODS, ("tab:gray", "tab:blue", "tab:orange")))
-    for method in METHODS:
+
+    def style(method: str) -> dict:
+        base = method.removesuffix(ALIGNED)
+        return {"color": colors[base], "ls": "--" if base != method else "-", "marker": "s" if base != method else "o",
+                "ms": 3}
+
+    for method in methods:
         mine = [r for r in rows if r["method"] == method]
         alphas = [r["alpha"] for r in mine]
         if has_acc:
-            axes[0].plot(alphas, [r["accuracy"] for r in mine], "o-", ms=3, color=colors[method], label=method)
-        axes[-1].plot(alphas, [r["cosine_a"] for r in mine], "-", color=colors[method], label=f"{method} cos to a")
-        axes[-1].plot(alphas, [r["cosine_b"] for r in mine], "--", color=colors[method], label=f"{method} cos to b")
+            axes[0].plot(alphas, [r["accuracy"] for r in mine], label=method, **style(method))
+        if aligned:
+            axes[-2].plot(alphas, [r["cosine_a"] for r in mine], label=method, **style(method))
+            axes[-1].plot(alphas, [r["cosine_b"] for r in mine], label=method, **style(method))
+        else:
+            axes[-1].plot(alphas, [r["cosine_a"] for r in mine], "-", color=colors[method], label=f"{method} cos to a")
+            axes[-1].plot(alphas, [r["cosine_b"] for r in mine], "--", color=colors[method], label=f"{method} cos to b")
     if has_acc:
         axes[0].plot([0, 1], [recon["a"]["accuracy"], recon["b"]["accuracy"]], "x", ms=9, color="tab:red",
                      label="VAE reconstruction of the ends")
-        axes[0].set(xlabel="alpha", ylabel="held-out digits accuracy", title=f"{arch}: accuracy", ylim=(0, 1.02))
+        title = f"{arch}: accuracy" + (" (dashed: b aligned to a)" if aligned else "")
+        axes[0].set(xlabel="alpha", ylabel="held-out digits accuracy", title=title, ylim=(0, 1.02))
         axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-    axes[-1].plot([0, 1], [recon["a"]["cosine"], recon["b"]["cosine"]], "x", ms=9, color="tab:red",
-                  label="VAE recon cosine of the ends")
-    axes[-1].set(xlabel="alpha", ylabel="weight cosine (Linear/Conv2d)", title="cosine to a (solid) / b (dashed)")
+    label = "VAE recon cosine of the ends"
+    if aligned:
+        axes[-2].plot([0], [recon["a"]["cosine"]], "x", ms=9, color="tab:red", label=label)
+        axes[-1].plot([1], [recon["b"]["cosine"]], "x", ms=9, color="tab:red", label=label)
+        axes[-2].set(xlabel="alpha", ylabel="weight cosine (Linear/Conv2d)", title="cosine to a")
+        axes[-1].set(xlabel="alpha", ylabel="weight cosine (Linear/Conv2d)",
+                     title="cosine to b (aligned paths: to aligned b)")
+        axes[-2].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    else:
+        axes[-1].plot([0, 1], [recon["a"]["cosine"], recon["b"]["cosine"]], "x", ms=9, color="tab:red", label=label)
+        axes[-1].set(xlabel="alpha", ylabel="weight cosine (Linear/Conv2d)", title="cosine to a (solid) / b (dashed)")
     axes[-1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     for ax in axes:
         ax.grid(alpha=0.3)
