@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+"""Are VAE prior samples copies of zoo models? A memorisation audit against the VAE's own zoo.
+
+For every architecture in the zoo (same timm entry point and ``model_kwargs`` as the zoo's
+models), ``--samples`` models are drawn from the VAE prior (every Linear/Conv2d weight but the
+head; ``weightgen.vae.prior.sample_weights``). Each sample's nearest zoo model is the one with the
+highest mean per-layer cosine over the Linear/Conv2d weights (head excluded: generators keep
+timm's random head). Yardsticks:
+
+* zoo siblings: each zoo model's nearest zoo model of the same architecture and another seed
+  (checkpoints of the same run do not count);
+* naive generators at comparable accuracy: (i) a zoo model plus Gaussian noise (std sigma x each
+  layer's RMS, sigma bisected so the validation accuracy matches the samples'), (ii) averages of
+  2+ zoo models of the same architecture; both with BatchNorm statistics re-estimated;
+* timm's init trained for the same steps as the samples (what training alone does to closeness).
+
+A prior sample keeps timm's random head, so it is at chance as sampled; each sample is therefore
+also trained ``--train-steps`` steps (AdamW, the zoo model's lr) and audited again.
+
+Criterion (Target 4): each sample's nearest zoo model is no closer than zoo models of that
+architecture are to one another (max sample cosine <= min sibling cosine).
+
+    python benchmarks/bench_memorisation.py --zoo ZOO_DIR [--vae VAE_DIR] [--out docs]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, markdown_table, write_outputs  # noqa: E402
+
+_START = time.perf_counter()
+# Fresh models (samples, controls) use seeds from here on: a zoo model trained from seed s starts from
+# timm's init at seed s, and stays close to it, so a control at the same seed would look like a copy.
+SEED_OFFSET = 10_000
+
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - _START:6.0f} s] {msg}", flush=True)
+
+
+def _fresh(meta: dict, seed: int):
+    import torch
+
+    from weightgen.models import create_model
+
+    with torch.random.fork_rng(devices=[]):  # timm's init uses the global RNG: seed it, leave ours alone
+        torch.manual_seed(seed)
+        return create_model(meta["arch"], meta.get("model_kwargs", {}))
+
+
+def _accuracy(model, state: dict, data, split: str = "test") -> float:
+    from weightgen.digits import evaluate, reestimate_batchnorm
+
+    model.load_state_dict(state)
+    reestimate_batchnorm(model, data.train)
+    return evaluate(model, getattr(data, split))
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _task(meta: dict, override: str | None) -> str:
+    return override or meta.get("task") or "digits"
+
+
+def audit_group(metas: list[dict], args, vae_bundle, data_cache: dict) -> dict:
+    """Every generator's accuracy and nearest-zoo cosine for one architecture (one group of zoo models)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from weightgen.digits import train_classifier
+    from weightgen.recast import head_names
+    from weightgen.studies import audit
+    from weightgen.vae.codec import weight_layers
+    from weightgen.vae.prior import sample_weights
+
+    first = metas[0]
+    kwargs = first.get("model_kwargs", {})
+    task = _task(first, args.task)
+    key = (task, int(kwargs.get("img_size", 32)), int(kwargs.get("in_chans", 1)))
+    if key not in data_cache:
+        data_cache[key] = audit.task_data(*key)
+    data = data_cache[key]
+    lr = float(first.get("lr", 1e-3))
+    model = _fresh(first, 0)
+    names = audit.compared_weights(model)
+    noised = [f"{l['name']}.weight" for l in weight_layers(model) if l["direct"]]  # head too
+    zoo = {m["model_id"]: load_file(m["weights"]) for m in metas}
+    seed_of = {m["model_id"]: m.get("seed", m["model_id"]) for m in metas}
+    split_of = {m["model_id"]: m.get("split", "train") for m in metas}
+
+    def nearest(state, exclude=None):
+        ref, cos = audit.nearest(state, zoo, names, exclude)
+        return {"nearest": ref, "nearest_split": split_of.get(ref), "cosine": cos}
+
+    rows = []
+    for mid in zoo:  # zoo siblings: another seed of the same architecture
+        sib = nearest(zoo[mid], exclude=lambda r, mid=mid: seed_of[r] == seed_of[mid])
+        if sib["nearest"] is not None:
+            rows.append({"generator": "zoo siblings", "id": mid, "accuracy": next(
+                m.get("test_accuracy") for m in metas if m["model_id"] == mid), **sib})
+    say(f"  zoo: {len(zoo)} model(s), {len(rows)} with a sibling of another seed, {len(names)} layers compared")
+
+    # how close a zoo model stays to the timm init it was trained from (same seed, same entry point)
+    own_init = {mid: mean for mid in zoo if isinstance(seed_of[mid], int)
+                for mean in [audit.mean_layer_cosine(zoo[mid], _state(_fresh(metas[0], seed_of[mid])), names)]}
+    # noise floor: independent timm inits are this close to one another
+    inits = [_state(_fresh(first, SEED_OFFSET + 500 + i)) for i in range(max(3, args.samples))]
+    floor = max(abs(audit.mean_layer_cosine(a, b, names)) for i, a in enumerate(inits) for b in inits[i + 1:])
+    del inits
+    say(f"  zoo models vs their own timm init: {_range(list(own_init.values())) or 'n/a'}; "
+        f"independent inits: |cos| <= {floor:.4f}")
+
+    for s in range(args.samples):
+        sample = _fresh(first, SEED_OFFSET + s)
+        sample_weights(sample, *vae_bundle, seed=s, skip=head_names(sample), in_place=True)
+        raw = _state(sample)
+        rows.append({"generator": "VAE prior", "id": f"sample {s}", "accuracy": _accuracy(sample, raw, data),
+                     **nearest(raw)})
+        if args.train_steps:
+            for gen, start in (("VAE prior + train", raw), ("timm init + train", _state(_fresh(first, SEED_OFFSET + s)))):
+                model.load_state_dict(start)
+                train_classifier(model, data, args.train_steps, lr=lr, seed=s)
+                trained = _state(model)
+                rows.append({"generator": gen, "id": f"seed {s}", "accuracy": _accuracy(model, trained, data),
+                             **nearest(trained)})
+        say("  sample %d: raw acc %.3f cos %.3f%s" % (s, rows[-3 if args.train_steps else -1]["accuracy"],
+                                                        rows[-3 if args.train_steps else -1]["cosine"],
+                                                        "" if not args.train_steps else
+                                                        f"; +{args.train_steps} steps acc {rows[-2]['accuracy']:.3f} "
+                                                        f"cos {rows[-2]['cosine']:.3f}"))
+
+    # naive generator (i): a zoo model + noise, at the accuracy of the samples (raw and trained)
+    targets = {"VAE prior": statistics.mean(r["accuracy"] for r in rows if r["generator"] == "VAE prior")}
+    if args.train_steps:
+        targets["VAE prior + train"] = statistics.mean(r["accuracy"] for r in rows
+                                                        if r["generator"] == "VAE prior + train")
+    for stage, target in targets.items():
+        for i, mid in enumerate(list(zoo)[:args.samples]):
+            def val_accuracy(sigma, mid=mid, i=i):
+                noisy = audit.with_relative_noise(zoo[mid], noised, sigma, torch.Generator().manual_seed(i))
+                return _accuracy(model, noisy, data, "val")
+
+            sigma, val_acc = audit.match_accuracy(val_accuracy, target, iterations=args.noise_iterations)
+            noisy = audit.with_relative_noise(zoo[mid], noised, sigma, torch.Generator().manual_seed(i))
+            rows.append({"generator": f"zoo + noise (matched to {stage})", "id": f"{mid} sigma {sigma:.3g}",
+                         "sigma": sigma, "source": mid, "val_accuracy": val_acc,
+                         "accuracy": _accuracy(model, noisy, data), **nearest(noisy)})
+        say(f"  zoo + noise matched to {stage} ({target:.3f}): sigma "
+            + ", ".join(f"{r['sigma']:.3g}" for r in rows if r["generator"].endswith(f"{stage})")))
+
+    # naive generator (ii): averages of 2+ zoo models with different seeds
+    seeds = {}
+    for mid in zoo:
+        seeds.setdefault(seed_of[mid], mid)  # one model per seed (the first listed)
+    distinct = list(seeds.values())
+    if len(distinct) >= 2:
+        groups = [distinct[i:i + 2] for i in range(0, len(distinct) - 1)][:args.samples]
+        if len(distinct) > 2:
+            groups.append(distinct)
+        for members in groups:
+            mean = audit.average_states([zoo[m] for m in members])
+            rows.append({"generator": "zoo average", "id": " + ".join(members), "members": members,
+                         "accuracy": _accuracy(model, mean, data), **nearest(mean)})
+        say("  zoo averages: " + ", ".join(f"acc {r['accuracy']:.3f} cos {r['cosine']:.3f}"
+                                          for r in rows if r["generator"] == "zoo average"))
+
+    sib = [r["cosine"] for r in rows if r["generator"] == "zoo siblings"]
+    verdict, strict = {}, {}
+    for stage in ("VAE prior", "VAE prior + train"):
+        cos = [r["cosine"] for r in rows if r["generator"] == stage]
+        if cos:
+            strict[stage] = None if not sib else max(cos) <= min(sib)
+            # within the noise floor a sample cannot be told from an independent init
+            verdict[stage] = None if not sib else max(cos) <= max(min(sib), floor)
+    return {"arch": first["arch"], "model_kwargs": kwargs, "task": task, "zoo_models": list(zoo),
+            "layers_compared": len(names), "rows": rows, "sibling_min": min(sib) if sib else None,
+            "zoo_vs_own_init": own_init, "independent_init_floor": floor, "pass": verdict, "pass_strict": strict}
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _range(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ({min(values):.3f} – {max(values):.3f})" if values else ""
+
+
+GENERATOR_ORDER = ["zoo siblings", "VAE prior", "zoo + noise (matched to VAE prior)", "VAE prior + train",
+                   "zoo + noise (matched to VAE prior + train)", "timm init + train", "zoo average"]
+
+
+def report(groups: list[dict], args, info: dict, vae_dir: str, seconds: float) -> str:
+    summary, detail = [], []
+    for g in groups:
+        label = g["zoo_models"][0].rsplit("-s", 1)[0] if len(g["zoo_models"]) else g["arch"]
+        verdicts = []
+        for stage, ok in g["pass"].items():
+            strict = g["pass_strict"][stage]
+            verdicts.append(f"{stage}: " + ("n/a (no sibling)" if ok is None else
+                                            ("pass" if strict else "pass (within floor)") if ok else "**fail**"))
+        sample = [r["cosine"] for r in g["rows"] if r["generator"] == "VAE prior"]
+        trained = [r["cosine"] for r in g["rows"] if r["generator"] == "VAE prior + train"]
+        own = list(g["zoo_vs_own_init"].values())
+        summary.append([label, f"`{g['arch']}`", len(g["zoo_models"]),
+                        f"{statistics.mean(own):.3f}" if own else "", f"{g['independent_init_floor']:.4f}",
+                        "" if g["sibling_min"] is None else f"{g['sibling_min']:.3f}",
+                        f"{max(sample):.3f}", f"{max(trained):.3f}" if trained else "", "; ".join(verdicts)])
+        for gen in GENERATOR_ORDER:
+            rows = [r for r in g["rows"] if r["generator"] == gen]
+            if not rows:
+                continue
+            name = gen.replace("+ train", f"+ {args.train_steps} steps")
+            detail.append([label, name, len(rows), _cell([r["accuracy"] for r in rows]),
+                           _range([r["cosine"] for r in rows])])
+    passed = [ok for g in groups for ok in g["pass"].values() if ok is not None]
+    overall = ("no architecture has zoo models of two seeds: the criterion cannot be checked" if not passed else
+               f"{sum(passed)} of {len(passed)} checks pass")
+    return "\n".join([
+        "# Memorisation audit: are VAE prior samples copies of zoo models?",
+        "",
+        f"`{info['command']}`: zoo `{args.zoo}`, VAE `{vae_dir}`; {args.samples} prior samples per zoo architecture "
+        f"(same timm entry point and kwargs as the zoo's models); cosine = mean over the Linear/Conv2d weights "
+        f"(classifier head excluded) of the cosine of the flattened tensors, against the closest zoo model of "
+        f"that architecture. Accuracy: held-out test split of each model's task, BatchNorm statistics "
+        f"re-estimated on 20 training batches. A raw prior sample keeps timm's random head, so it sits at "
+        f"chance; it is also trained {args.train_steps} steps (AdamW at the zoo model's lr) and audited again, "
+        f"next to timm's init trained the same way. Noise: std sigma x layer RMS on every Linear/Conv2d weight "
+        f"(head included), sigma bisected on the validation split to the samples' mean accuracy. "
+        f"{seconds:.0f} s on {info['cpus']} CPUs ({info['cpu']}), {args.threads} torch thread(s).",
+        "",
+        f"Criterion: every sample's nearest zoo model is no closer than the zoo's models (another seed, same "
+        f"architecture) are to their nearest sibling, i.e. max sample cosine <= min sibling cosine; where both "
+        f"sit below the floor (the largest |cosine| between two independent timm inits of the architecture) "
+        f"the difference is noise and the check passes \"within floor\". Result: {overall}. "
+        f"Fresh models (samples, timm controls, floor) use seeds {SEED_OFFSET}+, because a zoo model stays "
+        f"close to the timm init of its own seed (column 'zoo model vs own init').",
+        "",
+        markdown_table(["zoo architecture", "timm", "zoo models", "zoo model vs own init", "independent-init floor",
+                        "min sibling cos", "max sample cos (raw)", f"max sample cos (+{args.train_steps} steps)",
+                        "criterion"], summary, align="llrrrrrrl"),
+        "",
+        "## Every generator",
+        "",
+        markdown_table(["zoo architecture", "generator", "models", "test accuracy", "nearest-zoo cosine mean (min – max)"],
+                       detail, align="llrrl"),
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", required=True, help="the zoo the VAE was trained on (scripts/build_zoo.py output)")
+    p.add_argument("--vae", help="VAE directory (default: the shipped one, weightgen/assets/vae)")
+    p.add_argument("--samples", type=int, default=5, help="prior samples per zoo architecture (default 5)")
+    p.add_argument("--train-steps", type=int, default=50,
+                   help="train each sample this many steps and audit it again (0: raw samples only; default 50)")
+    p.add_argument("--archs", nargs="+", help="only zoo models whose timm entry point is one of these")
+    p.add_argument("--task", help="task of every zoo model (default: each model JSON's 'task', else digits)")
+    p.add_argument("--noise-iterations", type=int, default=8, help="bisection steps for the noise level (default 8)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--out", default="docs", help="output folder (default docs)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from weightgen.io import WeightgenError
+    from weightgen.studies import audit
+    from weightgen.vae.prior import default_vae_dir, load_vae_bundle
+
+    if args.samples < 1 or args.train_steps < 0 or args.noise_iterations < 1:
+        raise WeightgenError("--samples and --noise-iterations must be >= 1, --train-steps >= 0")
+    torch.set_num_threads(args.threads)
+    vae_bundle = load_vae_bundle(args.vae)
+    models = audit.zoo_models(args.zoo)
+    if args.archs:
+        models = [m for m in models if m["arch"] in args.archs]
+        if not models:
+            raise WeightgenError(f"no zoo model has an architecture among {args.archs}")
+    groups: dict[str, list[dict]] = {}
+    for meta in models:
+        groups.setdefault(audit.architecture_key(meta), []).append(meta)
+    try:
+        vae_dir = str(default_vae_dir().relative_to(Path(__file__).resolve().parents[1])) if not args.vae else args.vae
+    except ValueError:
+        vae_dir = str(default_vae_dir())
+    say(f"{len(models)} zoo models in {len(groups)} architectures")
+    results, data_cache = [], {}
+    for i, metas in enumerate(groups.values(), 1):
+        say(f"[{i}/{len(groups)}] {metas[0]['arch']} {json.dumps(metas[0].get('model_kwargs', {}), sort_keys=True)}")
+        results.append(audit_group(metas, args, vae_bundle, data_cache))
+    info = machine_info()
+    seconds = time.perf_counter() - _START
+    md = report(results, args, info, vae_dir, seconds)
+    checks = [ok for g in results for ok in g["pass"].values() if ok is not None]
+    write_outputs(args.out, "bench_memorisation", md,
+                  {"machine": info, "zoo": args.zoo, "vae": vae_dir, "samples": args.samples,
+                   "train_steps": args.train_steps, "criterion_checks": len(checks), "criterion_passed": sum(checks),
+                   "groups": results, "seconds": round(seconds, 1)},
+                  default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    from weightgen.cli import run_cli
+
+    sys.exit(run_cli(main))

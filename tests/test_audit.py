@@ -1,0 +1,94 @@
+import json
+import math
+
+import pytest
+import timm
+import torch
+
+from weightgen.io import WeightgenError
+from weightgen.studies import audit
+
+
+def _state(seed: int, shapes=((16, 8), (4, 3, 3, 3))) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {f"l{i}.weight": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+
+
+def test_layer_cosines_identity_sign_and_mean():
+    a = _state(0)
+    names = list(a)
+    assert torch.allclose(audit.layer_cosines(a, a, names), torch.ones(2, dtype=torch.float64))
+    flipped = {"l0.weight": -a["l0.weight"], "l1.weight": a["l1.weight"] * 3.0}  # scale does not count
+    assert audit.layer_cosines(a, flipped, names).tolist() == pytest.approx([-1.0, 1.0])
+    assert audit.mean_layer_cosine(a, flipped, names) == pytest.approx(0.0)  # layers weigh equally
+
+
+def test_layer_cosines_refuse_mismatched_shapes():
+    a, b = _state(0), _state(1, shapes=((16, 8), (4, 3, 1, 1)))
+    with pytest.raises(ValueError, match="shapes differ"):
+        audit.layer_cosines(a, b, list(a))
+
+
+def test_nearest_finds_the_closest_reference_and_honours_exclude():
+    a = _state(0)
+    names = list(a)
+    refs = {"far": _state(1), "near": audit.with_relative_noise(a, names, 0.1, torch.Generator().manual_seed(2))}
+    ref_id, cos = audit.nearest(a, refs, names)
+    assert ref_id == "near" and cos > 0.98
+    ref_id, cos = audit.nearest(a, refs, names, exclude=lambda r: r == "near")
+    assert ref_id == "far" and abs(cos) < 0.5
+    assert audit.nearest(a, {}, names)[0] is None
+
+
+def test_relative_noise_sets_the_expected_cosine_and_leaves_the_input():
+    a = {"w.weight": torch.randn(200, 200, generator=torch.Generator().manual_seed(0)), "bn.bias": torch.zeros(3)}
+    before = a["w.weight"].clone()
+    noisy = audit.with_relative_noise(a, ["w.weight"], 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(a["w.weight"], before)
+    # independent noise of equal RMS: cos = 1 / sqrt(1 + sigma^2)
+    assert audit.mean_layer_cosine(a, noisy, ["w.weight"]) == pytest.approx(1 / math.sqrt(2), abs=0.01)
+    assert torch.equal(noisy["bn.bias"], a["bn.bias"])
+
+
+def test_average_of_two_independent_states_sits_at_cos_one_over_root_two():
+    a, b = _state(0, shapes=((300, 300),)), _state(1, shapes=((300, 300),))
+    a["n"], b["n"] = torch.tensor(1), torch.tensor(5)
+    mean = audit.average_states([a, b])
+    assert audit.mean_layer_cosine(mean, a, ["l0.weight"]) == pytest.approx(1 / math.sqrt(2), abs=0.01)
+    assert mean["n"].item() == 1  # integer buffers are not averaged
+
+
+def test_match_accuracy_finds_the_level_of_a_monotone_curve():
+    def accuracy_at(sigma):  # 1.0 for small noise, chance (0.1) for large; 0.55 at sigma = 1
+        return 0.1 + 0.9 / (1 + sigma ** 2)
+
+    sigma, acc = audit.match_accuracy(accuracy_at, 0.55)
+    assert sigma == pytest.approx(1.0, rel=0.05) and acc == pytest.approx(0.55, abs=0.01)
+    assert audit.match_accuracy(accuracy_at, 1.5) == (1e-3, accuracy_at(1e-3))  # unreachable: the edges
+    assert audit.match_accuracy(accuracy_at, 0.0)[0] == 30.0
+
+
+def test_compared_weights_skip_the_head_and_non_weights():
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1, layers=[1, 1, 1, 1], channels=[8, 16, 32, 64])
+    names = audit.compared_weights(model)
+    assert "conv1.weight" in names and "fc.weight" not in names
+    assert all(n.endswith(".weight") and "bn" not in n for n in names)
+
+
+def test_zoo_models_errors_and_architecture_key(tmp_path):
+    with pytest.raises(WeightgenError, match="does not exist"):
+        audit.zoo_models(tmp_path / "missing")
+    with pytest.raises(WeightgenError, match="no usable models"):
+        audit.zoo_models(tmp_path)
+    a = {"arch": "resnet18", "model_kwargs": {"b": 1, "a": 2}}
+    b = {"arch": "resnet18", "model_kwargs": {"a": 2, "b": 1}}
+    assert audit.architecture_key(a) == audit.architecture_key(b)
+    assert audit.architecture_key(a) != audit.architecture_key({**a, "model_kwargs": {"a": 3, "b": 1}})
+    json.dumps(audit.architecture_key(a))
+
+
+def test_task_data_digits_matches_the_zoo_split():
+    from weightgen.digits import load_digits_data
+
+    data, zoo = audit.task_data("digits", 32, 1), load_digits_data(32, 1, seed=0)
+    assert torch.equal(data.test.tensors[0], zoo.test.tensors[0])
