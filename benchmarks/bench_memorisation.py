@@ -84,7 +84,7 @@ def audit_group(metas: list[dict], args, vae_bundle, data_cache: dict) -> dict:
     first = metas[0]
     kwargs = first.get("model_kwargs", {})
     task = _task(first, args.task)
-    key = (task, int(kwargs.get("img_size", 32)), int(kwargs.get("in_chans", 1)))
+    key = (task, int(first.get("image_size") or kwargs.get("img_size") or 32), int(kwargs.get("in_chans", 1)))
     if key not in data_cache:
         data_cache[key] = audit.task_data(*key)
     data = data_cache[key]
@@ -113,7 +113,9 @@ def audit_group(metas: list[dict], args, vae_bundle, data_cache: dict) -> dict:
                 for mean in [audit.mean_layer_cosine(zoo[mid], _state(_fresh(metas[0], seed_of[mid])), names)]}
     # noise floor: independent timm inits are this close to one another
     inits = [_state(_fresh(first, SEED_OFFSET + 500 + i)) for i in range(max(3, args.samples))]
-    floor = max(abs(audit.mean_layer_cosine(a, b, names)) for i, a in enumerate(inits) for b in inits[i + 1:])
+    # three chance std (isotropic random weights), or the largest pair of inits if that is higher
+    floor = max([3 * audit.chance_cosine_std(inits[0], names)]
+                + [abs(audit.mean_layer_cosine(a, b, names)) for i, a in enumerate(inits) for b in inits[i + 1:]])
     del inits
     say(f"  zoo models vs their own timm init: {_range(list(own_init.values())) or 'n/a'}; "
         f"independent inits: |cos| <= {floor:.4f}")
@@ -242,7 +244,8 @@ def report(groups: list[dict], args, info: dict, vae_dir: str, seconds: float) -
         "",
         f"Criterion: every sample's nearest zoo model is no closer than the zoo's models (another seed, same "
         f"architecture) are to their nearest sibling, i.e. max sample cosine <= min sibling cosine; where both "
-        f"sit below the floor (the largest |cosine| between two independent timm inits of the architecture) "
+        f"sit below the floor (3 x the std of the cosine between independent random weights of these shapes, "
+        f"sqrt(sum 1/numel) / layers, or the largest |cosine| between independent timm inits if higher) "
         f"the difference is noise and the check passes \"within floor\". Result: {overall}. "
         f"Fresh models (samples, timm controls, floor) use seeds {SEED_OFFSET}+, because a zoo model stays "
         f"close to the timm init of its own seed (column 'zoo model vs own init').",
@@ -268,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=50,
                    help="train each sample this many steps and audit it again (0: raw samples only; default 50)")
     p.add_argument("--archs", nargs="+", help="only zoo models whose timm entry point is one of these")
+    p.add_argument("--with-siblings-only", action="store_true",
+                   help="audit only architectures with zoo models of 2+ seeds (where the criterion can be checked)")
     p.add_argument("--task", help="task of every zoo model (default: each model JSON's 'task', else digits)")
     p.add_argument("--noise-iterations", type=int, default=8, help="bisection steps for the noise level (default 8)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -296,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         vae_dir = str(default_vae_dir().relative_to(Path(__file__).resolve().parents[1])) if not args.vae else args.vae
     except ValueError:
         vae_dir = str(default_vae_dir())
+    if args.with_siblings_only:
+        groups = {k: v for k, v in groups.items() if len({m.get("seed", m["model_id"]) for m in v}) >= 2}
+        if not groups:
+            raise WeightgenError(f"no architecture in {args.zoo} has zoo models of two or more seeds")
     say(f"{len(models)} zoo models in {len(groups)} architectures")
     results, data_cache = [], {}
     for i, metas in enumerate(groups.values(), 1):

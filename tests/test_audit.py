@@ -92,3 +92,13 @@ def test_task_data_digits_matches_the_zoo_split():
 
     data, zoo = audit.task_data("digits", 32, 1), load_digits_data(32, 1, seed=0)
     assert torch.equal(data.test.tensors[0], zoo.test.tensors[0])
+
+
+def test_chance_cosine_std_matches_independent_random_models():
+    shapes = ((40, 30), (8, 4, 3, 3), (100,))
+    names = [f"l{i}.weight" for i in range(3)]
+    cosines = torch.tensor([audit.mean_layer_cosine(_state(2 * i, shapes), _state(2 * i + 1, shapes), names)
+                            for i in range(300)])
+    expected = audit.chance_cosine_std(_state(0, shapes), names)
+    assert abs(cosines.mean().item()) < 3 * expected / math.sqrt(300) * 2
+    assert cosines.std().item() == pytest.approx(expected, rel=0.15)

@@ -52,6 +52,15 @@ def mean_layer_cosine(a: State, b: State, names: list[str]) -> float:
     return layer_cosines(a, b, names).mean().item()
 
 
+def chance_cosine_std(state: State, names: list[str]) -> float:
+    """Std of :func:`mean_layer_cosine` between two independent isotropic random models of these shapes.
+
+    Each layer's cosine has variance ~1/numel; the mean of L of them has std sqrt(sum 1/numel) / L.
+    Cosines within a few of these of zero cannot tell a model from an independent one.
+    """
+    return math.sqrt(sum(1.0 / state[name].numel() for name in names)) / len(names)
+
+
 def nearest(state: State, references: dict[str, State], names: list[str],
             exclude: Callable[[str], bool] | None = None) -> tuple[str | None, float]:
     """(id, mean layer cosine) of the reference closest to ``state``; (None, nan) if none qualifies."""
