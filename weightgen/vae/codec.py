@@ -11,6 +11,7 @@ from .tokenize import KINDS, condition, detokenize, layer_kind, tokenize
 
 DEPTH_BUCKETS = 4
 _CHUNK = 65536  # tokens per decoder call: bounds memory on large layers
+# a power of two, so chunks of a layer keep the transformer VAE's windows (any power-of-two window divides it)
 
 
 def weight_layers(model: nn.Module) -> list[dict]:
@@ -55,12 +56,18 @@ def decode_layer(vae: WeightVAE, latents: torch.Tensor, shape, kind: str, depth:
     return detokenize(values, shape, 1.0, _token_size(vae)) * scale
 
 
-def fit_latent_density(records: list[tuple[str, float, torch.Tensor]], latent_dim: int) -> dict:
-    """Diagonal Gaussian of latent means per layer kind and depth bucket (JSON-able).
+def fit_latent_density(records: list[tuple[str, float, torch.Tensor]], latent_dim: int,
+                       family: str = "gaussian", seed: int = 0) -> dict:
+    """Density of latent means per layer kind and depth bucket (JSON-able).
 
-    records: (kind, depth, mu (N, latent_dim)). Empty cells fall back to the kind's pooled
-    statistics, then to the standard normal prior.
+    records: (kind, depth, mu (N, latent_dim)). ``family``: "gaussian" (one diagonal Gaussian per
+    cell) or "mixture" (a diagonal Gaussian mixture per cell, 1-8 components chosen on held-out
+    layers, see ``_fit_mixture``; the Gaussian's mean/std are kept beside it, so readers that know
+    only the Gaussian still work). Empty cells fall back to the kind's pooled statistics, then to
+    the standard normal prior.
     """
+    if family not in ("gaussian", "mixture"):
+        raise ValueError(f"unknown latent density family {family!r}: use 'gaussian' or 'mixture'")
     cpu64 = {"dtype": torch.float64, "device": "cpu"}  # JSON-bound statistics, whatever device mu is on
     sums = {k: torch.zeros(DEPTH_BUCKETS + 1, latent_dim, **cpu64) for k in KINDS}
     squares = {k: torch.zeros(DEPTH_BUCKETS + 1, latent_dim, **cpu64) for k in KINDS}
@@ -83,7 +90,46 @@ def fit_latent_density(records: list[tuple[str, float, torch.Tensor]], latent_di
                 mean[b], std[b] = mean[DEPTH_BUCKETS], std[DEPTH_BUCKETS]
         density[kind] = {"mean": mean[:DEPTH_BUCKETS].tolist(), "std": std[:DEPTH_BUCKETS].tolist(),
                          "tokens": counts[kind][:DEPTH_BUCKETS].tolist(), "seen": bool(pooled)}
+        if family == "mixture":
+            cells = [[mu for k, d, mu in records if k == kind and depth_bucket(d) == b] for b in range(DEPTH_BUCKETS)]
+            pooled_fit = None
+            mixtures = []
+            for b, cell in enumerate(cells):
+                if not cell and pooled_fit is None:  # the kind's pooled mixture, or N(0, I) for an unseen kind
+                    every = [item for c in cells for item in c]
+                    pooled_fit = (_fit_mixture(every, seed) if every else
+                                  {"weights": [1.0], "means": [[0.0] * latent_dim], "stds": [[1.0] * latent_dim]})
+                mixtures.append(_fit_mixture(cell, seed + b) if cell else pooled_fit)
+            density[kind].update({"type": "mixture", "mixture": mixtures})
     return density
+
+
+_MIXTURE_COMPONENTS = (1, 2, 4, 8)
+_SAMPLE_CHUNK = 4096  # tokens per in-place mixture update in sample_latents (fits in cache)
+_MIXTURE_MAX_TOKENS = 65536  # per cell: bounds the EM's cost on big zoos; more adds little to 8 components
+_MIXTURE_TOKENS_PER_PARAM = 4  # at most one component per 4 * (2 * latent_dim + 1) tokens
+
+
+def _fit_mixture(cell: list[torch.Tensor], seed: int) -> dict:
+    """Diagonal Gaussian mixture (JSON-able weights / means / stds) of one cell's latents.
+
+    cell: one (N_i, latent_dim) latent-mean tensor per layer. The component count (1, 2, 4 or 8,
+    at most one per ``_MIXTURE_TOKENS_PER_PARAM`` tokens per parameter) is the one with the lowest
+    BIC: on the shipped VAE's held-out models it predicted better than choosing the count on every
+    4th training layer (docs/bench_prior.md). Deterministic: fixed sklearn random_state and a
+    seeded numpy Generator (no global RNG).
+    """
+    import numpy as np
+    from sklearn.mixture import GaussianMixture
+
+    x = torch.cat([mu.detach().double().cpu() for mu in cell]).numpy()
+    if len(x) > _MIXTURE_MAX_TOKENS:
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), _MIXTURE_MAX_TOKENS, replace=False))]
+    cap = max(1, len(x) // (_MIXTURE_TOKENS_PER_PARAM * (2 * x.shape[1] + 1)))
+    fits = [GaussianMixture(k, covariance_type="diag", random_state=seed, reg_covar=1e-6, max_iter=200).fit(x)
+            for k in _MIXTURE_COMPONENTS if k <= cap or k == 1]
+    gm = min(fits, key=lambda fit: fit.bic(x))
+    return {"weights": gm.weights_.tolist(), "means": gm.means_.tolist(), "stds": np.sqrt(gm.covariances_).tolist()}
 
 
 def depth_bucket(depth: float) -> int:
@@ -97,13 +143,63 @@ def sample_latents(density: dict | None, kind: str, depth: float, count: int, la
     Drawn on the CPU (``generator`` is a CPU generator), so a seed gives the same latents on any
     device; the caller moves them.
     """
-    noise = torch.randn(count, latent_dim, generator=generator, device="cpu") * temperature
+    noise = torch.randn(count, latent_dim, generator=generator, device="cpu")
     if not density or kind not in density:
-        return noise
+        return noise * temperature
     cell = depth_bucket(depth)
+    if density[kind].get("type") == "mixture":
+        # temperature scales the spread within a component; which component is drawn is unaffected
+        mix = density[kind]["mixture"][cell]
+        means = torch.tensor(mix["means"], dtype=torch.float32, device="cpu")
+        stds = torch.tensor(mix["stds"], dtype=torch.float32, device="cpu") * temperature
+        # Walker's alias method: one uniform per token picks a column (integer part) and, against the
+        # column's threshold, the column or its alias (fraction): exact, and 2x faster than searchsorted
+        prob, alias = _alias_table(mix["weights"])
+        u = torch.rand(count, generator=generator, dtype=torch.float64, device="cpu").mul_(len(prob))
+        column = u.long().clamp_(max=len(prob) - 1)
+        component = torch.where(u.sub_(column) < prob.index_select(0, column), column, alias.index_select(0, column))
+        # in place, in cache-sized chunks: ~4x faster than whole-tensor gathers, and no (count, dim) temporary
+        for start in range(0, count, _SAMPLE_CHUNK):
+            pick = component[start:start + _SAMPLE_CHUNK]
+            noise[start:start + _SAMPLE_CHUNK].mul_(stds.index_select(0, pick)).add_(means.index_select(0, pick))
+        return noise
+    noise = noise * temperature
     mean = torch.tensor(density[kind]["mean"][cell], dtype=torch.float32, device="cpu")
     std = torch.tensor(density[kind]["std"][cell], dtype=torch.float32, device="cpu")
     return mean + noise * std
+
+
+def _alias_table(weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(threshold, alias) per column for Walker's alias method over ``weights`` (need not sum to 1)."""
+    k, total = len(weights), float(sum(weights))
+    scaled = [float(w) * k / total for w in weights]
+    prob, alias = [1.0] * k, list(range(k))
+    small = [i for i, p in enumerate(scaled) if p < 1.0]
+    large = [i for i, p in enumerate(scaled) if p >= 1.0]
+    while small and large:
+        s, big = small.pop(), large.pop()
+        prob[s], alias[s] = scaled[s], big
+        scaled[big] -= 1.0 - scaled[s]
+        (small if scaled[big] < 1.0 else large).append(big)
+    return torch.tensor(prob, dtype=torch.float64), torch.tensor(alias, dtype=torch.long)
+
+
+def latent_log_prob(density: dict | None, kind: str, depth: float, latents: torch.Tensor) -> torch.Tensor:
+    """Log density (N,) of latents (N, latent_dim) under the cell ``sample_latents`` draws from (float64, CPU)."""
+    x = latents.detach().double().cpu()
+    if not density or kind not in density:
+        means, stds, weights = torch.zeros(1, x.shape[1]), torch.ones(1, x.shape[1]), [1.0]
+    elif density[kind].get("type") == "mixture":
+        mix = density[kind]["mixture"][depth_bucket(depth)]
+        means, stds, weights = torch.tensor(mix["means"]), torch.tensor(mix["stds"]), mix["weights"]
+    else:
+        cell = depth_bucket(depth)
+        means, stds, weights = torch.tensor([density[kind]["mean"][cell]]), torch.tensor([density[kind]["std"][cell]]), [1.0]
+    means, stds = means.double(), stds.double()
+    z = (x[:, None, :] - means) / stds  # (N, K, D)
+    per_component = -0.5 * z.pow(2).sum(-1) - stds.log().sum(-1) - 0.5 * x.shape[1] * math.log(2 * math.pi)
+    log_w = torch.tensor(weights, dtype=torch.float64).log()
+    return torch.logsumexp(per_component + log_w, dim=1)
 
 
 def rms(weight: torch.Tensor) -> float:
@@ -111,5 +207,5 @@ def rms(weight: torch.Tensor) -> float:
     return torch.linalg.vector_norm(weight.detach().float()).item() / math.sqrt(weight.numel()) if weight.numel() else 0.0
 
 
-__all__ = ["weight_layers", "encode_layer", "decode_layer", "fit_latent_density", "sample_latents",
+__all__ = ["weight_layers", "encode_layer", "decode_layer", "fit_latent_density", "sample_latents", "latent_log_prob",
            "depth_bucket", "rms"]
