@@ -153,8 +153,9 @@ def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwa
     and ``summary.json`` to ``out`` atomically; with ``logdir`` also TensorBoard: scalars
     ``interpolation_vs_alpha_percent/<method>/{accuracy,cosine_a,cosine_b}`` at step = round(100 * alpha)
     and the plot as a figure. Accuracy (held-out digits, BN re-estimated on training batches) only
-    when the head has 10 classes; ``image_size`` defaults to the model's fixed input size, else the
-    zoo's 32. ``skip``: Linear/Conv2d module names interpolated in weight space (default: the head).
+    when the head has 10 classes (zoo records with a ``task``, as in field zoos: that task's zoo split);
+    ``image_size`` defaults to the model's fixed input size, else the zoo's 32.
+    ``skip``: Linear/Conv2d module names interpolated in weight space (default: the head).
     ``device``: where the model, the VAE and the evaluation run (a seed gives the same path on any device).
     ``align``: also every path to b with its hidden units permuted to match a (weight matching,
     :func:`weightgen.studies.align.align_state`; same function as b), as methods ``<method>_aligned``
