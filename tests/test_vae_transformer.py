@@ -61,6 +61,8 @@ def test_config_checks():
         VAEConfig(window=4)
     with pytest.raises(ValueError, match="multiple of heads"):
         _config(hidden=30, heads=4)
+    with pytest.raises(ValueError, match="power of two"):
+        _config(window=12)
 
 
 def test_transformer_save_load_round_trip_and_old_configs_load_as_mlp(tmp_path):

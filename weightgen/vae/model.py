@@ -51,6 +51,8 @@ class VAEConfig:
             raise ValueError(f"VAEConfig.hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"VAEConfig.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.window & (self.window - 1):
+            raise ValueError(f"VAEConfig.window must be a power of two (layers are decoded in chunks of 2^16 tokens), got {self.window}")
         for name in ("token_size", "cond_dim", "latent_dim", "hidden", "layers", "window", "heads"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"VAEConfig.{name} must be positive, got {getattr(self, name)}")
