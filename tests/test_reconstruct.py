@@ -1,5 +1,6 @@
 """scripts/reconstruct.py end to end, in-process: every layer through the VAE, files that agree with the
-report, mimic beating encode, --keep-head, determinism, clean failures."""
+report, mimic beating encode (weights alone, and on the model's outputs), --probe-task, --keep-head,
+determinism, clean failures."""
 from __future__ import annotations
 
 import json
@@ -13,10 +14,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from _scripts import load_script
 from weightgen.cli import run_cli
 from weightgen.mimicry.fidelity import cosine
+from weightgen.models import example_batch
+from weightgen.reconstruct import DEFAULT_BEHAVIOUR_WEIGHT
 from weightgen.vae.codec import decode_layer, weight_layers
 from weightgen.vae.prior import default_vae_dir, load_vae_bundle
 
@@ -52,9 +56,12 @@ def runs(tmp_path_factory):
     codes = {
         "encode": run("test_resnet", ckpt["test_resnet"], root / "encode"),
         "again": run("test_resnet", ckpt["test_resnet"], root / "again"),
-        "mimic": run("test_resnet", ckpt["test_resnet"], root / "mimic", "--mode", "mimic", "--steps", "15"),
+        "mimic": run("test_resnet", ckpt["test_resnet"], root / "mimic", "--mode", "mimic", "--steps", "15",
+                     "--behaviour-weight", "0"),
+        "behaviour": run("test_resnet", ckpt["test_resnet"], root / "behaviour", "--mode", "mimic", "--steps", "15",
+                         "--probe-size", "256"),
         "head": run("test_resnet", ckpt["test_resnet"], root / "head", "--keep-head"),
-        "vit": run("test_vit", ckpt["test_vit"], root / "vit", "--mode", "mimic", "--steps", "2"),
+        "vit": run("test_vit", ckpt["test_vit"], root / "vit", "--mode", "mimic", "--steps", "2", "--probe-size", "16"),
     }
     assert torch.equal(rng, torch.get_rng_state()), "the global RNG was drawn from"
     return root, ckpt, codes
@@ -118,7 +125,87 @@ def test_mimic_beats_encode(runs):
     assert mimic["totals"]["mean_cosine"] > encode["totals"]["mean_cosine"] + 0.01
     assert mimic["totals"]["mean_rel_error"] < encode["totals"]["mean_rel_error"]
     history = mimic["loss_history"]
-    assert len(history) == 16 and min(history) < history[0]
+    assert len(history) == 15 and min(history) < history[0]
+    assert mimic["behaviour_weight"] == 0 and mimic["probe"] is None and mimic["decode_dtype"] in ("float32", "bfloat16")
+
+
+def _logit_error(weights: dict, original: dict, inputs: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = [_model("test_resnet", state)(inputs) for state in (weights, original)]
+    return ((logits[0] - logits[1]).norm() / logits[1].norm()).item()
+
+
+def _model(arch: str, state: dict) -> nn.Module:
+    model = timm.create_model(arch, **KWARGS[arch])
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def test_behaviour_mimic_matches_the_outputs(runs):
+    """Fitting the outputs on probe noise lowers the logit error far below encode's and weights-only mimic's,
+    on the probe inputs and on the held-out noise batch of the function check."""
+    root, ckpt, codes = runs
+    assert codes["behaviour"] == 0
+    report = _report(root / "behaviour")
+    assert report["behaviour_weight"] == DEFAULT_BEHAVIOUR_WEIGHT and report["probe_task"] is None
+    assert report["probe"] == {"source": "seeded noise (weightgen.models.example_batch)", "task": None, "size": 256,
+                               "batch": 128, "image_side": 32, "batchnorm": "eval mode (the checkpoint's statistics)"}
+    assert report["accuracy"] is None and report["batchnorm"] == "copied from the checkpoint"
+    assert "not the probe" in report["function"]["inputs"]
+    original = load_file(str(ckpt["test_resnet"]))
+    probe = example_batch(_model("test_resnet", original), 256, 1, max_side=32)  # seed + 1: the probe's noise
+    errors = {name: _logit_error(load_file(str(root / name / "weights.safetensors")), original, probe)
+              for name in ("encode", "mimic", "behaviour")}
+    assert errors["behaviour"] < 0.5 * min(errors["encode"], errors["mimic"]), errors
+    held_out = {name: _report(root / name)["function"]["logits_rel_error"] for name in ("encode", "behaviour")}
+    assert held_out["behaviour"] < 0.5 * held_out["encode"], held_out
+    assert _report(root / "behaviour")["function"]["top1_agreement"] >= _report(root / "encode")["function"][
+        "top1_agreement"]
+
+
+@pytest.fixture(scope="module")
+def task_runs(tmp_path_factory):
+    """test_resnet trained briefly on digits, then encode and behaviour mimic probing digits' train split."""
+    from weightgen.data import get_task, to_model_input
+    from weightgen.digits import DigitsData, train_classifier
+
+    root = tmp_path_factory.mktemp("task")
+    task = get_task("digits", 0)
+    split = {s: TensorDataset(to_model_input(task.split(s)[0], 3, 32), task.split(s)[1]) for s in ("train", "val", "test")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model("test_resnet", num_classes=10)
+    train_classifier(model, DigitsData(split["train"], split["val"], split["test"], 32, 3), 60, lr=3e-3)
+    save_file(model.state_dict(), str(root / "digits.safetensors"))
+    codes = {"encode": run("test_resnet", root / "digits.safetensors", root / "encode", "--probe-task", "digits"),
+             "mimic": run("test_resnet", root / "digits.safetensors", root / "mimic", "--probe-task", "digits",
+                          "--mode", "mimic", "--steps", "20", "--probe-size", "512")}
+    return root, codes
+
+
+def test_probe_task_reports_accuracy_and_reestimates_batchnorm(task_runs):
+    root, codes = task_runs
+    assert codes == {"encode": 0, "mimic": 0}
+    encode, mimic = _report(root / "encode"), _report(root / "mimic")
+    assert mimic["probe_task"] == "digits" and mimic["probe"]["source"] == "digits train split"
+    assert mimic["probe"]["size"] == 512 and mimic["probe"]["batchnorm"] == "train mode (batch statistics)"
+    assert encode["probe"] is None  # encode fits nothing, but still reports the task's accuracy
+    for report in (encode, mimic):
+        assert report["batchnorm"] == "re-estimated on the digits train split"
+        assert report["function"]["inputs"].startswith("digits val split (179 images")
+        assert report["function"]["batch_size"] == 179
+        acc = report["accuracy"]
+        assert set(acc) == {"test_images", "original", "original_after_bn_reestimation", "reconstructed"}
+        assert acc["test_images"] == 359 and acc["original"] > 0.5  # the brief training learnt something
+    assert encode["accuracy"]["original"] == mimic["accuracy"]["original"]
+    # the statistics written are the reconstruction's own, not the checkpoint's
+    original, weights = load_file(str(root / "digits.safetensors")), load_file(str(root / "mimic" / "weights.safetensors"))
+    means = [k for k in original if k.endswith("running_mean")]
+    assert means and all(not torch.equal(weights[k], original[k]) for k in means)
+    # behaviour mimic recovers the task: far closer to the original than encode, on held-out images
+    assert mimic["accuracy"]["reconstructed"] > encode["accuracy"]["reconstructed"] + 0.1
+    assert mimic["accuracy"]["reconstructed"] > mimic["accuracy"]["original_after_bn_reestimation"] - 0.15
+    assert mimic["function"]["logits_rel_error"] < 0.5 * encode["function"]["logits_rel_error"]
 
 
 def test_keep_head_leaves_the_head_bit_identical(runs):
@@ -138,7 +225,7 @@ def test_same_command_twice_gives_the_same_bytes(runs):
         assert (root / "encode" / name).read_bytes() == (root / "again" / name).read_bytes(), name
     first, second = _report(root / "encode"), _report(root / "again")
     for report in (first, second):
-        for key in ("seconds", "fit_seconds", "checkpoint"):
+        for key in ("seconds", "fit_seconds", "cpu_seconds", "fit_cpu_seconds", "checkpoint"):
             report.pop(key)
     assert first == second
 
@@ -167,6 +254,9 @@ def test_a_kind_the_vae_never_saw_is_kept(runs, tmp_path):
     ("bad_vae", ["VAE directory not found", "novae"]),
     ("bad_device", ["cuda"]),
     ("steps_encode", ["--steps", "--mode mimic"]),
+    ("bad_task", ["unknown --probe-task", "nosuchtask", "digits"]),
+    ("bad_probe_size", ["--probe-size", ">= 2"]),
+    ("bad_behaviour_weight", ["--behaviour-weight", ">= 0"]),
     ("foreign_out", ["not written by weightgen"]),
 ])
 def test_bad_inputs_fail_cleanly(runs, case, expect, tmp_path, capsys):
@@ -189,6 +279,12 @@ def test_bad_inputs_fail_cleanly(runs, case, expect, tmp_path, capsys):
         extra = ["--device", "cuda:99"]
     elif case == "steps_encode":
         extra = ["--steps", "5"]
+    elif case == "bad_task":
+        extra = ["--probe-task", "nosuchtask"]
+    elif case == "bad_probe_size":
+        extra = ["--mode", "mimic", "--probe-size", "1"]
+    elif case == "bad_behaviour_weight":
+        extra = ["--mode", "mimic", "--behaviour-weight", "-1"]
     elif case == "foreign_out":
         out.mkdir(parents=True)
         (out / "precious.txt").write_text("keep")
@@ -256,7 +352,7 @@ def test_on_gpu_matches_cpu(runs, mode, tmp_path):
     for device in ("cpu", "cuda"):
         opts = ReconstructOptions(arch="test_resnet", checkpoint=str(ckpt["test_resnet"]), out=str(tmp_path / device),
                                   model_kwargs=KWARGS["test_resnet"], mode=mode, steps=5 if mode == "mimic" else None,
-                                  device=device)
+                                  device=device, probe_size=64, decode_dtype="float32")  # bf16 rounds per device
         out, report = reconstruct(opts)
         assert report["device"].startswith(device)
         results[device] = (load_file(str(out / "weights.safetensors")), report)

@@ -2,13 +2,27 @@
 
 Each layer is stored as its per-token latents plus one scale, and rebuilt as
 ``decode_layer(vae, latents, shape, kind, depth, scale)``. ``encode`` is one amortised pass (latent
-means, decoded, scaled to the layer's RMS); ``mimic`` then optimises the latents and the log scale
-through the frozen decoder on each layer's normalised squared error (Adam, best state kept).
+means, decoded, scaled to the layer's RMS); ``mimic`` then optimises every layer's latents and log
+scale jointly through the frozen decoder (Adam, cosine learning-rate decay, final state kept) on
+
+    behaviour_weight * ||f_hat(x) - f(x)||^2 / ||f(x)||^2  +  mean over layers ||W_hat - W||^2 / ||W||^2
+
+where f is the original model, f_hat the decoded one and x a minibatch of probe inputs: the train
+split of ``probe_task`` (BatchNorm layers in train mode, i.e. on batch statistics, which is what the
+model has once its statistics are re-estimated on that data; they are re-estimated before writing),
+or seeded noise without a task (BatchNorm on the checkpoint's own statistics, which are written as
+they are). ``behaviour_weight=0`` fits the weights alone. A step decodes every layer once without a
+graph, back-propagates the loss through the model to the decoded weights, then re-decodes one layer
+at a time with a graph to carry those gradients to its latents: memory is bounded by the largest
+layer, and a layer's whole latent tensor goes through ``decode_layer`` at once (no assumption that
+tokens decode independently).
 Layers the VAE cannot take (a kind it never saw, a parametrized weight, the head with
 ``keep_head``) keep their weights and are listed as ``kept`` with the reason.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
 import statistics
@@ -17,14 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from .models import resolve_device
 from .io import WeightgenError, atomic_directory, check_checkpoint_path, check_output_dir, load_checkpoint, \
     save_tensors, write_json
 from .mimicry.fidelity import compare_features, cosine, record_features
-from .mimicry.gradient import descend_keep_best
-from .models import check_arch, example_batch, model_from_state
+from .models import check_arch, example_batch, input_size, model_from_state
 from .recast import head_names
 from .vae.codec import decode_layer, encode_layer, rms, weight_layers
 from .vae.prior import default_vae_dir, load_vae_bundle, trained_kinds, vae_on
@@ -33,8 +49,14 @@ from .vae.tokenize import condition
 log = logging.getLogger(__name__)
 
 MODES = ("encode", "mimic")
-DEFAULT_STEPS = 100
-DEFAULT_LR = 1e-2
+DEFAULT_STEPS = 50
+DEFAULT_LR = 5e-2
+DEFAULT_BEHAVIOUR_WEIGHT = 3.0
+DEFAULT_PROBE_SIZE = 2048
+DEFAULT_IMAGE_SIZE = 32
+PROBE_BATCH = 128  # probe inputs per optimiser step
+FIDELITY_CAP = 512  # held-out task inputs of the function check
+DECODE_DTYPES = ("auto", "float32", "bfloat16")
 WEIGHTS_FILE, LATENTS_FILE, REPORT_FILE = "weights.safetensors", "latents.safetensors", "report.json"
 LATENTS_FORMAT = "weightgen-latents/1"
 
@@ -50,10 +72,15 @@ class ReconstructOptions:
     steps: int | None = None  # mimic only (default DEFAULT_STEPS)
     lr: float = DEFAULT_LR
     keep_head: bool = False
-    seed: int = 0  # the probe batch of the function check
+    seed: int = 0  # the probe inputs and the function check's batch
     device: str = "cpu"
     overwrite: bool = False
-    fidelity_batch: int = 8
+    fidelity_batch: int = 8  # noise inputs of the function check without a probe task
+    probe_task: str | None = None  # a weightgen.data task: probe on its train split (None: seeded noise)
+    probe_size: int = DEFAULT_PROBE_SIZE  # probe inputs (capped at the task's train split)
+    behaviour_weight: float = DEFAULT_BEHAVIOUR_WEIGHT  # mimic: weight of the output-matching term
+    image_size: int = DEFAULT_IMAGE_SIZE  # side of task images and probe noise (models without a fixed size)
+    decode_dtype: str = "auto"  # mimic's decoder passes: auto = bfloat16 where the hardware has it
 
 
 def validate(opts: ReconstructOptions) -> None:
@@ -68,6 +95,20 @@ def validate(opts: ReconstructOptions) -> None:
         raise WeightgenError("--lr must be > 0")
     if opts.fidelity_batch < 1:
         raise WeightgenError("the fidelity batch must hold at least one input")
+    if opts.probe_size < 2:  # BatchNorm in train mode needs two inputs
+        raise WeightgenError("--probe-size must be >= 2")
+    if not opts.behaviour_weight >= 0:
+        raise WeightgenError("--behaviour-weight must be >= 0")
+    if opts.image_size < 8:
+        raise WeightgenError("--image-size must be >= 8")
+    if opts.decode_dtype not in DECODE_DTYPES:
+        raise WeightgenError(f"unknown decode dtype {opts.decode_dtype!r}; choose from {', '.join(DECODE_DTYPES)}")
+    if opts.probe_task is not None:
+        from .data import TASKS
+        name = opts.probe_task.strip()
+        if name not in TASKS and not (name.startswith("imagefolder:") and name.partition(":")[2]):
+            raise WeightgenError(f"unknown --probe-task {opts.probe_task!r}; known: "
+                                 f"{', '.join(t for t in TASKS if t != 'imagefolder:PATH')}, imagefolder:PATH")
     if not opts.out:
         raise WeightgenError("name an output directory (--out DIR)")
     resolve_device(opts.device)
@@ -83,6 +124,7 @@ class _Layer:
         self.vae, self.name, self.shape = vae, spec["name"], spec["shape"]
         self.kind, self.depth = spec["kind"], spec["depth"]
         self.target = weight.detach().float()  # the model's own tensor when float32: no copy
+        self.dtype = weight.dtype  # what the model computes in
         self.cond = condition(self.shape, self.kind, self.depth, vae.config.token_size).to(weight.device)
         mu, _ = encode_layer(vae, weight.detach(), self.kind, self.depth)
         unit = decode_layer(vae, mu, self.shape, self.kind, self.depth, 1.0, self.cond)
@@ -96,45 +138,141 @@ class _Layer:
         scale = self.log_scale.exp() if scale is None else scale
         return decode_layer(self.vae, self.latents, self.shape, self.kind, self.depth, scale, self.cond)
 
-    def loss(self) -> torch.Tensor:
+    def weight_error(self, weight: torch.Tensor) -> torch.Tensor:
         """||W_hat - W||^2 / ||W||^2: direction and scale, every layer alike whatever its norm."""
-        return (self.decode() - self.target).pow(2).sum() / self.target_norm2
+        return (weight.float().reshape(self.shape) - self.target).pow(2).sum() / self.target_norm2
 
 
-def _mimic(layers: list[_Layer], steps: int, lr: float, progress: bool) -> list[float]:
-    """Adam on the mean per-layer loss; parameters end at the best state seen."""
+def decode_autocast(dtype: str, device: torch.device):
+    """The autocast context of mimic's decoder passes (the written weights are always decoded in float32).
+
+    ``auto`` picks bfloat16 where it is fast: a CUDA GPU that supports it, a CPU with AMX tiles
+    (several times faster than float32 there); float32 elsewhere.
+    """
+    if dtype == "auto":
+        fast = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                else device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+        dtype = "bfloat16" if fast else "float32"
+    if dtype == "float32":
+        return dtype, contextlib.nullcontext
+    return dtype, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class _Probe:
+    """What the behaviour term matches: inputs, the original model's logits on them, BatchNorm's mode."""
+
+    inputs: torch.Tensor  # (n, C, H, W) on the model's device
+    logits: torch.Tensor  # (n, classes) of the original model in eval mode
+    bn_train: bool  # BatchNorm on batch statistics (real data) or on the checkpoint's statistics (noise)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.inputs.shape[0]
+        if n <= PROBE_BATCH:
+            return self.inputs, self.logits
+        idx = torch.arange(step * PROBE_BATCH, (step + 1) * PROBE_BATCH, device=self.inputs.device) % n  # cycles
+        return self.inputs[idx], self.logits[idx]
+
+
+def _behaviour(model: nn.Module, probe: _Probe, weights: dict[str, torch.Tensor], step: int,
+               buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+    """||f_hat(x) - f(x)||^2 / ||f(x)||^2 on one probe minibatch, with the decoded weights swapped in."""
+    x, ref = probe.batch(step)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if probe.bn_train else []
+    try:
+        for m in bns:
+            m.train()
+        # buffers: copies, so train-mode BatchNorm updates them and not the model's statistics
+        out = functional_call(model, {**weights, **buffers}, (x,))
+    finally:
+        for m in bns:
+            m.eval()
+    return (out.float() - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-30)
+
+
+def _mimic(layers: list[_Layer], steps: int, lr: float, progress: bool, model: nn.Module | None = None,
+           probe: _Probe | None = None, behaviour_weight: float = 0.0, decode_dtype: str = "float32") -> list[float]:
+    """Adam with cosine decay on the joint loss; parameters end at the final state. Returns the loss per step."""
     params = [t for layer in layers for t in (layer.latents, layer.log_scale)]
-    grads = [torch.zeros_like(p) for p in params]
-
-    def loss_fn() -> torch.Tensor:
-        # one layer's graph at a time (memory bounded by the largest layer); gradients are set in
-        # before_step, the returned leaf only carries the value
-        total = 0.0
-        for i, layer in enumerate(layers):
-            loss = layer.loss() / len(layers)
-            g_latents, g_scale = torch.autograd.grad(loss, [layer.latents, layer.log_scale])
-            grads[2 * i].copy_(g_latents)
-            grads[2 * i + 1].copy_(g_scale)
-            total += loss.item()
-        return torch.tensor(total, requires_grad=True)
-
-    def before_step() -> None:
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-
-    best, history = descend_keep_best(params, loss_fn, torch.optim.Adam(params, lr=lr), steps,
-                                      "reconstruct (mimic)", progress, before_step=before_step)
-    with torch.no_grad():
-        for keep, p in zip(best, params):
-            p.copy_(keep)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    behave = behaviour_weight > 0 and probe is not None and model is not None
+    _, autocast = decode_autocast(decode_dtype, layers[0].latents.device)
+    buffers = {k: v.clone() for k, v in model.named_buffers()} if behave and probe.bn_train else {}
+    history = []
+    for step in tqdm(range(steps), desc="reconstruct (mimic)", disable=not progress):
+        grads, value = {}, 0.0
+        if behave:
+            # 1. every layer decoded once, no graph; 2. the loss's gradient w.r.t. each decoded weight
+            with torch.no_grad(), autocast():
+                weights = {layer.name: layer.decode().to(layer.dtype).reshape(layer.shape).requires_grad_(True)
+                           for layer in layers}
+            loss = _behaviour(model, probe, {f"{n}.weight": w for n, w in weights.items()}, step, buffers)
+            names = list(weights)
+            for name, g in zip(names, torch.autograd.grad(loss, [weights[n] for n in names])):
+                grads[name] = g * behaviour_weight
+            value += behaviour_weight * loss.item()
+            del weights, loss
+        opt.zero_grad(set_to_none=True)
+        # 3. one layer's graph at a time: its weight term plus the behaviour gradient reaching it
+        for layer in layers:
+            with autocast():
+                weight = layer.decode()
+            term = layer.weight_error(weight) / len(layers)
+            value += term.item()
+            if layer.name in grads:
+                term = term + (weight.float().reshape(layer.shape) * grads[layer.name].float()).sum()
+            # w.r.t. the latents only: no gradient for the decoder's own weights (half the backward's cost)
+            layer.latents.grad, layer.log_scale.grad = torch.autograd.grad(term, [layer.latents, layer.log_scale])
+        history.append(value)
+        opt.step()
+        sched.step()
     return history
+
+
+def _model_side(model: nn.Module, image_size: int) -> tuple[int, int]:
+    """(channels, side) of the model's inputs: a model built for a fixed size keeps it."""
+    channels, height, _ = input_size(model)
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None) is not None
+    return channels, height if fixed else image_size
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + PROBE_BATCH]).float() for i in range(0, x.shape[0], PROBE_BATCH)])
+
+
+def _task_data(opts: ReconstructOptions, model: nn.Module, device: torch.device) -> dict:
+    """The probe task's splits as model inputs: train (probe, BatchNorm), val (function check), test (accuracy)."""
+    from .data import get_task, to_model_input
+
+    task = get_task(opts.probe_task, opts.seed)
+    channels, side = _model_side(model, opts.image_size)
+    data = {stage: (to_model_input(task.split(stage)[0], channels, side), task.split(stage)[1])
+            for stage in ("train", "val", "test")}
+    if not len(data["train"][1]) >= 2:
+        raise WeightgenError(f"task {task.name!r} has fewer than 2 training images to probe with")
+    perm = torch.randperm(len(data["train"][1]), generator=torch.Generator().manual_seed(opts.seed))
+    probe = data["train"][0][perm[:opts.probe_size]].to(device)
+    return {"task": task, "data": data, "probe": probe, "side": side}
+
+
+def _accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
+    from .digits import evaluate
+    return evaluate(model, TensorDataset(*data))
+
+
+def _reestimate_bn(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor]) -> None:
+    from .digits import reestimate_batchnorm
+    reestimate_batchnorm(model, TensorDataset(*train))
 
 
 def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path, dict]:
     """Run the whole job; returns the output directory and its report."""
     validate(opts)
     device = resolve_device(opts.device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     vae, meta = load_vae_bundle(opts.vae)
     state = load_checkpoint(opts.checkpoint)
     with torch.random.fork_rng(devices=[]):  # a model that cannot be built on meta draws timm's init
@@ -142,8 +280,28 @@ def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path,
     del state
     model = model.to(device).eval()
     vae = vae_on(vae, device)
-    batch = example_batch(model, opts.fidelity_batch, opts.seed).to(device)
+    task = _task_data(opts, model, device) if opts.probe_task else None
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if task:  # held out from the probe: the val split
+        batch = task["data"]["val"][0][:FIDELITY_CAP].to(device)
+        function_inputs = f"{task['task'].name} val split ({batch.shape[0]} images, not probed)"
+    else:
+        batch = example_batch(model, opts.fidelity_batch, opts.seed).to(device)
+        function_inputs = f"seeded noise (seed {opts.seed}), not the probe noise"
     reference = record_features(model, batch)
+    accuracy = None
+    if task:
+        classes = _logits(model, batch[:1]).shape[-1]
+        if classes == task["task"].num_classes:
+            original = copy.deepcopy(model)
+            accuracy = {"test_images": len(task["data"]["test"][1]),
+                        "original": _accuracy(original, task["data"]["test"])}
+            _reestimate_bn(original, task["data"]["train"])
+            accuracy["original_after_bn_reestimation"] = _accuracy(original, task["data"]["test"])
+            del original
+        else:
+            log.warning("the model has %d outputs and task %s %d classes: no accuracy", classes,
+                        task["task"].name, task["task"].num_classes)
 
     known, heads = trained_kinds(meta), head_names(model)
     layers, kept = [], []
@@ -160,9 +318,28 @@ def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path,
         log.warning("kept %d layers as they are (e.g. %s: %s)", len(kept), kept[0]["name"], kept[0]["reason"])
 
     steps = (DEFAULT_STEPS if opts.steps is None else opts.steps) if opts.mode == "mimic" else 0
-    fit_start = time.perf_counter()
-    history = _mimic(layers, steps, opts.lr, progress) if steps and layers else []
-    fit_seconds = time.perf_counter() - fit_start
+    behaviour_weight = opts.behaviour_weight if steps else 0.0
+    probe, probe_info = None, None
+    if behaviour_weight:
+        if task:
+            inputs, side = task["probe"], task["side"]
+            source = f"{task['task'].name} train split"
+        else:
+            side = _model_side(model, opts.image_size)[1]
+            # not the function check's noise (seed + 1), at the probe side: cheap for any input size
+            inputs = example_batch(model, opts.probe_size, opts.seed + 1, max_side=side).to(device)
+            source = "seeded noise (weightgen.models.example_batch)"
+        probe = _Probe(inputs, _logits(model, inputs), bn_train=bool(task) and has_bn)
+        probe_info = {"source": source, "task": task["task"].name if task else None, "size": inputs.shape[0],
+                      "batch": min(PROBE_BATCH, inputs.shape[0]), "image_side": inputs.shape[-1],
+                      "batchnorm": (None if not has_bn else "train mode (batch statistics)" if probe.bn_train
+                                    else "eval mode (the checkpoint's statistics)")}
+    decode_dtype = decode_autocast(opts.decode_dtype, device)[0] if steps else None
+    fit_start, fit_cpu = time.perf_counter(), time.process_time()
+    history = _mimic(layers, steps, opts.lr, progress, model, probe, behaviour_weight,
+                     decode_dtype or "float32") if steps and layers else []
+    fit_seconds, fit_cpu_seconds = time.perf_counter() - fit_start, time.process_time() - fit_cpu
+    del probe
 
     rows, latents = [], {}
     with torch.no_grad():
@@ -178,11 +355,18 @@ def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path,
                          "scale": scale.item(), "latent_numbers": z.numel() + 1, "weight_numbers": numbers})
             param = model.get_parameter(f"{layer.name}.weight")
             param.copy_(weight.to(param.dtype))  # after the row: the target may be this very tensor
-        recorded = record_features(model, batch)
+    batchnorm = "copied from the checkpoint" if has_bn else None
+    if task and has_bn:  # the decoded weights make other activations: statistics of the task's train split
+        _reestimate_bn(model, task["data"]["train"])
+        batchnorm = f"re-estimated on the {task['task'].name} train split"
+    if accuracy is not None:
+        accuracy["reconstructed"] = _accuracy(model, task["data"]["test"])
+    recorded = record_features(model, batch)
     function = compare_features(reference, recorded)
     ref_logits, logits = reference[1].float(), recorded[1].float()
     function["logits_rel_error"] = ((logits - ref_logits).norm() / ref_logits.norm().clamp(min=1e-30)).item()
     function.pop("block_cosine", None)  # per-block detail: the min below says enough
+    function["inputs"] = function_inputs
 
     cosines = [r["cosine"] for r in rows]
     latent_numbers = sum(r["latent_numbers"] for r in rows)
@@ -191,6 +375,8 @@ def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path,
         "arch": opts.arch, "model_kwargs": opts.model_kwargs, "checkpoint": str(opts.checkpoint),
         "vae": str(opts.vae or default_vae_dir()), "mode": opts.mode, "steps": steps,
         "lr": opts.lr if steps else None, "keep_head": opts.keep_head, "seed": opts.seed, "device": str(device),
+        "behaviour_weight": behaviour_weight if steps else None, "decode_dtype": decode_dtype,
+        "probe_task": opts.probe_task, "probe": probe_info, "batchnorm": batchnorm, "accuracy": accuracy,
         "layers": rows, "kept": kept,
         "totals": {"reconstructed": len(rows), "kept": len(kept),
                    "mean_cosine": statistics.fmean(cosines) if cosines else None,
@@ -203,14 +389,17 @@ def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path,
         "loss_history": history,
         "decode": "weight = weightgen.vae.codec.decode_layer(vae, latents, shape, kind, depth, scale)",
         "fit_seconds": fit_seconds,
+        "fit_cpu_seconds": fit_cpu_seconds,  # all threads of this process: what a busy machine does not inflate
     }
     metadata = {"format": LATENTS_FORMAT, "vae": report["vae"], "arch": opts.arch}
     with atomic_directory(opts.out, opts.overwrite, kind="reconstruction") as tmp:
         save_tensors(tmp / WEIGHTS_FILE, model.state_dict(), {"format": "weightgen-reconstruction/1", "arch": opts.arch})
         save_tensors(tmp / LATENTS_FILE, latents, metadata)
         report["seconds"] = time.perf_counter() - start
+        report["cpu_seconds"] = time.process_time() - cpu_start
         write_json(tmp / REPORT_FILE, report)
     return Path(opts.out), report
 
 
-__all__ = ["ReconstructOptions", "reconstruct", "validate", "MODES", "DEFAULT_STEPS", "DEFAULT_LR"]
+__all__ = ["ReconstructOptions", "reconstruct", "validate", "MODES", "DEFAULT_STEPS", "DEFAULT_LR",
+           "DEFAULT_BEHAVIOUR_WEIGHT", "DEFAULT_PROBE_SIZE", "DEFAULT_IMAGE_SIZE", "DECODE_DTYPES"]
