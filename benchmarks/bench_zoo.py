@@ -4,6 +4,10 @@
     python benchmarks/bench_zoo.py                 # quick zoo only, ~30 s
     python benchmarks/bench_zoo.py --full          # also the default 16-model zoo, ~10 min
     python benchmarks/bench_zoo.py --index DIR     # also record a zoo already built into DIR
+    python benchmarks/bench_zoo.py --field DIR     # only summarise a field zoo built into DIR (no build)
+
+The --field summary goes to docs/bench_zoo_field.{md,json}: the build's own record (wall and CPU
+seconds, jobs, load average) and, per family and per task, models, checkpoints and test accuracies.
 
 Writes docs/bench_zoo.{md,json}. Each build runs as its own process with one torch thread; the
 table gives the process wall time (imports included), the zoo's own record of its build time
@@ -19,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_info, markdown_table, run_measured  # noqa: E402
+from _common import REPO, machine_info, markdown_table, run_measured, write_outputs  # noqa: E402
 
 
 def build(kind: str, out: Path, timeout: float) -> dict:
@@ -43,12 +47,67 @@ def record(zoo: Path) -> dict:
                               max(r["test_accuracy"] for r in index["records"])]}
 
 
+def _acc(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.3f} ({min(values):.2f}-{max(values):.2f})" if values else "-"
+
+
+def field_summary(zoo: Path, out: Path) -> int:
+    """Per-family and per-task tables of a field zoo, from its zoo.json and model JSONs."""
+    index = json.loads((zoo / "zoo.json").read_text())
+    metas = {m: json.loads((zoo / f"{m}.json").read_text()) for m in index["models"]}
+    finals = [m for m in metas.values() if "checkpoint_of" not in m]
+    ckpts = [m for m in metas.values() if "checkpoint_of" in m]
+    cost = {r["model_id"]: r for r in index["records"] if "cpu_seconds" in r}
+
+    def rows_by(key: str) -> list[list]:
+        rows = []
+        for value in sorted({m[key] for m in finals}):
+            group = [m for m in finals if m[key] == value]
+            ids = {m["model_id"] for m in group}
+            t1 = [m["test_accuracy"] for m in ckpts if m["checkpoint_of"] in ids and m["model_id"].endswith("-t1")]
+            t2 = [m["test_accuracy"] for m in ckpts if m["checkpoint_of"] in ids and m["model_id"].endswith("-t2")]
+            other = "task" if key == "family" else "family"
+            rows.append([value, ", ".join(sorted({m[other] for m in group})),
+                         ", ".join(sorted({m["arch"] for m in group})), len(group),
+                         sum(m["split"] == "heldout" for m in group), len(t1) + len(t2),
+                         f"{min(m['params'] for m in group):,}-{max(m['params'] for m in group):,}",
+                         _acc([m["test_accuracy"] for m in group if m["split"] == "train"]),
+                         _acc([m["test_accuracy"] for m in group if m["split"] == "heldout"]), _acc(t1), _acc(t2),
+                         round(sum(cost[i]["cpu_seconds"] for i in ids), 1)])
+        return rows
+
+    headers = ["{}", "{}", "archs", "final models", "held out", "checkpoints", "params",
+               "test acc, train split: mean (min-max)", "test acc, held out", "test acc at 1/3 steps",
+               "test acc at 2/3 steps", "cpu s"]
+    fam_rows, task_rows = rows_by("family"), rows_by("task")
+    info = machine_info()
+    held = [m for m in finals if m["split"] == "heldout"]
+    md = (f"# Field zoo ({zoo})\n\n`{info['command']}`, {info['date_utc']}, {info['cpus']} CPUs ({info['cpu']}).\n\n"
+          f"Built by `scripts/build_zoo.py --preset field --jobs {index.get('jobs', 1)}` (one torch thread per "
+          f"worker): {len(finals)} final models of {len({m['family'] for m in finals})} families on "
+          f"{len({m['task'] for m in finals})} tasks, {len(ckpts)} checkpoints (at 1/3 and 2/3 of each run's "
+          f"steps), {len(held)} final models held out (`split: heldout`, new seeds of zoo configs, in "
+          f"{len({m['family'] for m in held})} families), {index['total_params']:,} parameters in all entries.\n\n"
+          f"Build wall time {index['seconds']:.0f} s, {index['cpu_seconds']:.0f} CPU-seconds of training "
+          f"(checkpoint evaluation included), load average {index['load_average_1min']} at the end of the build "
+          f"on a CPU shared with other jobs: wall time depends on that load, CPU seconds much less.\n\n"
+          "Test accuracy after exact BN re-estimation, on each task's test split (split seed 0).\n\n"
+          "## Per family\n\n" + markdown_table([headers[0].format("family"), "tasks"] + headers[2:], fam_rows, align="lll" + "r" * 9) + "\n\n"
+          "## Per task\n\n" + markdown_table([headers[0].format("task"), "families"] + headers[2:], task_rows, align="lll" + "r" * 9) + "\n")
+    write_outputs(out, "bench_zoo_field", md, {"machine": info, "zoo": str(zoo), "index": {
+        k: v for k, v in index.items() if k != "records"}, "families": fam_rows, "tasks": task_rows}, newline=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="also build the default zoo (~10 min on 1 thread)")
     p.add_argument("--index", help="a zoo directory built before: its zoo.json is recorded as it is")
+    p.add_argument("--field", help="a field zoo (build_zoo.py --preset field) to summarise into bench_zoo_field.*")
     p.add_argument("--out", default="docs")
     args = p.parse_args(argv)
+    if args.field:
+        return field_summary(Path(args.field), Path(args.out))
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,7 +14,8 @@ from weightgen.cli import run_cli
 from weightgen.io import WeightgenError
 from weightgen.digits import digits_model_kwargs, evaluate, load_digits_data
 from weightgen.zoo import (
-    ZooError, ZooSpec, build_zoo, default_zoo_specs, layer_records, load_zoo_model, quick_zoo_specs,
+    FIELD_TASKS, PRESETS, ZooError, ZooSpec, build_zoo, default_zoo_specs, field_zoo_specs, layer_records,
+    load_zoo_model, quick_zoo_specs,
 )
 
 
@@ -169,3 +170,137 @@ def test_build_zoo_refuses_cuda_without_a_gpu(tmp_path, capsys):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [line for line in proc.stderr.splitlines() if line.strip()] and "CUDA is not available" in errors[0]
     assert not out.exists()
+
+
+# ---- the field preset -------------------------------------------------------------------------
+
+def test_field_specs_span_the_field():
+    specs = field_zoo_specs(0)
+    assert PRESETS["field"] is field_zoo_specs
+    assert len(specs) >= 64  # final models; each also has checkpoints
+    families = {s.family for s in specs}
+    assert len(families) >= 8 and None not in families
+    tasks = {s.task for s in specs}
+    assert len(tasks) >= 3 and tasks <= set(FIELD_TASKS) and "fashion" not in tasks
+    held = [s for s in specs if s.split == "heldout"]
+    assert len(held) >= 8 and len({s.family for s in held}) >= 4
+    assert {s.split for s in specs} == {"train", "heldout"}
+    ids = [i for s in specs for i in s.entry_ids()]
+    assert len(ids) == len(set(ids)) == 3 * len(specs)
+    train_runs = {(s.arch, json.dumps(s.model_kwargs, sort_keys=True), s.task, s.seed)
+                  for s in specs if s.split == "train"}
+    train_configs = {r[:2] for r in train_runs}
+    for s in specs:
+        assert len(s.checkpoints) == 2 and 0 < s.checkpoints[0] < s.checkpoints[1] < s.steps
+        assert s.model_kwargs["in_chans"] == 1 and s.model_kwargs["num_classes"] == 10
+        assert 150 <= s.steps <= 400 and s.batch_size == 64
+    for s in held:  # a new seed of an architecture the zoo trains on, never a trained run itself
+        key = (s.arch, json.dumps(s.model_kwargs, sort_keys=True))
+        assert key in train_configs and key + (s.task, s.seed) not in train_runs
+    archs = {s.arch for s in specs}
+    # benchmarks elsewhere initialise these and rely on them being absent from the zoo
+    assert not archs & {"resnet34", "resnet50", "efficientnet_b0", "deit_tiny_patch16_224", "convnext_atto",
+                        "convnext_nano", "mobilenetv3_large_100", "regnety_002", "ghostnet_100", "mobilevit_xxs"}
+    assert field_zoo_specs(3)[0].seed == 3 and field_zoo_specs(3)[0].model_id.endswith("-s3")
+
+
+def test_field_archs_build_and_run_at_32px():
+    seen = {}
+    for s in field_zoo_specs(0):  # one per distinct config (17); a forward pass of two images each
+        seen.setdefault((s.arch, json.dumps(s.model_kwargs, sort_keys=True)), s)
+    assert len({s.family for s in seen.values()}) >= 8
+    x = torch.randn(2, 1, 32, 32)
+    for s in seen.values():
+        model = timm.create_model(s.arch, **s.model_kwargs).eval()
+        with torch.no_grad():
+            assert model(x).shape == (2, 10), s.model_id
+        assert layer_records(model)
+
+
+def _tiny_field_specs():
+    kw = {**digits_model_kwargs("resnet18"), "layers": [1, 1, 1, 1], "channels": [4, 8, 8, 16]}
+    vit = {**digits_model_kwargs("vit_tiny_patch16_224"), "embed_dim": 16, "depth": 1, "num_heads": 2,
+           "global_pool": "avg"}
+    return [
+        ZooSpec("r-mnist-s0", "resnet18", kw, 0, 6, task="mnist", split="train", family="resnet",
+                checkpoints=(2, 4)),
+        ZooSpec("v-greek-s1", "vit_tiny_patch16_224", vit, 1, 6, 2e-3, task="greek", split="heldout",
+                family="vit", checkpoints=(3,)),
+        ZooSpec("r-digits-s1", "resnet18", kw, 1, 4, task="digits", split="train", family="resnet"),
+    ]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each worker runs with: the bytes then match
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_jobs_give_identical_files_and_checkpoints(tmp_path, one_thread):
+    specs = _tiny_field_specs()
+    one = build_zoo(tmp_path / "j1", specs, progress=False, jobs=1)
+    two = build_zoo(tmp_path / "j2", specs, progress=False, jobs=2)
+    names = sorted(p.name for p in (tmp_path / "j1").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "j2").iterdir())
+    assert len([n for n in names if n.endswith(".safetensors")]) == 6  # 3 finals + 3 checkpoints
+    for name in names:
+        if name != "zoo.json":  # it records timings
+            assert (tmp_path / "j1" / name).read_bytes() == (tmp_path / "j2" / name).read_bytes(), name
+    assert one["models"] == two["models"] == [
+        "r-mnist-s0", "r-mnist-s0-t1", "r-mnist-s0-t2", "v-greek-s1", "v-greek-s1-t1", "r-digits-s1"]
+    assert two["jobs"] == 2 and one["jobs"] == 1
+    ckpt = json.loads((tmp_path / "j1" / "r-mnist-s0-t2.json").read_text())
+    assert ckpt["checkpoint_of"] == "r-mnist-s0" and ckpt["step"] == 4 and ckpt["task"] == "mnist"
+    assert ckpt["split"] == "train" and ckpt["family"] == "resnet" and ckpt["layers"]
+    held = json.loads((tmp_path / "j1" / "v-greek-s1-t1.json").read_text())
+    assert held["split"] == "heldout" and held["checkpoint_of"] == "v-greek-s1" and held["step"] == 3
+    final = json.loads((tmp_path / "j1" / "r-mnist-s0.json").read_text())
+    assert "checkpoint_of" not in final and final["task"] == "mnist" and final["split"] == "train"
+    # a checkpoint is the weights of that step, not of the end
+    a = load_file(tmp_path / "j1" / "r-mnist-s0-t1.safetensors")
+    b = load_file(tmp_path / "j1" / "r-mnist-s0.safetensors")
+    assert not torch.equal(a["fc.weight"], b["fc.weight"])
+    # vae.data.list_zoo reads every entry, checkpoints included
+    from weightgen.vae.data import list_zoo
+    assert sorted(m["model_id"] for m in list_zoo(tmp_path / "j2")) == sorted(one["models"])
+
+
+def test_checkpoints_leave_the_final_model_alone(tmp_path, one_thread):
+    import dataclasses
+
+    spec = _tiny_field_specs()[0]
+    build_zoo(tmp_path / "with", [spec], progress=False)
+    build_zoo(tmp_path / "without", [dataclasses.replace(spec, checkpoints=())], progress=False)
+    name = "r-mnist-s0.safetensors"
+    assert (tmp_path / "with" / name).read_bytes() == (tmp_path / "without" / name).read_bytes()
+    assert not (tmp_path / "without" / "r-mnist-s0-t1.json").exists()
+
+
+def test_default_zoo_json_has_no_field_keys(built):
+    meta = json.loads((built[0] / "a" / "tiny-resnet-s0.json").read_text())
+    assert not set(meta) & {"task", "split", "family", "checkpoint_of", "step"}
+
+
+def test_bad_field_specs_and_flags(tmp_path, capsys):
+    spec = _tiny_field_specs()[0]
+    import dataclasses
+
+    for bad, msg in ((dataclasses.replace(spec, checkpoints=(4, 2)), "checkpoints"),
+                     (dataclasses.replace(spec, checkpoints=(6,)), "checkpoints"),
+                     (dataclasses.replace(spec, split="test"), "split")):
+        with pytest.raises(ZooError, match=msg):
+            build_zoo(tmp_path / "z", [bad], progress=False)
+    # a final id that collides with another spec's checkpoint id
+    clash = dataclasses.replace(_tiny_field_specs()[2], model_id="r-mnist-s0-t1")
+    with pytest.raises(ZooError, match="duplicate"):
+        build_zoo(tmp_path / "z", [spec, clash], progress=False)
+    with pytest.raises(ZooError, match="jobs"):
+        build_zoo(tmp_path / "z", [spec], progress=False, jobs=0)
+    main = _script().main
+    for argv, msg in ((["--quick", "--preset", "field"], "contradicts"), (["--quick", "--jobs", "0"], "jobs")):
+        assert run_cli(lambda: main(["--out", str(tmp_path / "z"), "--no-progress"] + argv)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0]
+    assert not (tmp_path / "z").exists()

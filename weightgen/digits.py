@@ -86,11 +86,14 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
 def train_classifier(
     model: nn.Module, data: DigitsData, steps: int, batch_size: int = 64, lr: float = 1e-3,
     weight_decay: float = 0.05, seed: int = 0, progress: bool = False,
+    on_step=None,
 ) -> list[float]:
     """Train with AdamW + warmup/cosine schedule for a fixed number of steps; return per-step losses.
 
     Deterministic given ``seed``: shuffling uses its own generator and any in-model randomness
     (dropout, drop-path) runs under a forked, seeded global RNG, so the caller's RNG is untouched.
+    ``on_step(step, model, loss)`` (optional) runs after each step (1-based), e.g. to save checkpoints; it must
+    leave the model, its mode and the global RNG as they were.
     """
     from tqdm.auto import tqdm
 
@@ -129,6 +132,8 @@ def train_classifier(
             opt.step()
             sched.step()
             losses.append(loss.item())
+            if on_step is not None:
+                on_step(len(losses), model, losses[-1])
             bar.update(1)
             if progress and len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
