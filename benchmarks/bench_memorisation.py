@@ -66,12 +66,18 @@ def _state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _task(meta: dict, override: str | None) -> str:
-    return override or meta.get("task") or "digits"
+def _task(meta: dict, override: str | None) -> str | None:
+    """None: the default zoo's digits split (its model JSONs name no task)."""
+    return override or meta.get("task")
 
 
-def audit_group(metas: list[dict], args, vae_bundle, data_cache: dict) -> dict:
-    """Every generator's accuracy and nearest-zoo cosine for one architecture (one group of zoo models)."""
+def audit_group(metas: list[dict], refs: list[dict], args, vae_bundle, data_cache: dict) -> dict:
+    """Every generator's accuracy and nearest-zoo cosine for one architecture on one task.
+
+    ``metas``: the zoo's final models of that architecture and task (what noise and averages start
+    from, and whose siblings are measured); ``refs``: every zoo model of the architecture (all
+    tasks, checkpoints included), among which nearest neighbours are searched.
+    """
     import torch
     from safetensors.torch import load_file
 
@@ -81,6 +87,7 @@ def audit_group(metas: list[dict], args, vae_bundle, data_cache: dict) -> dict:
     from weightgen.vae.codec import weight_layers
     from weightgen.vae.prior import sample_weights
 
+    metas = [m for m in metas if "checkpoint_of" not in m] or metas
     first = metas[0]
     kwargs = first.get("model_kwargs", {})
     task = _task(first, args.task)
@@ -92,24 +99,26 @@ def audit_group(metas: list[dict], args, vae_bundle, data_cache: dict) -> dict:
     model = _fresh(first, 0)
     names = audit.compared_weights(model)
     noised = [f"{l['name']}.weight" for l in weight_layers(model) if l["direct"]]  # head too
-    zoo = {m["model_id"]: load_file(m["weights"]) for m in metas}
-    seed_of = {m["model_id"]: m.get("seed", m["model_id"]) for m in metas}
-    split_of = {m["model_id"]: m.get("split", "train") for m in metas}
+    zoo = {m["model_id"]: load_file(m["weights"]) for m in refs}
+    seed_of = {m["model_id"]: m.get("seed", m["model_id"]) for m in refs}
+    split_of = {m["model_id"]: m.get("split", "train") for m in refs}
+    own = [m["model_id"] for m in metas]  # this task's final models
 
     def nearest(state, exclude=None):
         ref, cos = audit.nearest(state, zoo, names, exclude)
         return {"nearest": ref, "nearest_split": split_of.get(ref), "cosine": cos}
 
     rows = []
-    for mid in zoo:  # zoo siblings: another seed of the same architecture
+    for mid in own:  # zoo siblings: another seed of the same architecture
         sib = nearest(zoo[mid], exclude=lambda r, mid=mid: seed_of[r] == seed_of[mid])
         if sib["nearest"] is not None:
             rows.append({"generator": "zoo siblings", "id": mid, "accuracy": next(
                 m.get("test_accuracy") for m in metas if m["model_id"] == mid), **sib})
-    say(f"  zoo: {len(zoo)} model(s), {len(rows)} with a sibling of another seed, {len(names)} layers compared")
+    say(f"  zoo: {len(own)} final model(s) on {task or 'digits (default zoo split)'}, {len(zoo)} of this "
+        f"architecture in all, {len(rows)} with a sibling of another seed, {len(names)} layers compared")
 
     # how close a zoo model stays to the timm init it was trained from (same seed, same entry point)
-    own_init = {mid: mean for mid in zoo if isinstance(seed_of[mid], int)
+    own_init = {mid: mean for mid in own if isinstance(seed_of[mid], int)
                 for mean in [audit.mean_layer_cosine(zoo[mid], _state(_fresh(metas[0], seed_of[mid])), names)]}
     # noise floor: independent timm inits are this close to one another
     inits = [_state(_fresh(first, SEED_OFFSET + 500 + i)) for i in range(max(3, args.samples))]
@@ -145,7 +154,7 @@ def audit_group(metas: list[dict], args, vae_bundle, data_cache: dict) -> dict:
         targets["VAE prior + train"] = statistics.mean(r["accuracy"] for r in rows
                                                         if r["generator"] == "VAE prior + train")
     for stage, target in targets.items():
-        for i, mid in enumerate(list(zoo)[:args.samples]):
+        for i, mid in enumerate(own[:args.samples]):
             def val_accuracy(sigma, mid=mid, i=i):
                 noisy = audit.with_relative_noise(zoo[mid], noised, sigma, torch.Generator().manual_seed(i))
                 return _accuracy(model, noisy, data, "val")
@@ -160,7 +169,7 @@ def audit_group(metas: list[dict], args, vae_bundle, data_cache: dict) -> dict:
 
     # naive generator (ii): averages of 2+ zoo models with different seeds
     seeds = {}
-    for mid in zoo:
+    for mid in own:
         seeds.setdefault(seed_of[mid], mid)  # one model per seed (the first listed)
     distinct = list(seeds.values())
     if len(distinct) >= 2:
@@ -182,7 +191,7 @@ def audit_group(metas: list[dict], args, vae_bundle, data_cache: dict) -> dict:
             strict[stage] = None if not sib else max(cos) <= min(sib)
             # within the noise floor a sample cannot be told from an independent init
             verdict[stage] = None if not sib else max(cos) <= max(min(sib), floor)
-    return {"arch": first["arch"], "model_kwargs": kwargs, "task": task, "zoo_models": list(zoo),
+    return {"arch": first["arch"], "model_kwargs": kwargs, "task": task, "zoo_models": own, "references": list(zoo),
             "layers_compared": len(names), "rows": rows, "sibling_min": min(sib) if sib else None,
             "zoo_vs_own_init": own_init, "independent_init_floor": floor, "pass": verdict, "pass_strict": strict}
 
@@ -235,7 +244,7 @@ def report(groups: list[dict], args, info: dict, vae_dir: str, seconds: float) -
         f"`{info['command']}`: zoo `{args.zoo}`, VAE `{vae_dir}`; {args.samples} prior samples per zoo architecture "
         f"(same timm entry point and kwargs as the zoo's models); cosine = mean over the Linear/Conv2d weights "
         f"(classifier head excluded) of the cosine of the flattened tensors, against the closest zoo model of "
-        f"that architecture. Accuracy: held-out test split of each model's task, BatchNorm statistics "
+        f"that architecture (any task, checkpoints included). Accuracy: held-out test split of each model's task, BatchNorm statistics "
         f"re-estimated on 20 training batches. A raw prior sample keeps timm's random head, so it sits at "
         f"chance; it is also trained {args.train_steps} steps (AdamW at the zoo model's lr) and audited again, "
         f"next to timm's init trained the same way. Noise: std sigma x layer RMS on every Linear/Conv2d weight "
@@ -273,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", nargs="+", help="only zoo models whose timm entry point is one of these")
     p.add_argument("--with-siblings-only", action="store_true",
                    help="audit only architectures with zoo models of 2+ seeds (where the criterion can be checked)")
-    p.add_argument("--task", help="task of every zoo model (default: each model JSON's 'task', else digits)")
+    p.add_argument("--task", help="task of every zoo model (default: each model JSON's 'task'; none: the "
+                                  "default zoo's digits split)")
+    p.add_argument("--all-tasks", action="store_true",
+                   help="audit each architecture on every task its zoo models learned (default: on the task "
+                        "with the most final models; neighbours are searched over all tasks either way)")
     p.add_argument("--noise-iterations", type=int, default=8, help="bisection steps for the noise level (default 8)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="docs", help="output folder (default docs)")
@@ -294,22 +307,31 @@ def main(argv: list[str] | None = None) -> int:
         models = [m for m in models if m["arch"] in args.archs]
         if not models:
             raise WeightgenError(f"no zoo model has an architecture among {args.archs}")
-    groups: dict[str, list[dict]] = {}
+    by_arch: dict[str, list[dict]] = {}
     for meta in models:
-        groups.setdefault(audit.architecture_key(meta), []).append(meta)
+        by_arch.setdefault(audit.architecture_key(meta), []).append(meta)
+    groups = []  # (final models of one task, every model of the architecture)
+    for refs in by_arch.values():
+        tasks: dict = {}
+        for meta in refs:
+            if "checkpoint_of" not in meta:
+                tasks.setdefault(_task(meta, args.task), []).append(meta)
+        chosen = list(tasks.values()) if args.all_tasks else [max(tasks.values(), key=len)] if tasks else []
+        groups += [(finals, refs) for finals in chosen]
     try:
         vae_dir = str(default_vae_dir().relative_to(Path(__file__).resolve().parents[1])) if not args.vae else args.vae
     except ValueError:
         vae_dir = str(default_vae_dir())
     if args.with_siblings_only:
-        groups = {k: v for k, v in groups.items() if len({m.get("seed", m["model_id"]) for m in v}) >= 2}
+        groups = [(f, r) for f, r in groups if len({m.get("seed", m["model_id"]) for m in f}) >= 2]
         if not groups:
             raise WeightgenError(f"no architecture in {args.zoo} has zoo models of two or more seeds")
-    say(f"{len(models)} zoo models in {len(groups)} architectures")
+    say(f"{len(models)} zoo models, {len(by_arch)} architectures, {len(groups)} to audit")
     results, data_cache = [], {}
-    for i, metas in enumerate(groups.values(), 1):
-        say(f"[{i}/{len(groups)}] {metas[0]['arch']} {json.dumps(metas[0].get('model_kwargs', {}), sort_keys=True)}")
-        results.append(audit_group(metas, args, vae_bundle, data_cache))
+    for i, (finals, refs) in enumerate(groups, 1):
+        say(f"[{i}/{len(groups)}] {finals[0]['arch']} {json.dumps(finals[0].get('model_kwargs', {}), sort_keys=True)}"
+            f" on {_task(finals[0], args.task) or 'digits'}")
+        results.append(audit_group(finals, refs, args, vae_bundle, data_cache))
     info = machine_info()
     seconds = time.perf_counter() - _START
     md = report(results, args, info, vae_dir, seconds)

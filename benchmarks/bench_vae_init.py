@@ -184,7 +184,7 @@ def plot(results: list[dict], labels: list[str], budgets: list[int], path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(len(labels), 3)
+    cols = 2 if len(labels) == 4 else min(len(labels), 3)  # 4 panels: 2 x 2
     nrows = -(-len(labels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.7 * nrows), squeeze=False)
     for ax, label in zip(axes.flat, labels):

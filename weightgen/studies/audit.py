@@ -148,15 +148,15 @@ def architecture_key(meta: dict) -> str:
     return meta["arch"] + " " + json.dumps(meta.get("model_kwargs", {}), sort_keys=True)
 
 
-def task_data(task: str, image_size: int = 32, in_chans: int = 1, seed: int = 0):
-    """Train/val/test data of ``task`` as model input (a ``DigitsData``).
+def task_data(task: str | None, image_size: int = 32, in_chans: int = 1, seed: int = 0):
+    """Train/val/test data of a zoo model's ``task`` as model input (a ``DigitsData``).
 
-    ``digits`` is the zoo's own split (weightgen.digits, as scripts/build_zoo.py trains on it);
-    other names go through :func:`weightgen.data.get_task`.
+    ``None`` (a model JSON without ``task``: the default zoo) is that zoo's own digits split
+    (weightgen.digits); a name is a :func:`weightgen.data.get_task` task, as the field zoo trains on.
     """
     from ..digits import DigitsData, load_digits_data
 
-    if task == "digits":
+    if task is None:
         return load_digits_data(image_size, in_chans, seed=seed)
     from ..data import get_task, task_dataset
 
