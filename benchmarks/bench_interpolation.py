@@ -11,7 +11,7 @@ runs with ``--no-residual --align``: weight-space lerp and the VAE's latent lerp
 
 Without ``--pair`` it picks up to ``--max-pairs`` pairs of one architecture, kwargs and task,
 preferring held-out models (``"split": "heldout"``: never seen by the VAE), one pair per
-architecture, ViTs and ResNets first. Checkpoints saved during a run (``checkpoint_of``) are not used.
+architecture, ViTs, ResNets and ConvNeXts first. Checkpoints saved during a run (``checkpoint_of``) are not used.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from _common import REPO, machine_info, markdown_table, write_outputs  # noqa: E
 STEM = "bench_interpolation"
 ORDER = ("weight_lerp", "weight_lerp_aligned", "latent_lerp", "latent_lerp_aligned", "latent_slerp",
          "latent_slerp_aligned")
-ARCH_ORDER = ("vit", "resnet")  # what the pair picker tries first (substring of the arch)
+ARCH_ORDER = ("vit", "resnet", "convnext")  # what the pair picker tries first (substring of the arch)
 
 
 def _records(zoo: Path) -> dict[str, dict]:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae", help="VAE directory (default: the shipped VAE)")
     p.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"),
                    help="two model ids of the zoo (repeatable; default: picked, see above)")
-    p.add_argument("--max-pairs", type=int, default=2, help="pairs picked without --pair (default: %(default)s)")
+    p.add_argument("--max-pairs", type=int, default=3, help="pairs picked without --pair (default: %(default)s)")
     p.add_argument("--steps", type=int, default=11, help="points per path, ends included (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")

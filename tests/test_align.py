@@ -16,7 +16,7 @@ CASES = {
     "resnet18": ("resnet18", {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "num_classes": 10, "in_chans": 1}),
     # deep stem, Bottlenecks (two chains sharing conv2), avg-pool + conv shortcuts
     "test_resnet": ("test_resnet", {"num_classes": 10, "in_chans": 1}),
-    # ConvNeXt Mlp blocks only (its stream is left as is)
+    # Mlp blocks, a stream per stage through depthwise convs, LayerNorms and layer scales
     "test_convnext": ("test_convnext", {"num_classes": 10, "in_chans": 1}),
 }
 
@@ -60,10 +60,10 @@ def test_alignment_keeps_b_function_and_raises_cosine(case):
     assert report["cosine_after"] > report["cosine_before"] + 0.04
     kinds = {g["kind"] for g in report["groups"]}
     assert kinds == {"vit": {"attention", "mlp", "stream"}, "resnet18": {"conv", "stream"},
-                     "test_resnet": {"conv", "stream"}, "test_convnext": {"mlp"}}[case]
+                     "test_resnet": {"conv", "stream"}, "test_convnext": {"mlp", "stream"}}[case]
 
 
-@pytest.mark.parametrize("case", ["vit", "test_resnet"])
+@pytest.mark.parametrize("case", ["vit", "test_resnet", "test_convnext"])
 def test_recovers_a_scrambled_copy_of_a(case):
     """b = a with random unit permutations (function unchanged): matching must undo them exactly."""
     model = create_model(*CASES[case])

@@ -17,7 +17,9 @@ Permuted (``permutation_groups``):
 * The residual stream of a plain timm ``VisionTransformer`` (one permutation of embed_dim: patch
   embedding, tokens, position embedding, every LayerNorm, qkv/fc1 inputs, proj/fc2 outputs, head
   input) and of a timm ``ResNet`` (one permutation per stretch between conv shortcuts: stem output,
-  block inputs and outputs, shortcut convs, fc input).
+  block inputs and outputs, shortcut convs, fc input) and of a timm ``ConvNeXt`` (one per stage:
+  stem / downsampling conv output, depthwise convs, LayerNorms, fc1 inputs, fc2 outputs, layer
+  scales, the head's norm and fc input).
 
 Groups that share a tensor are solved by coordinate descent. Anything else (stems' inner
 channels, depthwise or grouped convolutions, gated or normalised attention, other families) is left
@@ -257,19 +259,65 @@ def _resnet_streams(model: nn.Module) -> list[_Group] | str:
     return groups
 
 
+def _convnext_streams(model: nn.Module) -> list[_Group] | str:
+    """One permutation per stage of a timm ConvNeXt's residual stream (depthwise convs move with it)."""
+    from timm.models.convnext import ConvNeXtBlock, ConvNeXtStage
+
+    stem = list(model.stem)
+    if len(stem) != 2 or not _conv_ok(stem[0]) or not isinstance(stem[1], nn.LayerNorm):
+        return "stem is not Conv2d -> LayerNorm2d"
+    head = model.head
+    if not all(isinstance(getattr(head, part, None), kind) for part, kind in
+               (("norm", nn.LayerNorm), ("pre_logits", nn.Identity), ("fc", nn.Linear))):
+        return "head is not norm -> fc"
+    n = stem[0].out_channels
+    groups, entries = [], _param_entries("stem.0.", stem[0], 0, n) + _param_entries("stem.1.", stem[1], 0, n)
+    for s, stage in enumerate(model.stages):
+        pre = f"stages.{s}."
+        if type(stage) is not ConvNeXtStage:
+            return f"{pre[:-1]} is not a ConvNeXtStage"
+        if not isinstance(stage.downsample, nn.Identity):  # LayerNorm2d -> strided conv: a new stream
+            parts = list(stage.downsample)
+            if len(parts) != 2 or not isinstance(parts[0], nn.LayerNorm) or not _conv_ok(parts[1]):
+                return f"{pre}downsample is not LayerNorm2d -> Conv2d"
+            entries += _param_entries(f"{pre}downsample.0.", parts[0], 0, n) + [_Entry(f"{pre}downsample.1.weight", 1)]
+            groups.append(_Group(f"stream before {pre}downsample", "stream", n, [entries]))
+            n = parts[1].out_channels
+            entries = _param_entries(f"{pre}downsample.1.", parts[1], 0, n)
+        for i, block in enumerate(stage.blocks):
+            b = f"{pre}blocks.{i}."
+            dw, mlp = block.conv_dw, block.mlp
+            ok = (type(block) is ConvNeXtBlock and isinstance(block.shortcut, nn.Identity)
+                  and type(dw) is nn.Conv2d and dw.groups == dw.in_channels == dw.out_channels == n
+                  and isinstance(block.norm, nn.LayerNorm) and isinstance(mlp.fc1, (nn.Linear, nn.Conv2d))
+                  and isinstance(mlp.fc2, (nn.Linear, nn.Conv2d)))
+            if not ok:
+                return f"{b[:-1]} is not a plain ConvNeXtBlock (depthwise conv, LayerNorm, Mlp)"
+            entries += (_param_entries(f"{b}conv_dw.", dw, 0, n) + _param_entries(f"{b}norm.", block.norm, 0, n)
+                        + [_Entry(f"{b}mlp.fc1.weight", 1)] + _param_entries(f"{b}mlp.fc2.", mlp.fc2, 0, n))
+            if block.gamma is not None:
+                entries.append(_Entry(f"{b}gamma", 0))
+    entries += _side("norm_pre.", model.norm_pre, 0, n) + _param_entries("head.norm.", head.norm, 0, n)
+    entries.append(_Entry("head.fc.weight", 1))
+    groups.append(_Group("stream to head", "stream", n, [entries]))
+    return groups
+
+
 def permutation_groups(model: nn.Module, streams: bool = True) -> tuple[list[_Group], list[dict]]:
     """The blocks of ``model`` whose hidden units can be permuted, and the skipped ones with reasons.
 
-    ``streams``: also the residual stream of timm VisionTransformer / ResNet models (all blocks see
-    the same order, so those tensors are permuted on both axes).
+    ``streams``: also the residual stream of timm VisionTransformer / ResNet / ConvNeXt models (all
+    blocks see the same order, so those tensors are permuted on both axes).
     """
     from timm.layers import Attention, Mlp
+    from timm.models.convnext import ConvNeXt
     from timm.models.resnet import BasicBlock, Bottleneck, ResNet
     from timm.models.vision_transformer import VisionTransformer
 
     groups, skipped = [], []
-    if streams and type(model) in (VisionTransformer, ResNet):
-        found = (_vit_stream if type(model) is VisionTransformer else _resnet_streams)(model)
+    stream_finders = {VisionTransformer: _vit_stream, ResNet: _resnet_streams, ConvNeXt: _convnext_streams}
+    if streams and type(model) in stream_finders:
+        found = stream_finders[type(model)](model)
         if isinstance(found, str):
             skipped.append({"module": "", "kind": "residual stream", "reason": found})
         else:
