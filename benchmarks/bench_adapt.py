@@ -59,8 +59,21 @@ IMG_SIZE = 32
 
 # ------------------------------------------------------------------ worker side (imports torch)
 
-def prepare(name: str, settings: dict, cache: Path) -> dict:
-    """Pretrain (cached) and build the three artifacts: source, prior, timm init."""
+def vae_key(vae: str | None) -> str:
+    """Short hash of a VAE's files (default: the shipped one), so a prior artifact is never reused
+    for another VAE (the cache would otherwise key only on the backbone)."""
+    from weightgen.vae.prior import default_vae_dir
+
+    root = Path(vae) if vae else default_vae_dir()
+    digest = hashlib.sha256()
+    for name in ("vae.json", "vae.safetensors"):
+        digest.update((root / name).read_bytes() if (root / name).is_file() else b"")
+    return digest.hexdigest()[:10]
+
+
+def prepare(name: str, settings: dict, cache: Path, vae: str | None = None) -> dict:
+    """Pretrain (cached) and build the three artifacts: source, prior (from ``vae``, default the
+    shipped one), timm init."""
     import torch
 
     from weightgen.adapt.pretrain import pretrain
@@ -85,10 +98,11 @@ def prepare(name: str, settings: dict, cache: Path) -> dict:
             model = create_model(spec["arch"], kwargs)
         save_tensors(init, model.state_dict())
     for bank, checkpoint in (("source", src / "model.safetensors"), ("prior", None), ("timm_init", init)):
-        art = root / f"art-{bank}"
+        art = root / (f"art-prior-{vae_key(vae)}" if bank == "prior" else f"art-{bank}")
         if not (art / "report.json").is_file():
             generate(GenerateOptions(arch=spec["arch"], checkpoint=str(checkpoint) if checkpoint else None,
-                                     model_kwargs=kwargs, preset=spec["preset"], out=str(art), overwrite=True))
+                                     model_kwargs=kwargs, preset=spec["preset"], out=str(art), overwrite=True,
+                                     vae=vae if bank == "prior" else None))
         out[bank] = str(art)
     return out
 
@@ -174,7 +188,7 @@ def worker(spec_path: str) -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     spec = json.loads(Path(spec_path).read_text())
     if spec["kind"] == "prepare":
-        result = prepare(spec["backbone"], spec["settings"], Path(spec["cache"]))
+        result = prepare(spec["backbone"], spec["settings"], Path(spec["cache"]), spec.get("vae"))
     else:
         result = [run_job(job, spec["settings"]) for job in spec["jobs"]]
     Path(spec["result"]).write_text(json.dumps(result))
@@ -363,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=str(REPO / "outputs" / "bench_adapt_cache"), help="pretrained backbones, artifacts")
     p.add_argument("--out", help="where bench_adapt[_quick].{md,json,png} go (default: docs/; --quick: outputs/)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
+    p.add_argument("--vae", help="VAE directory the `prior` banks are sampled from (default: the shipped one)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -372,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     with ThreadPoolExecutor(args.jobs) as pool:
         prepared = dict(zip(args.backbones, [r[0] for r in pool.map(
-            lambda b: call_worker({"kind": "prepare", "backbone": b, "settings": settings, "cache": args.cache},
-                                  args.timeout), args.backbones)]))
+            lambda b: call_worker({"kind": "prepare", "backbone": b, "settings": settings, "cache": args.cache,
+                                   "vae": args.vae}, args.timeout), args.backbones)]))
         jobs = [{"backbone": b, "method": m, "bank": "source", "artifacts": prepared[b]}
                 for b in args.backbones for m in settings["methods"][b]]
         jobs += [{"backbone": b, "method": "recast", "bank": bank, "artifacts": prepared[b]}
