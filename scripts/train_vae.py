@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--logdir", help="TensorBoard logs (and Lightning checkpoints for resuming); default: none")
     p.add_argument("--max-epochs", type=int, default=30, help="training epochs (the shipped VAE used 30)")
     p.add_argument("--batch-size", type=int, default=1024, help="tokens per batch")
+    p.add_argument("--max-steps", type=int, default=-1,
+                   help="stop after this many optimizer steps (-1: no limit); the LR schedule spans min(steps, epochs)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop training after this many minutes (Lightning max_time), whatever --max-epochs says")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr, config=config, max_tokens_per_layer=args.max_tokens_per_layer, seed=args.seed,
         overwrite=args.overwrite, resume=args.resume, permute_rows=args.permute_rows,
         trainer_kwargs={"accelerator": args.accelerator, "devices": args.devices, "strategy": args.strategy,
-                        "num_nodes": args.num_nodes,
+                        "num_nodes": args.num_nodes, "max_steps": args.max_steps,
                         **({"max_time": {"minutes": args.max_minutes}} if args.max_minutes else {})})
     print(json.dumps(summary["reconstruction"], indent=2))
     print(f"wrote {out} in {summary['seconds']:.0f}s")
