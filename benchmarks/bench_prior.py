@@ -125,11 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     records = []
     with torch.no_grad():
-        for _, layer, kind, weight in iter_layers([by_id[i] for i in train_ids]):
+        for model, layer, kind, weight in iter_layers([by_id[i] for i in train_ids]):
             mu, _ = encode_layer(vae, weight, kind, layer["depth"])
             if mu.shape[0] > _DENSITY_TOKENS_PER_LAYER:
                 mu = mu[torch.randperm(mu.shape[0], generator=gen)[:_DENSITY_TOKENS_PER_LAYER]]
-            records.append((kind, layer["depth"], mu))
+            records.append((kind, layer["depth"], mu, model["model_id"]))
     densities, fit_s = {"none": None}, {}
     for family in ("gaussian", "mixture"):
         start = time.perf_counter()
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
           f"Split: {split_source}: {len(train_ids)} training models ({len(records)} layers, "
           f"{sum(r[2].shape[0] for r in records)} latent tokens) fit both densities; {len(held_ids)} held-out "
           f"models ({', '.join(held_ids)}; {n} layers) judge them. Mixture components per kind and depth "
-          f"bucket: {', '.join(f'{k} {v}' for k, v in components.items())}. Fit time: Gaussian "
+          f"bucket (each with the N(0, I) backstop of weight 1 / (training models in the cell + 1) as its last): {', '.join(f'{k} {v}' for k, v in components.items())}. Fit time: Gaussian "
           f"{fit_s['gaussian']:.2f} s, mixture {fit_s['mixture']:.1f} s.\n\n"
           "Held-out log-likelihood: nats per latent token, token-weighted (higher is better). Other columns: "
           "means over held-out layers (lower is better); each layer is sampled as `sample_weights` does "

@@ -169,3 +169,22 @@ def test_fit_priors_mixture_default_and_sample_weights_with_it(tmp_path):
     assert torch.equal(torch.get_rng_state(), state)
     assert not fallback and set(a) == {"0.weight", "2.weight"}
     assert all(torch.equal(a[k], b[k]) and torch.isfinite(a[k]).all() and not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_mixture_backstop_weight_follows_the_number_of_models():
+    """With model ids, each cell gets an N(0, I) component of weight 1 / (models + 1); without, none."""
+    g = torch.Generator().manual_seed(0)
+    records = [("conv", 0.1, torch.randn(200, DIM, generator=g) + 4.0, f"m{i % 3}") for i in range(6)]
+    records.append(("conv", 0.9, torch.randn(200, DIM, generator=g) + 4.0, "m0"))
+    density = fit_latent_density(records, DIM, family="mixture")
+    near, far = density["conv"]["mixture"][0], density["conv"]["mixture"][3]
+    for cell, models in ((near, 3), (far, 1)):
+        assert cell["weights"][-1] == pytest.approx(1 / (models + 1))
+        assert cell["means"][-1] == [0.0] * DIM and cell["stds"][-1] == [1.0] * DIM
+        assert sum(cell["weights"]) == pytest.approx(1.0)
+    plain = fit_latent_density([r[:3] for r in records], DIM, family="mixture")["conv"]["mixture"][0]
+    assert plain["weights"] == pytest.approx([w / (1 - 0.25) for w in near["weights"][:-1]])
+    # a held-out layer far from the training cell: the backstop keeps its likelihood from collapsing
+    odd = torch.randn(100, DIM, generator=g)
+    assert latent_log_prob(density, "conv", 0.1, odd).mean() > latent_log_prob(
+        {"conv": {"type": "mixture", "mixture": [plain] * 4}}, "conv", 0.1, odd).mean() + 10

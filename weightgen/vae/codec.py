@@ -56,15 +56,17 @@ def decode_layer(vae: WeightVAE, latents: torch.Tensor, shape, kind: str, depth:
     return detokenize(values, shape, 1.0, _token_size(vae)) * scale
 
 
-def fit_latent_density(records: list[tuple[str, float, torch.Tensor]], latent_dim: int,
-                       family: str = "gaussian", seed: int = 0) -> dict:
+def fit_latent_density(records: list[tuple], latent_dim: int, family: str = "gaussian", seed: int = 0) -> dict:
     """Density of latent means per layer kind and depth bucket (JSON-able).
 
-    records: (kind, depth, mu (N, latent_dim)). ``family``: "gaussian" (one diagonal Gaussian per
-    cell) or "mixture" (a diagonal Gaussian mixture per cell, 1-8 components chosen on held-out
-    layers, see ``_fit_mixture``; the Gaussian's mean/std are kept beside it, so readers that know
-    only the Gaussian still work). Empty cells fall back to the kind's pooled statistics, then to
-    the standard normal prior.
+    records: (kind, depth, mu (N, latent_dim)) or (kind, depth, mu, model id). ``family``:
+    "gaussian" (one diagonal Gaussian per cell) or "mixture" (a diagonal Gaussian mixture per cell,
+    1-8 components chosen by BIC, see ``_fit_mixture``; the Gaussian's mean/std are kept beside it,
+    so readers that know only the Gaussian still work). With model ids, each mixture also gets an
+    N(0, I) component (the VAE's own prior) of weight 1 / (models in the cell + 1): a cell fitted
+    on few models is trusted less (on held-out models it lifted depthwise layers, fitted on two
+    models, from below N(0, I) to above it: docs/bench_prior.md). Empty cells fall back to the
+    kind's pooled statistics, then to the standard normal prior.
     """
     if family not in ("gaussian", "mixture"):
         raise ValueError(f"unknown latent density family {family!r}: use 'gaussian' or 'mixture'")
@@ -72,7 +74,7 @@ def fit_latent_density(records: list[tuple[str, float, torch.Tensor]], latent_di
     sums = {k: torch.zeros(DEPTH_BUCKETS + 1, latent_dim, **cpu64) for k in KINDS}
     squares = {k: torch.zeros(DEPTH_BUCKETS + 1, latent_dim, **cpu64) for k in KINDS}
     counts = {k: torch.zeros(DEPTH_BUCKETS + 1, **cpu64) for k in KINDS}
-    for kind, depth, mu in records:
+    for kind, depth, mu, *_ in records:
         mu = mu.detach().double().cpu()
         for bucket in (depth_bucket(depth), DEPTH_BUCKETS):  # the last row pools every depth
             sums[kind][bucket] += mu.sum(0)
@@ -91,15 +93,15 @@ def fit_latent_density(records: list[tuple[str, float, torch.Tensor]], latent_di
         density[kind] = {"mean": mean[:DEPTH_BUCKETS].tolist(), "std": std[:DEPTH_BUCKETS].tolist(),
                          "tokens": counts[kind][:DEPTH_BUCKETS].tolist(), "seen": bool(pooled)}
         if family == "mixture":
-            cells = [[mu for k, d, mu in records if k == kind and depth_bucket(d) == b] for b in range(DEPTH_BUCKETS)]
+            cells = [[r for r in records if r[0] == kind and depth_bucket(r[1]) == b] for b in range(DEPTH_BUCKETS)]
             pooled_fit = None
             mixtures = []
             for b, cell in enumerate(cells):
                 if not cell and pooled_fit is None:  # the kind's pooled mixture, or N(0, I) for an unseen kind
-                    every = [item for c in cells for item in c]
-                    pooled_fit = (_fit_mixture(every, seed) if every else
+                    every = [r for c in cells for r in c]
+                    pooled_fit = (_with_backstop(_fit_mixture([r[2] for r in every], seed), every) if every else
                                   {"weights": [1.0], "means": [[0.0] * latent_dim], "stds": [[1.0] * latent_dim]})
-                mixtures.append(_fit_mixture(cell, seed + b) if cell else pooled_fit)
+                mixtures.append(_with_backstop(_fit_mixture([r[2] for r in cell], seed + b), cell) if cell else pooled_fit)
             density[kind].update({"type": "mixture", "mixture": mixtures})
     return density
 
@@ -108,6 +110,16 @@ _MIXTURE_COMPONENTS = (1, 2, 4, 8)
 _SAMPLE_CHUNK = 4096  # tokens per in-place mixture update in sample_latents (fits in cache)
 _MIXTURE_MAX_TOKENS = 65536  # per cell: bounds the EM's cost on big zoos; more adds little to 8 components
 _MIXTURE_TOKENS_PER_PARAM = 4  # at most one component per 4 * (2 * latent_dim + 1) tokens
+
+
+def _with_backstop(mixture: dict, records: list[tuple]) -> dict:
+    """``mixture`` plus an N(0, I) component of weight 1 / (models + 1), when the records name their models."""
+    if not records or any(len(r) < 4 for r in records):
+        return mixture
+    share = 1.0 / (len({r[3] for r in records}) + 1)
+    dim = len(mixture["means"][0])
+    return {"weights": [w * (1.0 - share) for w in mixture["weights"]] + [share],
+            "means": mixture["means"] + [[0.0] * dim], "stds": mixture["stds"] + [[1.0] * dim]}
 
 
 def _fit_mixture(cell: list[torch.Tensor], seed: int) -> dict:

@@ -42,13 +42,13 @@ def fit_priors(vae: WeightVAE, models: list[dict], seed: int = 0, density: str =
     """
     gen = torch.Generator().manual_seed(seed)
     scale_records, latent_records = [], []
-    for _, layer, kind, weight in iter_layers(models):
+    for model, layer, kind, weight in iter_layers(models):
         mu, _ = encode_layer(vae, weight, kind, layer["depth"])
         # the RMS itself, not the token scale (a power of two near it)
         scale_records.append((kind, tuple(weight.shape), layer["depth"], weight_scale(weight)))
         if mu.shape[0] > _DENSITY_TOKENS_PER_LAYER:
             mu = mu[torch.randperm(mu.shape[0], generator=gen)[:_DENSITY_TOKENS_PER_LAYER]]
-        latent_records.append((kind, layer["depth"], mu))
+        latent_records.append((kind, layer["depth"], mu, model["model_id"]))  # model ids: the mixture's backstop
     return fit_scale_model(scale_records), fit_latent_density(latent_records, vae.config.latent_dim, density, seed)
 
 
