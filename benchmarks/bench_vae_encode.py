@@ -4,10 +4,11 @@
     python benchmarks/bench_vae_encode.py --zoo /work/zoo-field [--vae new=DIR --vae old=weightgen/assets/vae]
 
 Held-out models are the zoo's ``"split": "heldout"`` final models (new seeds of zoo architectures,
-never seen in VAE training); held-out architectures are trained here on digits (seeded), from timm
+never seen in VAE training); held-out architectures are trained here on the digits task (seeded), from timm
 entry points the zoo never uses. Every Linear/Conv2d weight except the classifier head is rebuilt
 (``scripts/reconstruct.py --keep-head`` semantics: one ``weightgen.reconstruct.reconstruct`` call per
-model and mode), BatchNorm statistics are re-estimated on the task's training split, and test
+model and mode; ``mimic`` fits the outputs on the task's training images, ``--probe-task``), BatchNorm
+statistics are re-estimated on the task's training split, and test
 accuracy is compared with the original's. Beside each VAE: the per-token PCA oracle (k of 64 numbers
 per token, fitted on the zoo's training models), which bounds what a linear code of that size keeps.
 Writes docs/bench_vae_encode.{md,json}.
@@ -117,11 +118,11 @@ def main(argv=None) -> int:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = create_zoo_model(arch, kwargs)
-        train_classifier(model, zoo_data(None, 1), args.train_steps, lr=lr, seed=0, progress=True)
-        reestimate_batchnorm(model, zoo_data(None, 1).train)
+        train_classifier(model, zoo_data("digits", 1), args.train_steps, lr=lr, seed=0, progress=True)
+        reestimate_batchnorm(model, zoo_data("digits", 1).train)
         path = Path(tmp.name) / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        cases.append(("held-out arch", name, arch, kwargs, None, str(path)))
+        cases.append(("held-out arch", name, arch, kwargs, "digits", str(path)))
 
     rows, results = [], []
     for group, mid, arch, kwargs, task, weights in tqdm(cases, desc="models"):
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
         for label, vae_dir in vaes:
             for mode, steps in (("encode", None),) + ((("mimic", args.mimic_steps),) if args.mimic_steps else ()):
                 opts = ReconstructOptions(arch=arch, checkpoint=weights, model_kwargs=kwargs, vae=vae_dir, mode=mode,
-                                          steps=steps, keep_head=True, out=str(Path(tmp.name) / f"{mid}-{label}-{mode}"))
+                                          steps=steps, keep_head=True, out=str(Path(tmp.name) / f"{mid}-{label}-{mode}"),
+                                          probe_task=(task or "digits") if mode == "mimic" else None)
                 t0 = time.perf_counter()
                 out, report = reconstruct(opts)
                 seconds = time.perf_counter() - t0
