@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import os
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae", help="VAE directory whose prior gives the `prior` banks (default: the shipped one)")
     p.add_argument("--vae-name", help="its name in the tables (default: the directory's path)")
     p.add_argument("--compare-vae", help="a second VAE directory whose prior is run too (e.g. weightgen/assets/vae)")
+    p.add_argument("--compare-name", help="its name in the tables (default: the directory's path)")
     p.add_argument("--lrs", type=float, nargs="+", default=LRS, help="learning rates of the coefficient-only runs")
     p.add_argument("--backbones", nargs="+", default=list(ba.BACKBONES), choices=list(ba.BACKBONES))
     p.add_argument("--tasks", nargs="+", help="subset of the protocol's tasks (default: all, " +
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     vaes = {"new": args.vae}
     if args.compare_vae:
         vaes["compare"] = args.compare_vae
-    names = {"new": args.vae_name or (args.vae or "shipped VAE"), "compare": args.compare_vae}
+    names = {"new": args.vae_name or (args.vae or "shipped VAE"), "compare": args.compare_name or args.compare_vae}
     keys = {k: ba.vae_key(v) for k, v in vaes.items()}
     start = time.perf_counter()
     machine = machine_info()
