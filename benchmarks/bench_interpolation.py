@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     from weightgen.io import WeightgenError
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--zoo", default="/tmp/zoo-full", help="zoo directory (default: %(default)s)")
+    p.add_argument("--zoo", required=True, help="zoo directory (scripts/build_zoo.py)")
     p.add_argument("--vae", help="VAE directory (default: the shipped VAE)")
     p.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"),
                    help="two model ids of the zoo (repeatable; default: picked, see above)")

@@ -91,7 +91,7 @@ def subsample(x, n: int, generator):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--zoo", default="/tmp/zoo-full", help="model zoo (default /tmp/zoo-full)")
+    p.add_argument("--zoo", required=True, help="model zoo (scripts/build_zoo.py)")
     p.add_argument("--vae", help="VAE directory (default: the shipped one)")
     p.add_argument("--out", default="docs")
     p.add_argument("--stem", default="bench_prior", help="output file stem under --out")
