@@ -43,13 +43,14 @@ def result_key(settings: dict, job: dict) -> str:
 def run_cached(job: dict, settings: dict, results: Path, timeout: float) -> dict:
     path = results / f"{job['backbone']}-{job['bank']}-lr{job['lr']:g}-{result_key(settings, job)}.json"
     if path.is_file():
-        return {**json.loads(path.read_text()), "label": job["label"], "cached": True}
+        written = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(path.stat().st_mtime))
+        return {**json.loads(path.read_text()), "label": job["label"], "cached": written}
     out = ba.call_worker({"kind": "run", "jobs": [job], "settings": settings}, timeout)[0][0]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(out))
     os.replace(tmp, path)  # a killed run leaves no half-written result
-    return {**out, "cached": False}
+    return {**out, "cached": None}
 
 
 def entry(rows: list[dict], settings: dict) -> dict:
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in pool.map(lambda j: run_cached(j, settings, results_dir, args.timeout), jobs):
             print(f"{r['backbone']:<14} lr {r['lr']:<6g} {r['label']:<40} acc "
                   f"{ba.mean_over_tasks(r['rows'], settings['seeds'])[0]:.3f}  {r['seconds']:.0f}s"
-                  f"{' (cached)' if r['cached'] else ''}", flush=True)
+                  f"{' (cached ' + r['cached'] + ')' if r['cached'] else ''}", flush=True)
             runs.append(r)
 
     reference = json.loads(Path(args.reference).read_text()) if Path(args.reference).is_file() else None
@@ -135,17 +136,18 @@ def main(argv: list[str] | None = None) -> int:
             summary[b][f"{lr:g}"] = {label: entry(r["rows"], settings) for label, r in mine.items()}
             for label, e in summary[b][f"{lr:g}"].items():
                 table.append([b, f"{lr:g}", label, f"{e['mean_acc']:.3f} ± {e['std_acc']:.3f}",
-                              *[f"{e['per_task'][t]:.3f}" for t in tasks]])
+                              *[f"{e['per_task'][t]:.3f}" for t in tasks], mine[label]["cached"] or "now"])
             if lr == PROTOCOL_LR and reference and b in reference["summary"]:
                 ref = reference["summary"][b]["banks"]
                 for bank in ("prior", "timm_init"):
                     if bank in ref:
                         e = ref[bank]
-                        table.append([b, ref_lr, f"{bank}: docs/bench_adapt.json (shipped VAE at its commit "
+                        table.append([b, ref_lr, f"{bank}: docs/bench_adapt.json (the VAE shipped at its commit "
                                       f"{reference['machine'].get('git_commit', '?')})" if bank == "prior"
                                       else f"{bank}: docs/bench_adapt.json",
                                       f"{e['mean_acc']:.3f} ± {e['std_acc']:.3f}",
-                                      *[f"{e['per_task'][t][0]:.3f}" if t in e["per_task"] else "-" for t in tasks]])
+                                      *[f"{e['per_task'][t][0]:.3f}" if t in e["per_task"] else "-" for t in tasks],
+                                      reference["machine"].get("date_utc", "-")])
             new = next(r for r in mine.values() if r.get("vae") == "new")
             timm = mine["timm_init"]
             (a, _), (c, _) = ba.mean_over_tasks(new["rows"], settings["seeds"]), \
@@ -175,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         f"({machine['cpus']} CPUs, load average at start {machine['loadavg']}).", "",
         "VAEs: " + "; ".join(f"`{names[k]}` = {vaes[k] or 'weightgen/assets/vae'} (files sha256 {keys[k]})"
                              for k in vaes) + ".", "",
-        markdown_table(["backbone", "lr", "banks from", "test acc", *tasks], table, "lrl" + "r" * (1 + len(tasks))), "",
+        markdown_table(["backbone", "lr", "banks from", "test acc", *tasks, "trained"], table,
+                       "lrl" + "r" * (1 + len(tasks)) + "l"), "",
+        f"`trained`: when that row's runs were trained: now, or read from this script's result cache "
+        f"(`{results_dir.relative_to(REPO) if results_dir.is_relative_to(REPO) else results_dir}`, keyed by the "
+        f"settings, backbone, banks, lr and the banks' artifact), or the date of docs/bench_adapt.json's run. "
+        f"{sum(not r['cached'] for r in runs)} of {len(runs)} rows trained now.", "",
         "## Target 5: banks from the VAE prior beat banks from timm's init", "",
-        markdown_table(["backbone", "lr", "prior", "timm_init", "met", "(task, seed) pairs prior > timm_init"],
+        markdown_table(["backbone", "lr", "prior", "timm_init", "met", "(task, seed) pairs where prior > timm_init"],
                        [[c["backbone"], f"{c['lr']:g}", f"{c['prior']:.3f}", f"{c['timm_init']:.3f}",
                          "yes" if c["met"] else "**no**", f"{c['wins']} / {c['pairs']}"] for c in checks], "lrrrlr"), "",
         f"At the protocol's lr {ref_lr} on every backbone: **{'met' if met_protocol else 'not met'}**; "
