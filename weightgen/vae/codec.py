@@ -193,24 +193,26 @@ def _alias_table(weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         prob[s], alias[s] = scaled[s], big
         scaled[big] -= 1.0 - scaled[s]
         (small if scaled[big] < 1.0 else large).append(big)
-    return torch.tensor(prob, dtype=torch.float64), torch.tensor(alias, dtype=torch.long)
+    return (torch.tensor(prob, dtype=torch.float64, device="cpu"),  # sampling runs on the CPU generator
+            torch.tensor(alias, dtype=torch.long, device="cpu"))
 
 
 def latent_log_prob(density: dict | None, kind: str, depth: float, latents: torch.Tensor) -> torch.Tensor:
     """Log density (N,) of latents (N, latent_dim) under the cell ``sample_latents`` draws from (float64, CPU)."""
     x = latents.detach().double().cpu()
     if not density or kind not in density:
-        means, stds, weights = torch.zeros(1, x.shape[1]), torch.ones(1, x.shape[1]), [1.0]
+        means, stds, weights = torch.zeros(1, x.shape[1], device="cpu"), torch.ones(1, x.shape[1], device="cpu"), [1.0]
     elif density[kind].get("type") == "mixture":
         mix = density[kind]["mixture"][depth_bucket(depth)]
-        means, stds, weights = torch.tensor(mix["means"]), torch.tensor(mix["stds"]), mix["weights"]
+        means, stds, weights = torch.tensor(mix["means"], device="cpu"), torch.tensor(mix["stds"], device="cpu"), mix["weights"]
     else:
         cell = depth_bucket(depth)
-        means, stds, weights = torch.tensor([density[kind]["mean"][cell]]), torch.tensor([density[kind]["std"][cell]]), [1.0]
+        means = torch.tensor([density[kind]["mean"][cell]], device="cpu")
+        stds, weights = torch.tensor([density[kind]["std"][cell]], device="cpu"), [1.0]
     means, stds = means.double(), stds.double()
     z = (x[:, None, :] - means) / stds  # (N, K, D)
     per_component = -0.5 * z.pow(2).sum(-1) - stds.log().sum(-1) - 0.5 * x.shape[1] * math.log(2 * math.pi)
-    log_w = torch.tensor(weights, dtype=torch.float64).log()
+    log_w = torch.tensor(weights, dtype=torch.float64, device="cpu").log()
     return torch.logsumexp(per_component + log_w, dim=1)
 
 
