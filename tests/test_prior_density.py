@@ -106,9 +106,9 @@ def test_unknown_family_is_refused():
 
 
 def test_old_format_density_samples_exactly_as_before():
-    """The first shipped VAE's density (no "type": the diagonal Gaussian, kept in tests/data) draws what it drew
+    """The first shipped VAE's density (no "type": the diagonal Gaussian; tests/data/vae_mlp16) draws what it drew
     before the mixture existed."""
-    density = json.loads((Path(__file__).parent / "data" / "gaussian_latent_density.json").read_text())
+    density = json.loads((Path(__file__).parent / "data" / "vae_mlp16" / "vae.json").read_text())["latent_density"]
     assert all("type" not in cell for cell in density.values())
     for kind, depth, temperature, first, total in (
             ("conv", 0.3, 1.0, [-0.06710914522409439, 0.3490024209022522, -0.7591260075569153, 0.11594784259796143],
