@@ -71,9 +71,9 @@ def vae_key(vae: str | None) -> str:
     return digest.hexdigest()[:10]
 
 
-def prepare(name: str, settings: dict, cache: Path, vae: str | None = None) -> dict:
+def prepare(name: str, settings: dict, cache: Path, vae: str | None = None, bank_seed: int = 0) -> dict:
     """Pretrain (cached) and build the three artifacts: source, prior (from ``vae``, default the
-    shipped one), timm init."""
+    shipped one), timm init. ``bank_seed``: which draw of the prior and of timm's init (0: the protocol's)."""
     import torch
 
     from weightgen.adapt.pretrain import pretrain
@@ -90,19 +90,21 @@ def prepare(name: str, settings: dict, cache: Path, vae: str | None = None) -> d
                                  max_train=settings["pretrain_max_train"])
     kwargs = info["model_kwargs"]
     out = {"pretrain": {k: info[k] for k in ("test_acc", "val_acc", "seconds", "steps")}, "reused": reused}
-    init = root / "init" / "model.safetensors"
+    tag = f"-s{bank_seed}" if bank_seed else ""  # seed 0 keeps the names the cache already has
+    init = root / f"init{tag}" / "model.safetensors"
     if not init.is_file():
         init.parent.mkdir(parents=True, exist_ok=True)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+            torch.manual_seed(bank_seed)
             model = create_model(spec["arch"], kwargs)
         save_tensors(init, model.state_dict())
     for bank, checkpoint in (("source", src / "model.safetensors"), ("prior", None), ("timm_init", init)):
-        art = root / (f"art-prior-{vae_key(vae)}" if bank == "prior" else f"art-{bank}")
+        art = root / (f"art-prior-{vae_key(vae)}{tag}" if bank == "prior" else f"art-{bank}"
+                      + ("" if bank == "source" else tag))
         if not (art / "report.json").is_file():
             generate(GenerateOptions(arch=spec["arch"], checkpoint=str(checkpoint) if checkpoint else None,
                                      model_kwargs=kwargs, preset=spec["preset"], out=str(art), overwrite=True,
-                                     vae=vae if bank == "prior" else None))
+                                     vae=vae if bank == "prior" else None, seed=0 if bank == "source" else bank_seed))
         out[bank] = str(art)
     return out
 
@@ -188,7 +190,8 @@ def worker(spec_path: str) -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     spec = json.loads(Path(spec_path).read_text())
     if spec["kind"] == "prepare":
-        result = prepare(spec["backbone"], spec["settings"], Path(spec["cache"]), spec.get("vae"))
+        result = prepare(spec["backbone"], spec["settings"], Path(spec["cache"]), spec.get("vae"),
+                         spec.get("bank_seed", 0))
     else:
         result = [run_job(job, spec["settings"]) for job in spec["jobs"]]
     Path(spec["result"]).write_text(json.dumps(result))

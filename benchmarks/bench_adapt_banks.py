@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-name", help="its name in the tables (default: the directory's path)")
     p.add_argument("--compare-vae", help="a second VAE directory whose prior is run too (e.g. weightgen/assets/vae)")
     p.add_argument("--compare-name", help="its name in the tables (default: the directory's path)")
+    p.add_argument("--bank-seed", type=int, default=0,
+                   help="which draw of the prior and of timm's init the banks come from (0: bench_adapt's)")
     p.add_argument("--lrs", type=float, nargs="+", default=LRS, help="learning rates of the coefficient-only runs")
     p.add_argument("--backbones", nargs="+", default=list(ba.BACKBONES), choices=list(ba.BACKBONES))
     p.add_argument("--tasks", nargs="+", help="subset of the protocol's tasks (default: all, " +
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="parallel worker processes (one torch thread each)")
     p.add_argument("--cache", default=str(REPO / "outputs" / "bench_adapt_cache"), help="bench_adapt.py's cache")
     p.add_argument("--out", default=str(REPO / "docs"), help="where bench_adapt_banks.{md,json} go")
+    p.add_argument("--stem", default="bench_adapt_banks", help="their file name without extension")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
     args = p.parse_args(argv)
     if any(not lr > 0 for lr in args.lrs):
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = [(b, k) for b in args.backbones for k in vaes]
         prepared = dict(zip(specs, [r[0] for r in pool.map(
             lambda s: ba.call_worker({"kind": "prepare", "backbone": s[0], "settings": settings, "cache": args.cache,
-                                      "vae": vaes[s[1]]}, args.timeout), specs)]))
+                                      "vae": vaes[s[1]], "bank_seed": args.bank_seed}, args.timeout), specs)]))
         jobs = []
         for b in args.backbones:
             for lr in args.lrs:
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, e in summary[b][f"{lr:g}"].items():
                 table.append([b, f"{lr:g}", label, f"{e['mean_acc']:.3f} ± {e['std_acc']:.3f}",
                               *[f"{e['per_task'][t]:.3f}" for t in tasks], mine[label]["cached"] or "now"])
-            if lr == PROTOCOL_LR and reference and b in reference["summary"]:
+            if lr == PROTOCOL_LR and reference and b in reference["summary"] and not args.bank_seed:
                 ref = reference["summary"][b]["banks"]
                 for bank in ("prior", "timm_init"):
                     if bank in ref:
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Bank sources for coefficient-only adaptation: VAE prior vs timm init", "",
         f"`{cmd.strip()}`, {machine['date_utc']}, commit {machine.get('git_commit', '?')}. Method `recast` "
         f"(coefficients + head) of `docs/bench_adapt.md` on its backbones, with banks sampled from a VAE's prior "
-        f"(`weightgen.generate`, no checkpoint, seed 0) or closed-form fits of timm's random init (seed 0). "
+        f"(`weightgen.generate`, no checkpoint, seed {args.bank_seed}) or closed-form fits of timm's random init "
+        f"(seed {args.bank_seed}). "
         f"Tasks {', '.join(tasks)}; seeds {', '.join(map(str, settings['seeds']))}; {settings['epochs']} epochs"
         f"{'' if protocol else ' (a REDUCED setting, not the full protocol)'}; learning rates "
         f"{', '.join(f'{lr:g}' for lr in args.lrs)}, all else as bench_adapt's protocol. Accuracy: mean over tasks, "
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                          "yes" if c["met"] else "**no**", f"{c['wins']} / {c['pairs']}"] for c in checks], "lrrrlr"), "",
         f"At the protocol's lr {ref_lr} on every backbone: **{'met' if met_protocol else 'not met'}**; "
         f"at every lr: **{'met' if met_all else 'not met'}**.", ""])
-    write_outputs(args.out, "bench_adapt_banks", text, data, indent=1, default=str, newline=True)
+    write_outputs(args.out, args.stem, text, data, indent=1, default=str, newline=True)
     return 0
 
 
