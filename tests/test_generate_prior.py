@@ -228,3 +228,14 @@ def test_parametrized_weights_are_fallback_with_a_warning(caplog):
     assert fallback == ["3"] and sorted(weights) == ["0.weight", "2.weight"]
     assert [row["name"] for row in stats] == ["0", "2"]
     assert "not a plain tensor" in caplog.text and "3" in caplog.text
+
+
+def test_example_batch_follows_img_size_on_any_patch_embedding():
+    """A Mixer built at 32 px keeps its PatchEmbed on ``stem``, not ``patch_embed``: the probe batch must be
+    32 px all the same (it was 224 px, and the model refused it)."""
+    from weightgen.models import example_batch, input_size
+
+    mixer = timm.create_model("mixer_s16_224", img_size=32, in_chans=1, num_classes=10, mlp_ratio=(0.25, 1.0))
+    assert input_size(mixer) == (1, 32, 32)
+    assert mixer(example_batch(mixer, 2)).shape == (2, 10)
+    assert input_size(timm.create_model("test_resnet")) == (3, 160, 160)  # no patch embedding: timm's data config

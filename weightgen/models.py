@@ -176,13 +176,19 @@ def model_from_state(arch: str, model_kwargs: dict | None, state: dict[str, torc
     return model
 
 
+def _patch_embed(model: nn.Module) -> nn.Module | None:
+    """The first timm PatchEmbed-like module (a fixed ``img_size`` and a ``proj`` conv), if any."""
+    return next((m for m in model.modules()
+                 if getattr(m, "img_size", None) is not None and isinstance(getattr(m, "proj", None), nn.Conv2d)), None)
+
+
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     cfg = getattr(model, "pretrained_cfg", None)
     # timm's own resolution of the model's data config; a non-timm model has none to resolve
     size = resolve_model_data_config(model).get("input_size") if cfg else None
-    # models built with img_size=... report their real size on the patch embedding
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+    # models built with img_size=... report their real size on the patch embedding (ViT's patch_embed, Mixer's stem)
+    patch_embed = _patch_embed(model)
+    if patch_embed is not None:
         in_chans = getattr(patch_embed.proj, "in_channels", size[0] if size else 3)
         return (in_chans, *patch_embed.img_size)
     if size is None:
@@ -195,7 +201,7 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
 def example_batch(model: nn.Module, batch_size: int = 8, seed: int = 0, max_side: int = 224) -> torch.Tensor:
     """A seeded standard-normal batch at the model's input size (capped for speed)."""
     channels, height, width = input_size(model)
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None) is not None
+    fixed = _patch_embed(model) is not None
     if not fixed:
         height, width = min(height, max_side), min(width, max_side)
     gen = torch.Generator().manual_seed(seed)
