@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="docs")
+    p.add_argument("--stem", default="bench_decoder", help="output file name without extension")
     args = p.parse_args(argv)
 
     import torch
@@ -109,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['stored_with_decoder']:,}", f"{r['mean_cosine']:.4f}", f"{r['min_cosine']:.4f}",
               f"{100 * r['top1_agreement']:.1f}%", f"{r['accuracy']:.4f}", f"{r['seconds']:.1f}"] for r in rows]
     decoder = rows[0]["decoder_params"]
-    md = (f"# Decoder mimicry vs closed form at equal storage\n\n`{info['command']}`, {info['date_utc']}, "
+    latent = bundle[0].config.latent_dim
+    md = (f"# Decoder mimicry vs closed form by stored numbers\n\n`{info['command']}`, {info['date_utc']}, "
           f"load average {info['loadavg'][0]}, {args.threads} torch thread(s).\n\n"
           f"Preset `recast-attn-mlp`, banks of up to {args.layers_per_group} same-shape layers. Stored numbers "
-          f"= templates (or, for the decoder, 16 latents per 64 weights + one log scale per template) + "
+          f"= templates (or, for the decoder, {latent} latents per 64 weights + one log scale per template) + "
           f"coefficients; the column after counts the VAE decoder's own {decoder:,} parameters too "
           f"(the whole VAE has {rows[0]['vae_params']:,}). Top-1 agreement of the dense export with the "
           f"original model and accuracy on the zoo's digits test split "
@@ -121,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                             "mean cos", "min cos", "top-1 agreement", "accuracy", "fit s"], table) + "\n")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_decoder.md").write_text(md)
-    (out_dir / "bench_decoder.json").write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows},
-                                                           indent=2) + "\n")
+    (out_dir / f"{args.stem}.md").write_text(md)
+    (out_dir / f"{args.stem}.json").write_text(json.dumps({"machine": info, "args": vars(args), "rows": rows},
+                                                          indent=2) + "\n")
     print(md)
     return 0
 
