@@ -10,8 +10,9 @@ from .model import WeightVAE
 from .tokenize import KINDS, condition, detokenize, layer_kind, tokenize
 
 DEPTH_BUCKETS = 4
-_CHUNK = 65536  # tokens per decoder call: bounds memory on large layers
-# a power of two, so chunks of a layer keep the transformer VAE's windows (any power-of-two window divides it)
+# tokens per decoder call: bounds memory on large layers; a power of two, so chunks keep the
+# transformer VAE's (power-of-two) windows intact
+_CHUNK = 65536
 
 
 def weight_layers(model: nn.Module) -> list[dict]:

@@ -112,7 +112,7 @@ class ZooTokenDataset(Dataset):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window, self.permute_rows, self.seed, self.epoch = int(window), bool(permute_rows), int(seed), 0
-        self._perms: dict[int, np.ndarray] = {}
+        self._perms: dict[int, torch.Tensor] = {}  # layer -> this epoch's row permutation
         self.token_size = int(token_size)
         self.cache_bytes = int(cache_mb * 2**20)
         models = {m["model_id"]: m for m in list_zoo(root)}
@@ -139,16 +139,11 @@ class ZooTokenDataset(Dataset):
                 kind = layer_kind(shape, int(layer.get("groups", 1)))
                 if not 0.0 <= float(layer["depth"]) <= 1.0:  # fail at index time, not mid-epoch
                     raise ValueError(f"{mid}: layer {layer['name']!r} has depth {layer['depth']} outside [0, 1]")
-                n = token_count(shape, self.token_size)
-                n = -(-n // self.window)  # windows (tokens when window == 1)
-                ids = None
-                if self.window == 1 and max_tokens_per_layer is not None and n > max_tokens_per_layer:
-                    # seeded by model id, not position, so a model's subset never depends on the split
-                    rng = np.random.default_rng([seed, zlib.crc32(mid.encode()), li])
-                    ids = np.sort(rng.choice(n, size=max_tokens_per_layer, replace=False))
-                    n = max_tokens_per_layer
+                n = -(-token_count(shape, self.token_size) // self.window)  # windows (tokens when window == 1)
                 cap = None if max_tokens_per_layer is None else max(1, max_tokens_per_layer // self.window)
-                if self.window > 1 and cap is not None and n > cap:
+                ids = None
+                if cap is not None and n > cap:  # a seeded subset of tokens (or whole windows)
+                    # seeded by model id, not position, so a model's subset never depends on the split
                     rng = np.random.default_rng([seed, zlib.crc32(mid.encode()), li])
                     ids, n = np.sort(rng.choice(n, size=cap, replace=False)), cap
                 self.layers.append((meta["weights"], key, kind, float(layer["depth"]), shape, ids))
@@ -216,8 +211,8 @@ class ZooTokenDataset(Dataset):
             cpr = n // out
             perm = self._perms.get(j)
             if perm is None:
-                perm = self._perms[j] = np.random.default_rng([self.seed, self.epoch, j]).permutation(out)
-            src = torch.from_numpy(perm)[pos // cpr] * cpr + pos % cpr  # the token that sits there after permuting rows
+                perm = self._perms[j] = torch.from_numpy(np.random.default_rng([self.seed, self.epoch, j]).permutation(out))
+            src = perm[pos // cpr] * cpr + pos % cpr  # the token that sits there after permuting rows
         pad = self.window - len(pos)
         padded = [torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
                   for t in (values[src], mask[src], cond[pos])]
