@@ -122,7 +122,9 @@ def test_train_vae_transformer_with_augmentations(tmp_path):
     assert vae.config.arch == "transformer" and vae.config.window == 16 and vae.config.mask_ratio == 0.1
     assert meta["trainer"]["permute_rows"] is True and meta["training"]["arch"] == "transformer"
     assert meta["training"]["epochs"] == 2 and meta["training"]["steps"] > 0
-    assert 0.0 < meta["training"]["reconstruction"]["vae_mean_cosine"] <= 1.0 + 1e-6
+    recon = meta["training"]["reconstruction"]
+    # measured 0.17 after these 2 epochs; the same VAE after 1 step reconstructs at 0.035
+    assert recon["layers"] == 3 and recon["vae_mean_cosine"] > 0.1
 
 
 def test_train_vae_bad_architecture_settings_are_one_line(tmp_path, capsys):
