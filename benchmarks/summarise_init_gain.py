@@ -29,7 +29,7 @@ def interval(diffs: list[float]) -> dict:
     sd = statistics.stdev(diffs) if n > 1 else float("nan")
     half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
     # Identical differences (sd 0) give a zero-width interval that says nothing about spread.
-    excludes = None if not sd > 0 else bool(mean - half > 0 or mean + half < 0)
+    excludes = None if not sd > 1e-9 else bool(mean - half > 0 or mean + half < 0)
     return {"n": n, "mean": 100 * mean, "low": 100 * (mean - half), "high": 100 * (mean + half),
             "excludes_zero": excludes}
 
