@@ -65,7 +65,7 @@ def sample_weights(model: nn.Module, vae: WeightVAE, meta: dict, seed: int = 0, 
     Weights come out on the model's device, where the VAE decodes them; the latents are drawn
     from a CPU generator, so a seed gives the same weights on every device (to float rounding).
     With ``in_place`` each layer is written into the model's own weight as soon as it is decoded,
-    and the returned dict holds those weights themselves: no second model-size copy (issue 8).
+    and the returned dict holds those weights themselves: no second model-size copy.
     Returns (weights keyed ``name.weight``, per-layer statistics, fallback layer names).
     """
     if "scale_model" not in meta:
