@@ -11,7 +11,7 @@ from torch import nn
 import weightgen as wg
 from weightgen.config import default_preset
 from weightgen.layers import RecastConv2d, RecastLayer, RecastLinear
-from weightgen.recast import BANKS_ATTR, find_targets, recast_layers
+from weightgen.recasting import BANKS_ATTR, find_targets, recast_layers
 
 
 VIT_BLOCKS = range(6)  # test_vit has blocks.0 .. blocks.5
@@ -345,7 +345,8 @@ def test_a_failing_fit_restores_the_original_model(monkeypatch):
 
 
 def test_recast_does_not_import_the_fitting_code():
-    """One direction only: mimicry imports the bank bookkeeping, recast.py never imports mimicry."""
+    """One direction only: mimicry imports the bank bookkeeping, recasting.py never imports mimicry
+    (nor the adapters above it: it unloads them through their ``fold`` protocol)."""
     import ast
     from pathlib import Path
 
@@ -358,8 +359,9 @@ def test_recast_does_not_import_the_fitting_code():
                 found.add("." * node.level + (node.module or ""))
         return found
 
-    for low in ("recast.py", "bank.py", "layers.py", "config.py"):
-        assert not {m for m in imported(root / low) if "mimicry" in m or "vae" in m or m == ".api"}, low
+    for low in ("recasting.py", "bank.py", "layers.py", "config.py"):
+        assert not {m for m in imported(root / low) if "mimicry" in m or "vae" in m or "adapt" in m
+                    or m in (".api", ".tasks")}, low
     for path in (root / "mimicry").glob("*.py"):
         assert not {m for m in imported(path) if m.endswith(".api")}, path.name
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import weightgen as wg
 from weightgen.io import WeightgenError
-from weightgen.recast import BANKS_ATTR, recast_layers
+from weightgen.recasting import BANKS_ATTR, recast_layers
 from weightgen.tasks import TASK_FORMAT, task_metadata
 
 
