@@ -95,6 +95,7 @@ def test_generate_writes_the_artifact(two_runs):
     assert report["min_cosine"] > 0.99999
     assert report["function"]["top1_agreement"] == 1.0
     assert len(report["layers"]) == 9
+    assert report["seconds_total"] >= report["seconds"]  # the whole run, the fit included, is in the file
 
 
 def test_dense_weights_reproduce_the_original_logits(two_runs, checkpoint):

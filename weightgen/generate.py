@@ -154,7 +154,7 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
         from .tensorboard_log import log_fit
         log_fit(opts.logdir, model, report)
 
+    report["seconds_total"] = time.perf_counter() - start  # before saving, so report.json holds it
     out = save(model, opts.output_dir(), report, arch=opts.arch, model_kwargs=opts.model_kwargs,
                overwrite=opts.overwrite)
-    report["seconds_total"] = time.perf_counter() - start
     return out, report

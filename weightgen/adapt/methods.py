@@ -34,7 +34,7 @@ class AdaptMethod:
     adapter: str | None = None  # None | "lora" | "adaptformer" | "clr" | "piggyback"
     rank: int = 1  # LoRA / adapter bottleneck
     alpha: float = 4.0  # LoRA alpha (scaling alpha / rank); AdaptFormer's output scale
-    seed: int = 0  # initialisation of injected tensors (LoRA A, adapter down-projection)
+    seed: int = 0  # init of injected tensors (LoRA A, adapter down-projection) when apply() gets no seed
 
     # --- checks -------------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
