@@ -293,3 +293,14 @@ def test_methods_task_switching_and_extra_templates_on_gpu(tmp_path, arch):
             assert all(b.templates.is_cuda for b in model.recast_banks.values())
             with torch.no_grad():
                 torch.testing.assert_close(model(x), logits[0], rtol=1e-5, atol=1e-6)
+
+
+def test_library_errors_name_python_arguments_and_scripts_print_flags():
+    from weightgen.adapt.trainer import TrainConfig
+
+    for config, python, flag in [(TrainConfig(epochs=0), "epochs must be >= 1", "--epochs must be >= 1"),
+                                 (TrainConfig(batch_size=0), "batch_size must be >= 1", "--batch-size must be >= 1"),
+                                 (TrainConfig(lr=0.0), "lr must be > 0", "--lr must be > 0")]:
+        with pytest.raises(WeightgenError) as info:
+            config.validate()
+        assert str(info.value) == python and info.value.cli == flag
