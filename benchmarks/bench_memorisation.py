@@ -82,7 +82,7 @@ def audit_group(metas: list[dict], refs: list[dict], args, vae_bundle, data_cach
     from safetensors.torch import load_file
 
     from weightgen.digits import train_classifier
-    from weightgen.recast import head_names
+    from weightgen.recasting import head_names
     from weightgen.studies import audit
     from weightgen.vae.codec import weight_layers
     from weightgen.vae.prior import sample_weights

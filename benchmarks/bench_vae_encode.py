@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
     from weightgen.digits import evaluate, reestimate_batchnorm, train_classifier
     from weightgen.reconstruct import ReconstructOptions, reconstruct
-    from weightgen.recast import head_names
+    from weightgen.recasting import head_names
     from weightgen.vae.codec import weight_layers
     from weightgen.vae.data import list_zoo, split_by_model
     from weightgen.vae.prior import default_vae_dir

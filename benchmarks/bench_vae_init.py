@@ -75,7 +75,7 @@ def build(arch: str, kwargs: dict, init: str, seed: int, data, vae_bundle) -> tu
 
     from weightgen.digits import digits_model_kwargs, reestimate_batchnorm
     from weightgen.models import create_model
-    from weightgen.recast import head_names
+    from weightgen.recasting import head_names
     from weightgen.vae.prior import sample_weights
 
     with torch.random.fork_rng(devices=[]):  # timm's init draws from the global RNG: seed it, leave ours alone

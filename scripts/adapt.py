@@ -12,31 +12,32 @@ OUT gets results.csv/.md, accuracy_matrix.csv/.md, adapt.png and adapt.json, wri
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from weightgen.adapt import METHODS
+from weightgen.adapt.incremental import RUN_FILE, check_run, evaluate_results, open_backbone, run_sequence
+from weightgen.adapt.report import (EVALUATE_COLUMNS, RESULT_COLUMNS, figure, matrix_markdown, matrix_rows,
+                                    results_markdown, to_csv)
+from weightgen.adapt.trainer import TrainConfig
 from weightgen.cli import accelerator_for, run_cli
-from weightgen.io import MANIFEST_FILE, WeightgenError, atomic_directory, read_manifest, write_json
+from weightgen.data import TASKS
+from weightgen.io import WeightgenError, add_output_file, atomic_directory, write_json
 
 DEFAULT_SEEDS = "42,1998,3142592"
 KIND = "adapt-results"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from weightgen.adapt import METHODS
-    from weightgen.data import TASKS
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = " (default: %(default)s)"
     p.add_argument("--backbone", required=True, help="artifact directory from generate_weights.py")
     p.add_argument("--tasks", default="digits,mnist",
                    help="comma-separated tasks, learned in this order" + d + "; known: " + "; ".join(TASKS))
     p.add_argument("--method", default="recast", help="adaptation method" + d + "; one of: " + ", ".join(METHODS))
-    p.add_argument("--seeds", default=DEFAULT_SEEDS, help="comma-separated seeds (data split, init, order)" + d)
+    p.add_argument("--seeds", default=DEFAULT_SEEDS, help="comma-separated seeds; each one sets the data split, the initialisation of the "
+                        "head and of the method's adapters (LoRA, AdaptFormer), and the batch order" + d)
     p.add_argument("--out", help="results directory (required unless --evaluate)")
     p.add_argument("--evaluate", metavar="RESULTS_DIR",
                    help="reload every task file of RESULTS_DIR onto --backbone; write RESULTS_DIR/evaluate.csv")
@@ -65,26 +66,6 @@ def split(text: str, what: str, cast=str) -> list:
         raise WeightgenError(f"bad --{what} {text!r}: expected a comma-separated list of integers") from None
 
 
-def write_evaluate_csv(results_dir: Path, text: str) -> Path:
-    """Add evaluate.csv to a results directory weightgen wrote, and list it in its manifest."""
-    manifest = read_manifest(results_dir)
-    target = results_dir / "evaluate.csv"
-    if manifest is None:
-        raise WeightgenError(f"{results_dir} was not written by weightgen (no {MANIFEST_FILE}); not writing into it")
-    if target.exists() and "evaluate.csv" not in manifest["files"]:
-        raise WeightgenError(f"{target} exists and weightgen did not write it; move it away first")
-    for name, data in (("evaluate.csv", text), (MANIFEST_FILE, None)):
-        if data is None:
-            manifest["files"] = sorted(set(manifest["files"]) | {"evaluate.csv"})
-            data = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=results_dir)
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, results_dir / name)
-    return target
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -94,15 +75,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def adapt(args: argparse.Namespace) -> int:
-    from weightgen.adapt.incremental import RUN_FILE, check_run, evaluate_results, open_backbone, run_sequence
-    from weightgen.adapt.report import (EVALUATE_COLUMNS, RESULT_COLUMNS, figure, matrix_markdown, matrix_rows,
-                                        results_markdown, to_csv)
-    from weightgen.adapt.trainer import TrainConfig
-
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # after its import, which sets INFO
     if args.evaluate:
         rows = evaluate_results(args.backbone, args.evaluate, device=args.device)
-        path = write_evaluate_csv(Path(args.evaluate), to_csv(rows, EVALUATE_COLUMNS))
+        # into the results directory weightgen wrote (its manifest lists the new file), atomically
+        path = add_output_file(Path(args.evaluate), "evaluate.csv", to_csv(rows, EVALUATE_COLUMNS), kind=KIND)
         for r in rows:
             print(f"{r['task']:<12} seed {r['seed']:<8} test acc {r['test_acc']:.4f}")
         print(f"wrote {path}")

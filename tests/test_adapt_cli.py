@@ -133,13 +133,11 @@ def test_missing_optional_dataset_and_ctrl_c_leave_nothing(results, capsys, tmp_
     expect_error(["--backbone", backbone, "--tasks", "digits,animals", "--out", out], capsys,
                  "pip install --no-deps animal-mnist", out)
 
-    import weightgen.adapt.incremental as incremental
-
     def interrupted(*args, **kwargs):
         (Path(args[5]) / "tasks").mkdir()  # something partial inside the temporary directory
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(incremental, "run_sequence", interrupted)
+    monkeypatch.setattr(adapt, "run_sequence", interrupted)  # the name the script calls
     expect_error(["--backbone", backbone, "--out", out, *SMALL], capsys, "interrupted", out)
 
 

@@ -12,7 +12,7 @@ from weightgen.adapt import get_method
 from weightgen.adapt.incremental import open_backbone, run_sequence
 from weightgen.adapt.trainer import TrainConfig, predict, train_task
 from weightgen.data import get_task, to_model_input
-from weightgen.recast import recast_layers
+from weightgen.recasting import recast_layers
 
 KWARGS = {"test_resnet": {"in_chans": 1}, "test_vit": {"in_chans": 1, "img_size": 32, "patch_size": 8}}
 SMALL = {"max_train": 96, "max_eval": 48}

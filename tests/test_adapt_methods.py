@@ -11,8 +11,11 @@ import torch
 from torch import nn
 
 import weightgen as wg
-from weightgen.adapt import METHODS, export_dense, get_method, merge_and_unload, trainable_counts
+from weightgen import export_dense, merge_and_unload  # the one of each: they reach every adapter
+from weightgen.adapt import METHODS, get_method, trainable_counts
 from weightgen.adapt.base import Wrapper
+from weightgen.adapt.incremental import prepare_model
+from weightgen.adapt.lora import LoRAConv2d
 from weightgen.io import WeightgenError
 from weightgen.layers import RecastConv2d, recast_layers
 
@@ -168,17 +171,78 @@ def test_merge_folds_lora_and_masks_or_refuses(backbones, method):
         assert not torch.allclose(plain(x), dense(x), atol=1e-3)  # the adaptation is really in the weights
 
 
-def test_bank_merge_keeps_adapters_working(backbones):
+def test_one_merge_and_export_for_the_package_and_adapt():
+    import weightgen.adapt as adapt
+    import weightgen.recasting as recasting
+
+    assert adapt.merge_and_unload is wg.merge_and_unload is recasting.merge_and_unload
+    assert adapt.export_dense is wg.export_dense is recasting.export_dense
+
+
+@pytest.mark.parametrize("method", ["recast+melo", "recast+adaptformer"])
+def test_bank_merge_keeps_adapters_working_when_asked(backbones, method):
     arch, _, recast = backbones
-    method = "recast+melo"
+    if method in NOT_FOR[arch]:
+        return
     model = copy.deepcopy(recast)
     get_method(method).apply(model)
     _perturb(model)
     with torch.no_grad():
         adapted = model(inputs())
-        wg.merge_and_unload(model)  # banks only: the LoRA wrappers stay, over plain layers
+        wg.merge_and_unload(model, keep_adapters=True)  # banks only: the wrappers stay, over plain layers
         torch.testing.assert_close(model(inputs()), adapted, rtol=1e-4, atol=1e-5)
     assert any(isinstance(m, Wrapper) for m in model.modules()) and not recast_layers(model)
+    assert model.__dict__.get("adapt_method") == method  # still set up for its method
+
+
+class _Backbone:
+    """What prepare_model reads of a backbone: a fresh model copy."""
+
+    def __init__(self, arch: str):
+        self.arch = arch
+
+    def model(self, recast_model: bool = True) -> nn.Module:
+        preset, kwargs = ARCHS[self.arch]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(self.arch, num_classes=10, **kwargs).eval()
+        return wg.recast(model, preset=preset) if recast_model else model
+
+
+@pytest.mark.parametrize("method", ["lora", "recast+melo", "recast+adaptformer"])
+def test_the_run_seed_reaches_every_adapter_init(method):
+    """Seeds 42 and 1998 give different adapter inits (LoRA A, AdaptFormer's down-projection); one seed
+    gives the same init twice, and the caller's global RNG is left alone."""
+    backbone = _Backbone("test_vit")
+    m = get_method(method)
+
+    def adapter_init(seed: int) -> dict[str, torch.Tensor]:
+        model = prepare_model(backbone, m, 10, seed)
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_A" in k or "down.weight" in k}
+
+    rng = torch.get_rng_state()
+    first, again, other = adapter_init(42), adapter_init(42), adapter_init(1998)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert first and first.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_lora_conv_with_reflect_padding_runs_each_convolution_once(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+    lora = LoRAConv2d(base, rank=2, alpha=4.0, seed=0)
+    with torch.no_grad():
+        lora.lora_B.copy_(torch.randn(lora.lora_B.shape, generator=gen))
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    conv2d, calls = torch.nn.functional.conv2d, []
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
+    with torch.no_grad():
+        out = lora(x)
+    monkeypatch.undo()
+    assert len(calls) == 3  # the base, A, and B: no convolution computed twice
+    with torch.no_grad():
+        torch.testing.assert_close(out, lora.fold()(x), rtol=1e-5, atol=1e-5)  # reflect padding kept for A
 
 
 # ---------------------------------------------------------------- on a GPU (pytest -m gpu)
@@ -229,3 +293,14 @@ def test_methods_task_switching_and_extra_templates_on_gpu(tmp_path, arch):
             assert all(b.templates.is_cuda for b in model.recast_banks.values())
             with torch.no_grad():
                 torch.testing.assert_close(model(x), logits[0], rtol=1e-5, atol=1e-6)
+
+
+def test_library_errors_name_python_arguments_and_scripts_print_flags():
+    from weightgen.adapt.trainer import TrainConfig
+
+    for config, python, flag in [(TrainConfig(epochs=0), "epochs must be >= 1", "--epochs must be >= 1"),
+                                 (TrainConfig(batch_size=0), "batch_size must be >= 1", "--batch-size must be >= 1"),
+                                 (TrainConfig(lr=0.0), "lr must be > 0", "--lr must be > 0")]:
+        with pytest.raises(WeightgenError) as info:
+            config.validate()
+        assert str(info.value) == python and info.value.cli == flag

@@ -15,6 +15,7 @@ from torch import nn
 
 import weightgen as wg
 from weightgen.cli import run_cli
+from weightgen.io import WeightgenError
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate_weights.py"
@@ -95,6 +96,7 @@ def test_generate_writes_the_artifact(two_runs):
     assert report["min_cosine"] > 0.99999
     assert report["function"]["top1_agreement"] == 1.0
     assert len(report["layers"]) == 9
+    assert report["seconds_total"] >= report["seconds"]  # the whole run, the fit included, is in the file
 
 
 def test_dense_weights_reproduce_the_original_logits(two_runs, checkpoint):
@@ -352,3 +354,20 @@ def test_suggested_next_commands_carry_the_run_s_model_kwargs_and_preset():
     reparsed = script.parse_args(argv[2:])  # the suggestion is a command the script accepts as is
     assert reparsed.model_kwargs == ["channels=[16,32,64,128]", "in_chans=1"]
     assert reparsed.preset == "recast-resnet" and reparsed.templates == 1
+
+
+def test_user_errors_turns_a_core_value_error_into_one_user_error():
+    from weightgen.cli import user_errors
+
+    with pytest.raises(WeightgenError, match="unknown preset 'nope'") as info:
+        with user_errors(cli="pass --preset NAME"):
+            wg.preset_config("nope")
+    assert info.value.cli == "pass --preset NAME" and info.value.__cause__ is None
+    own = WeightgenError("as it was", cli="--flag")
+    with pytest.raises(WeightgenError) as info:
+        with user_errors(cli="ignored"):
+            raise own
+    assert info.value is own  # a user error passes through untouched
+    with pytest.raises(TypeError):
+        with user_errors():
+            raise TypeError("a bug stays a bug")

@@ -18,7 +18,7 @@ import weightgen as wg
 from weightgen.generate import GenerateOptions, generate, resolve_device
 from weightgen.io import WeightgenError, load_tensors
 from weightgen.mimicry import fit
-from weightgen.recast import BANKS_ATTR
+from weightgen.recasting import BANKS_ATTR
 from weightgen.studies.interpolation import interpolate
 from weightgen.vae.prior import load_vae_bundle, sample_weights
 
@@ -26,7 +26,7 @@ FACTORIES = ("zeros", "empty", "ones", "full", "rand", "randn", "randint", "tens
              "linspace", "triu_indices", "zeros_like", "randn_like")
 PACKAGE = Path(wg.__file__).parent
 # every module on the fit / prior / decoder path (tokenize.py makes CPU tokens that codec.py moves)
-CHECKED = {PACKAGE / p for p in ("api.py", "bank.py", "layers.py", "recast.py", "generate.py", "mimicry/__init__.py",
+CHECKED = {PACKAGE / p for p in ("api.py", "bank.py", "layers.py", "recasting.py", "generate.py", "mimicry/__init__.py",
                                  "mimicry/closed_form.py", "mimicry/gradient.py", "mimicry/decoder.py",
                                  "mimicry/fidelity.py", "vae/codec.py", "vae/prior.py")}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -194,7 +194,7 @@ def test_library_refuses_missing_vae(tmp_path):
 @pytest.mark.parametrize("arch", timm.list_models("test_*"))
 def test_default_preset_matches_something_for_every_timm_test_model(arch):
     from weightgen.config import default_preset, preset_config
-    from weightgen.recast import find_targets
+    from weightgen.recasting import find_targets
 
     model = timm.create_model(arch)
     assert find_targets(model, preset_config(default_preset(model)))
@@ -206,7 +206,7 @@ def test_prior_generation_of_unusual_families(arch, tmp_path):
     assert report["activations"]["all_finite"] and report["mean_cosine"] > 0.9999
     # every weight layer but the head is sampled or listed as fallback (test_nfnet: 25 of its 33
     # are ScaledStdConv2d, a Conv2d subclass, which used to keep timm's init unreported)
-    from weightgen.recast import head_names
+    from weightgen.recasting import head_names
 
     model = timm.create_model(arch)
     layers = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}

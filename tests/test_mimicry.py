@@ -15,7 +15,7 @@ from weightgen.generate import GenerateOptions, generate
 from weightgen.mimicry import fit, function_fidelity, solve_bank
 from weightgen.mimicry.closed_form import least_squares_coefficients
 from weightgen.vae.prior import load_vae_bundle
-from weightgen.recast import BANKS_ATTR, recast_layers
+from weightgen.recasting import BANKS_ATTR, recast_layers
 
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import weightgen as wg
 from weightgen.io import WeightgenError
-from weightgen.recast import BANKS_ATTR, recast_layers
+from weightgen.recasting import BANKS_ATTR, recast_layers
 from weightgen.tasks import TASK_FORMAT, task_metadata
 
 
@@ -296,3 +296,31 @@ def test_head_rebuilt_on_the_heads_device_and_dtype(tmp_path):
     model.double()
     wg.load_task(model, tmp_path / "five.safetensors")
     assert model.head.weight.dtype == torch.float64 and model.head.out_features == 5
+
+
+def test_head_resize_leaves_the_callers_rng_alone(tmp_path):
+    model = small_model("test_vit", "recast-attn-mlp", "recast")
+    model.reset_classifier(5)
+    wg.save_task(model, tmp_path / "five.safetensors")
+    model.reset_classifier(10)
+    rng = torch.get_rng_state()
+    wg.load_task(model, tmp_path / "five.safetensors")  # rebuilds the head: 10 -> 5 classes
+    assert model.head.out_features == 5
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_head_that_fits_only_in_part_is_refused_before_the_head_is_rebuilt(tmp_path):
+    """weight for 5 classes, bias for 10: only rebuilding the head shows the bias no longer fits, so
+    that check must run on a copy: the refused file leaves the model's head as it was."""
+    model = small_model("test_vit", "recast-attn-mlp", "recast")
+    path = tmp_path / "task.safetensors"
+    wg.save_task(model, path)
+    state = load_file(str(path))
+    state["head.weight"] = state["head.weight"][:5].clone()
+    save_file(state, str(path))
+    head = model.head
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WeightgenError, match="shapes that do not fit: head.bias"):
+        wg.load_task(model, path)
+    assert model.head is head and model.head.out_features == 10
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -2,7 +2,7 @@
 __version__ = "0.1.0"
 
 from .config import PRESETS, RecastConfig, preset_config  # noqa: E402
-from .recast import (  # noqa: E402
+from .recasting import (  # noqa: E402
     export_dense, mark_only_coefficients_trainable, merge_and_unload, parameter_counts,
 )
 from .api import recast  # noqa: E402

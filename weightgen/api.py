@@ -5,7 +5,7 @@ from torch import nn
 
 from .config import RecastConfig
 from .mimicry import fit_closed_form
-from .recast import inject, restore
+from .recasting import inject, restore
 
 
 def recast(model: nn.Module, config: RecastConfig | None = None, *, preset: str | None = None,

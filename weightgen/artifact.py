@@ -12,7 +12,7 @@ from . import __version__
 from .config import RecastConfig
 from .io import WeightgenError, atomic_directory, load_tensors, read_json, save_tensors, write_json, write_safetensors
 from .models import create_model
-from .recast import dense_entries, inject
+from .recasting import dense_entries, inject
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import logging
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .io import WeightgenError
 
@@ -36,6 +37,18 @@ def parse_kwargs(items: list[str] | None) -> dict:
         except (ValueError, SyntaxError):
             out[key] = raw
     return out
+
+
+@contextlib.contextmanager
+def user_errors(cli: str | None = None) -> Iterator[None]:
+    """The one way a script turns a core ``ValueError`` (bad config, bad pattern) into a user error:
+    the same message as a :class:`WeightgenError` (``cli``: its command-line wording, if different)."""
+    try:
+        yield
+    except WeightgenError:
+        raise
+    except ValueError as err:
+        raise WeightgenError(str(err), cli=cli) from None
 
 
 def run_cli(main: Callable[[], int]) -> int:

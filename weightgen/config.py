@@ -8,29 +8,32 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-# Regexes on full dotted module names. Kept here, and only here, so no other file hard-codes names.
-_VIT_QKV = r"(^|.*\.)blocks\.\d+\.attn\.qkv"
-_VIT_MLP = r"(^|.*\.)blocks\.\d+\.mlp\.fc[12]"
+# Regexes on full dotted module names. Kept here, and only here, so no other file hard-codes names
+# (weightgen.adapt picks its adapter targets with the same patterns).
+VIT_QKV = r"(^|.*\.)blocks\.\d+\.attn\.qkv"
+VIT_MLP = r"(^|.*\.)blocks\.\d+\.mlp\.fc[12]"
+VIT_MLP_BLOCK = r"(^|.*\.)blocks\.\d+\.mlp"  # the MLP module itself (AdaptFormer's parallel adapter)
 # Convolutions inside residual stages (timm ResNet `layerN.M.convK`, and `stages.N...` families);
 # the stem and the downsample shortcuts stay dense, as RECAST-resnet does.
-_RESIDUAL_CONV = r"(^|.*\.)(layer\d+|stages\.\d+)\.\d+\.(.*\.)?conv[^.]*"
+RESIDUAL_CONV = r"(^|.*\.)(layer\d+|stages\.\d+)\.\d+\.(.*\.)?conv[^.]*"
+SHORTCUTS = (r".*downsample.*", r".*shortcut.*")
 # conv1/conv2 of every block but the first of each stage (timm ResNet `layerN.M.convK`, M >= 1)
-_LATER_BLOCK_CONV12 = r"(^|.*\.)layer\d+\.[1-9]\d*\.conv[12]"
+LATER_BLOCK_CONV12 = r"(^|.*\.)layer\d+\.[1-9]\d*\.conv[12]"
 
 PRESETS: dict[str, dict] = {
-    "recast-mlp": {"target_modules": _VIT_MLP, "layer_types": ("linear",)},
-    "recast-attn": {"target_modules": _VIT_QKV, "layer_types": ("linear",)},
-    "recast-attn-mlp": {"target_modules": f"({_VIT_QKV})|({_VIT_MLP})", "layer_types": ("linear",)},
+    "recast-mlp": {"target_modules": VIT_MLP, "layer_types": ("linear",)},
+    "recast-attn": {"target_modules": VIT_QKV, "layer_types": ("linear",)},
+    "recast-attn-mlp": {"target_modules": f"({VIT_QKV})|({VIT_MLP})", "layer_types": ("linear",)},
     "recast-conv": {
-        "target_modules": _RESIDUAL_CONV,
-        "exclude_modules": [r".*downsample.*", r".*shortcut.*"],
+        "target_modules": RESIDUAL_CONV,
+        "exclude_modules": list(SHORTCUTS),
         "layer_types": ("conv",),
     },
     # RECAST-resnet (the seed's): the first block of each stage stays dense; conv1/conv2 of the other
     # blocks of a stage share one bank (same shape in a BasicBlock stage) of half as many templates as
     # layers: 2*(blocks-1) layers -> blocks-1 templates. ResNet-34, K=2: 4*(2*2)+6*(2*3)+10*(2*5)+4*(2*2)
     # = 168 coefficients per task (stages of 3, 4, 6, 3 blocks); ResNet-18: 16.
-    "recast-resnet": {"target_modules": _LATER_BLOCK_CONV12, "layer_types": ("conv",), "template_ratio": 0.5},
+    "recast-resnet": {"target_modules": LATER_BLOCK_CONV12, "layer_types": ("conv",), "template_ratio": 0.5},
     # every Linear/Conv2d except the classifier head (excluded at match time)
     "all": {"target_modules": None, "layer_types": ("linear", "conv")},
 }
@@ -104,7 +107,7 @@ class RecastConfig:
         return fitted + self.extra_templates
 
     def matches(self, name: str) -> bool:
-        """Whether a module name is targeted (type and head checks happen in recast.py)."""
+        """Whether a module name is targeted (type and head checks happen in recasting.py)."""
         if self.target_modules is not None and not _name_matches(name, self.target_modules):
             return False
         return not any(_name_matches(name, pattern) for pattern in self.exclude_modules)

@@ -15,7 +15,7 @@ from .io import WeightgenError, check_checkpoint_path, check_output_dir, load_ch
 from .mimicry import METHODS, fit
 from .mimicry.fidelity import compare_features, record_features
 from .models import check_arch, create_model, example_batch, model_from_state, resolve_device
-from .recast import head_names, inject, parameter_counts
+from .recasting import head_names, inject, parameter_counts
 from .vae.prior import activation_ranges, default_vae_dir, load_vae_bundle, sample_weights
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
         from .tensorboard_log import log_fit
         log_fit(opts.logdir, model, report)
 
+    report["seconds_total"] = time.perf_counter() - start  # before saving, so report.json holds it
     out = save(model, opts.output_dir(), report, arch=opts.arch, model_kwargs=opts.model_kwargs,
                overwrite=opts.overwrite)
-    report["seconds_total"] = time.perf_counter() - start
     return out, report

@@ -17,6 +17,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from timm.models import clean_state_dict
 
+from . import __version__  # the package sets it before importing any of its modules
+
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
 
@@ -288,7 +290,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, kind: 
         yield tmp
         files = _listing(tmp)
         write_json(tmp / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "kind": kind, "files": files,
-                                         "weightgen_version": _version()})
+                                         "weightgen_version": __version__})
         mask = _umask()
         for name in files + [MANIFEST_FILE]:  # safetensors writes 0600
             if not (tmp / name).is_symlink():
@@ -347,12 +349,6 @@ def add_output_file(out_dir: str | os.PathLike, name: str, data: str | bytes, ki
             if os.path.exists(tmp):
                 os.remove(tmp)
     return target
-
-
-def _version() -> str:
-    from . import __version__  # the package sets it before importing any module
-
-    return __version__
 
 
 def safetensors_format(path: str | os.PathLike) -> str | None:

@@ -41,7 +41,7 @@ from .io import WeightgenError, atomic_directory, check_checkpoint_path, check_o
     save_tensors, write_json
 from .mimicry.fidelity import compare_features, cosine, record_features
 from .models import check_arch, example_batch, input_size, model_from_state
-from .recast import head_names
+from .recasting import head_names
 from .vae.codec import decode_layer, encode_layer, rms, weight_layers
 from .vae.prior import default_vae_dir, load_vae_bundle, trained_kinds, vae_on
 from .vae.tokenize import condition

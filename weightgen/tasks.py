@@ -8,6 +8,8 @@ the task's logits bit for bit, whatever another task trained in between.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -16,10 +18,9 @@ from safetensors import safe_open
 from torch import nn
 
 from .io import WeightgenError, atomic_file, load_tensors, save_tensors
-from .recast import head_names, recast_layers
+from .recasting import METHOD_ATTR, head_names, recast_layers
 
 TASK_FORMAT = "weightgen-task/1"
-METHOD_ATTR = "adapt_method"  # set on a model by weightgen.adapt methods; recorded in task files
 
 
 def _parts(model: nn.Module, include_head: bool = True) -> dict[str, list[str]]:
@@ -42,11 +43,6 @@ def _parts(model: nn.Module, include_head: bool = True) -> dict[str, list[str]]:
         elif owner in stats and not isinstance(value, nn.Parameter):
             parts["buffers"].append(key)
     return {part: sorted(keys) for part, keys in parts.items()}
-
-
-def task_state(model: nn.Module, include_head: bool = True) -> dict[str, torch.Tensor]:
-    """The tensors that make one task (see the module docstring), copied."""
-    return _task_tensors(model, _parts(model, include_head))
 
 
 def _task_tensors(model: nn.Module, parts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
@@ -126,17 +122,37 @@ def load_task(model: nn.Module, path: str | Path) -> None:
         if (not hasattr(model, "reset_classifier") or len(classes) != 1
                 or any(state[k].shape[1:] != current[k].shape[1:] for k in resized)):
             raise WeightgenError(f"task file {path} has a head that does not fit: {_shapes(resized, state, current)}")
+        classes = classes.pop()
+        after = _shapes_after_reset(model, classes)  # on a tensorless copy: the model is not touched yet
+        bad = [k for k in state if state[k].shape != after.get(k)]
+        if bad:
+            raise WeightgenError(f"task file {path} has shapes that do not fit: {_shapes(bad, state, after)}")
         like = current[resized[0]]
-        model.reset_classifier(classes.pop())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the new head is overwritten below; its init must not draw from the caller's RNG
+            model.reset_classifier(classes)
         model.get_classifier().to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
         current = model.state_dict(keep_vars=True)
-        bad = [k for k in state if state[k].shape != current[k].shape]
-        if bad:
-            raise WeightgenError(f"task file {path} has shapes that do not fit: {_shapes(bad, state, current)}")
     with torch.no_grad():
         for key, value in state.items():
             current[key].copy_(value)
 
 
+def _shapes_after_reset(model: nn.Module, classes: int) -> dict[str, torch.Size]:
+    """State-dict shapes of ``model`` after ``reset_classifier(classes)``, found on a copy whose tensors
+    live on the meta device (no memory, no data copied; ``model`` and the caller's RNG untouched)."""
+    memo = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    probe = copy.deepcopy(model, memo)
+    with torch.random.fork_rng(devices=[]):
+        probe.reset_classifier(classes)
+    return {key: value.shape for key, value in probe.state_dict().items()}
+
+
 def _shapes(keys: list[str], state: dict, current: dict) -> str:
-    return ", ".join(f"{k} (file {tuple(state[k].shape)}, model {tuple(current[k].shape)})" for k in keys[:3])
+    def shape(value) -> tuple | None:  # a tensor, a torch.Size, or None for a key the model lacks
+        return None if value is None else tuple(getattr(value, "shape", value))
+
+    return ", ".join(f"{k} (file {shape(state[k])}, model {shape(current.get(k))})" for k in keys[:3])

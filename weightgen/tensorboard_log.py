@@ -36,7 +36,7 @@ def log_fit(logdir: str | Path, model: nn.Module, report: dict, tag: str = "mimi
     """Write one TensorBoard run for a fitted recast model; returns the run directory."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from .recast import banks_of, recast_layers
+    from .recasting import banks_of, recast_layers
 
     logdir = Path(logdir)
     with SummaryWriter(log_dir=str(logdir)) as writer:

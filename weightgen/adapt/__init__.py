@@ -11,8 +11,9 @@ API (the trainer, scripts and benchmarks code against this)::
                                     # the model's function is unchanged at init; adapter inits come
                                     # from CPU generators seeded by ``seed`` (never the global RNG)
     trainable_counts(model)         # {"with_head": int, "without_head": int}
-    merge_and_unload(model)         # a plain dense model (LoRA / masks folded) or WeightgenError
-    export_dense(model)             # its state dict, from a copy (model untouched); same refusals
+    merge_and_unload(model)         # weightgen.merge_and_unload: a plain dense model (banks merged, LoRA /
+                                    # masks folded) or WeightgenError for AdaptFormer / CLR
+    export_dense(model)             # weightgen.export_dense: its state dict (model untouched); same refusals
     extend_banks(model, extra, source="random"|"pca"|"vae", seed=0, vae=None)   # issue 7 (d)
 
 Methods: ``recast`` (coefficients + head), ``recast-norm`` (+ norm affine parameters), ``linear``
@@ -22,16 +23,18 @@ convs of a CNN), and on top of ``recast``: ``recast+melo`` (LoRA r=1, alpha=4, s
 ``recast+clr`` (depthwise 3x3 conv after each RECAST conv, dirac init), ``recast+piggyback``
 (real-valued masks on RECAST conv weights, thresholded at 5e-3, straight-through).
 
-Adapters wrap the layer they adapt (``<name>.base_layer``, as peft does), so the bank-only
-``weightgen.merge_and_unload`` keeps them working on top of the merged layers; a dense state dict in
-the original architecture comes from this package's ``merge_and_unload`` (AdaptFormer and CLR add
-computation no original layer can hold: it refuses them).
+Adapters wrap the layer they adapt (``<name>.base_layer``, as peft does) and implement
+``weightgen.recasting.Foldable``, so the one ``weightgen.merge_and_unload`` / ``export_dense`` folds
+LoRA and Piggyback masks into plain layers and refuses AdaptFormer and CLR, which add computation no
+original layer can hold (``merge_and_unload(model, keep_adapters=True)`` merges the banks only and
+keeps every adapter working on top of the merged layers).
 
 Task files (``weightgen.save_task``) store what the method trains (every ``requires_grad``
 parameter, coefficients always, the head) plus every BatchNorm buffer of the model, so switching
 back to a task is exact whatever the next task trained.
 """
-from .methods import METHODS, AdaptMethod, export_dense, get_method, merge_and_unload, trainable_counts
+from ..recasting import export_dense, merge_and_unload
+from .methods import METHODS, AdaptMethod, get_method, trainable_counts
 from .extend import extend_banks
 
 __all__ = ["METHODS", "AdaptMethod", "get_method", "trainable_counts", "merge_and_unload", "export_dense",

@@ -20,8 +20,12 @@ import torch
 from torch import nn
 
 from ..bank import banks_of
+from ..cli import user_errors
 from ..io import WeightgenError
 from ..layers import recast_layers
+from ..vae.codec import decode_layer, sample_latents, weight_layers
+from ..vae.prior import load_vae_bundle, trained_kinds, vae_on
+from ..vae.tokenize import token_count
 
 log = logging.getLogger(__name__)
 SOURCES = ("random", "pca", "vae")
@@ -38,10 +42,8 @@ def extend_banks(model: nn.Module, extra: int, source: str = "random", seed: int
         raise WeightgenError(f"unknown template source {source!r}; choose from {', '.join(SOURCES)}")
     if extra < 1:
         raise WeightgenError("the number of extra templates must be >= 1")
-    try:
+    with user_errors():
         banks = banks_of(model)
-    except ValueError as err:
-        raise WeightgenError(str(err)) from None
     layers_of: dict[str, list] = {key: [] for key in banks}
     bank_key = {id(bank): key for key, bank in banks.items()}
     for name, layer in recast_layers(model).items():
@@ -100,9 +102,6 @@ def _pca_directions(own: torch.Tensor, others: list[torch.Tensor], count: int) -
 
 class _VaeSampler:
     def __init__(self, model: nn.Module, vae, layers_of: dict[str, list]):
-        from ..vae.codec import weight_layers
-        from ..vae.prior import load_vae_bundle, trained_kinds
-
         if vae is None or isinstance(vae, (str, bytes)) or hasattr(vae, "__fspath__"):
             vae = load_vae_bundle(vae)
         self.vae, self.meta = vae
@@ -112,10 +111,6 @@ class _VaeSampler:
         self.first = {key: info.get(members[0][0]) for key, members in layers_of.items() if members}
 
     def sample(self, key: str, shape: tuple[int, ...], count: int, generator: torch.Generator) -> torch.Tensor | None:
-        from ..vae.codec import decode_layer, sample_latents
-        from ..vae.prior import vae_on
-        from ..vae.tokenize import token_count
-
         layer = self.first.get(key)
         if layer is None or layer["kind"] not in self.kinds:
             return None

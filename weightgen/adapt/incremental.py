@@ -21,9 +21,12 @@ import torch
 from torch import nn
 
 from ..artifact import CONFIG_FILE, RECAST_FILE, REPORT_FILE, load
+from ..data import MAX_EVAL, MAX_TRAIN, get_task, to_model_input
 from ..io import WeightgenError, read_json
 from ..models import input_size
-from ..recast import head_names, merge_and_unload
+from ..recasting import head_names, merge_and_unload
+from ..tasks import load_task, save_task
+from .methods import get_method, trainable_counts
 from .trainer import TrainConfig, accuracy, predict, train_task
 
 log = logging.getLogger(__name__)
@@ -90,9 +93,10 @@ def open_backbone(path: str | Path, img_size: int | None = None) -> Backbone:
     if img_size is None:
         img_size = recorded or (height if fixed else min(height, DEFAULT_MAX_SIDE))
     elif img_size < 8:
-        raise WeightgenError("--img-size must be >= 8")
+        raise WeightgenError("img_size must be >= 8", cli="--img-size must be >= 8")
     if fixed and img_size != height and not getattr(model.patch_embed, "dynamic_img_size", False):
-        raise WeightgenError(f"{path} is a {height}x{height} ViT; --img-size {img_size} does not fit it")
+        what = f"{path} is a {height}x{height} ViT"
+        raise WeightgenError(f"{what}; img_size={img_size} does not fit it", cli=f"{what}; --img-size {img_size} does not fit it")
     return Backbone(path, config.get("arch"), kwargs, int(img_size), int(channels),
                     fingerprint(path / RECAST_FILE), report)
 
@@ -104,7 +108,6 @@ def task_filename(task: str, seed: int) -> str:
 
 def trainable_numbers(model: nn.Module) -> tuple[int, int]:
     """(trainable numbers without the head, with the head)."""
-    from . import trainable_counts
     counts = trainable_counts(model)
     return counts["without_head"], counts["with_head"]
 
@@ -134,17 +137,13 @@ def prepare_model(backbone: Backbone, method, num_classes: int, seed: int) -> nn
     model = backbone.model(recast_model=method.needs_recast)
     method.check(model)  # before anything is changed: one clear error for a method that does not apply
     _reset_head(model, num_classes, seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # adapter inits (LoRA, AdaptFormer) draw from the global RNG
-        method.apply(model)
+    method.apply(model, seed=seed)  # adapter inits (LoRA A, AdaptFormer's down-projection) follow the run's seed
     return model
 
 
 def check_run(backbone: Backbone, method_name: str, tasks: list[str], seeds: list[int],
               max_train: int | None = None, max_eval: int | None = None) -> None:
     """Every check that needs no training: the method exists and fits the backbone, the tasks load."""
-    from . import get_method
-
     if not tasks:
         raise WeightgenError("no tasks given")
     if len(set(tasks)) != len(tasks):
@@ -153,18 +152,15 @@ def check_run(backbone: Backbone, method_name: str, tasks: list[str], seeds: lis
         raise WeightgenError("no seeds given")
     method = get_method(method_name)
     method.check(backbone.model(recast_model=method.needs_recast))
-    from ..data import MAX_EVAL, MAX_TRAIN
     load_tasks(tasks, seeds[0], MAX_TRAIN if max_train is None else max_train,
                MAX_EVAL if max_eval is None else max_eval, backbone.img_size)
 
 
 def load_tasks(names: list[str], seed: int, max_train: int | None, max_eval: int | None, img_size: int):
-    from ..data import get_task
     return [get_task(name, seed, max_train=max_train, max_eval=max_eval, image_size=img_size) for name in names]
 
 
 def model_inputs(task, backbone: Backbone) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    from ..data import to_model_input
     return {stage: (to_model_input(task.split(stage)[0], backbone.channels, backbone.img_size), task.split(stage)[1])
             for stage in ("train", "val", "test")}
 
@@ -177,10 +173,6 @@ def run_sequence(backbone: Backbone, method_name: str, tasks: list[str], seeds: 
     Returns ``{"rows": [...], "matrices": {seed: [[acc after task i on task j]]}, "exact_switch",
     "run": {what --evaluate needs}}``. All task names and the method are checked before training.
     """
-    from ..data import MAX_EVAL, MAX_TRAIN
-    from ..tasks import save_task
-    from . import get_method
-
     check_run(backbone, method_name, tasks, seeds, max_train, max_eval)
     method = get_method(method_name)
     max_train = MAX_TRAIN if max_train is None else max_train
@@ -219,7 +211,7 @@ def run_sequence(backbone: Backbone, method_name: str, tasks: list[str], seeds: 
             matrix.append([None] * len(task_list))
             for j in range(i + 1):
                 switch_start = time.perf_counter()
-                load_task_file(model, out_dir / task_filename(task_list[j].name, seed))
+                load_task(model, out_dir / task_filename(task_list[j].name, seed))
                 logits = predict(model, inputs[j]["test"][0])
                 same = torch.equal(logits, reference[j])
                 if not same:
@@ -239,19 +231,12 @@ def run_sequence(backbone: Backbone, method_name: str, tasks: list[str], seeds: 
     return {"rows": rows, "matrices": matrices, "exact_switch": exact, "run": run}
 
 
-def load_task_file(model: nn.Module, path: Path) -> None:
-    from ..tasks import load_task
-    load_task(model, path)
-
-
 def evaluate_results(backbone_path: str | Path, results_dir: str | Path, device: str = "cpu") -> list[dict]:
     """Reload every task file of a results directory onto the backbone and measure test accuracy.
 
     Needs only the backbone and the files (``adapt.json`` says which tasks, seeds, method and input
     size; the task data is rebuilt from the seed). Refuses a results directory of another backbone.
     """
-    from . import get_method
-
     results_dir = Path(results_dir)
     if not (results_dir / RUN_FILE).is_file():
         raise WeightgenError(f"{results_dir} is not an adapt.py results directory (no {RUN_FILE})")
@@ -269,7 +254,7 @@ def evaluate_results(backbone_path: str | Path, results_dir: str | Path, device:
             path = results_dir / task_filename(task.name, seed)
             if not path.is_file():
                 raise WeightgenError(f"missing task file {path}")
-            load_task_file(model, path)
+            load_task(model, path)
             x, y = model_inputs(task, backbone)["test"]
             rows.append({"task": task.name, "method": run["method"], "seed": seed,
                          "test_acc": accuracy(predict(model, x), y)})

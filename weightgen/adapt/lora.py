@@ -92,9 +92,7 @@ class LoRAConv2d(Wrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        hidden = F.conv2d(x, self.lora_A, None, base.stride, base.padding, base.dilation)
-        if base.padding_mode != "zeros":  # rare: reuse the base's padding logic exactly
-            hidden = nn.Conv2d._conv_forward(base, x, self.lora_A, None)
+        hidden = nn.Conv2d._conv_forward(base, x, self.lora_A, None)  # the base's stride, padding and padding mode
         return base(x) + F.conv2d(hidden, self.lora_B) * self.scaling
 
     @torch.no_grad()

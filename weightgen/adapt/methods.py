@@ -1,21 +1,17 @@
 """The registry of adaptation methods: what each one injects and trains."""
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..bank import BANKS_ATTR
-from ..config import _RESIDUAL_CONV, _VIT_QKV
+from ..config import RESIDUAL_CONV, SHORTCUTS, VIT_MLP_BLOCK, VIT_QKV
 from ..io import WeightgenError
 from ..layers import RecastConv2d, RecastLayer
-from ..recast import head_names
-from ..recast import merge_and_unload as merge_banks
-from ..tasks import METHOD_ATTR
+from ..recasting import METHOD_ATTR, head_names
 from .adaptformer import ParallelAdapter
 from .base import Wrapper, swap
 from .clr import CLRConv
@@ -24,8 +20,6 @@ from .piggyback import PiggybackConv2d
 
 log = logging.getLogger(__name__)
 
-_VIT_MLP_BLOCK = r"(^|.*\.)blocks\.\d+\.mlp"
-_EXCLUDED_CONVS = re.compile(r".*(downsample|shortcut).*")
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
@@ -40,7 +34,7 @@ class AdaptMethod:
     adapter: str | None = None  # None | "lora" | "adaptformer" | "clr" | "piggyback"
     rank: int = 1  # LoRA / adapter bottleneck
     alpha: float = 4.0  # LoRA alpha (scaling alpha / rank); AdaptFormer's output scale
-    seed: int = 0  # initialisation of injected tensors (LoRA A, adapter down-projection)
+    seed: int = 0  # init of injected tensors (LoRA A, adapter down-projection) when apply() gets no seed
 
     # --- checks -------------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
@@ -65,13 +59,13 @@ class AdaptMethod:
             if not name or name in heads or isinstance(module, Wrapper) or name.endswith(".base_layer"):
                 continue
             if self.adapter == "lora":
-                if _is_linear(module) and re.fullmatch(_VIT_QKV, name):
+                if _is_linear(module) and re.fullmatch(VIT_QKV, name):
                     out[name] = module
-                elif (_is_conv(module) and module.groups == 1 and re.fullmatch(_RESIDUAL_CONV, name)
-                      and not _EXCLUDED_CONVS.fullmatch(name)):
+                elif (_is_conv(module) and module.groups == 1 and re.fullmatch(RESIDUAL_CONV, name)
+                      and not any(re.fullmatch(p, name) for p in SHORTCUTS)):
                     out[name] = module
             elif self.adapter == "adaptformer":
-                if re.fullmatch(_VIT_MLP_BLOCK, name) and hasattr(module, "fc1") and hasattr(module, "fc2"):
+                if re.fullmatch(VIT_MLP_BLOCK, name) and hasattr(module, "fc1") and hasattr(module, "fc2"):
                     out[name] = module
             elif self.adapter in ("clr", "piggyback"):
                 if isinstance(module, RecastConv2d):
@@ -196,34 +190,3 @@ def trainable_counts(model: nn.Module) -> dict[str, int]:
         if id(param) not in head_params:
             without_head += param.numel()
     return {"with_head": with_head, "without_head": without_head}
-
-
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """A plain dense model in place: banks merged, LoRA and Piggyback masks folded into weights.
-
-    Raises (before touching the model) when an injected module has no plain equivalent
-    (AdaptFormer adapters, CLR convs): those models are used as they are, with task files.
-    """
-    wrappers = {name: m for name, m in model.named_modules() if isinstance(m, Wrapper)}
-    unfoldable = sorted({type(m).__name__ for m in wrappers.values() if not m.foldable})
-    if unfoldable:
-        raise WeightgenError(f"cannot merge {', '.join(unfoldable)} into the original architecture; "
-                             "keep the adapted model and its task files instead")
-    if BANKS_ATTR in model.__dict__:
-        merge_banks(model)  # every RecastLayer, inside wrappers too, becomes a plain layer first
-    for name in sorted(wrappers, key=lambda n: -n.count(".")):  # innermost first
-        swap(model, name, model.get_submodule(name).fold())
-    model.__dict__.pop(METHOD_ATTR, None)
-    return model
-
-
-def export_dense(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapted model's plain state dict in the original architecture (``model`` untouched).
-
-    Same refusals as :func:`merge_and_unload`; works on a copy, so it costs one model of memory.
-    """
-    unfoldable = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Wrapper) and not m.foldable})
-    if unfoldable:  # checked before copying a possibly large model
-        raise WeightgenError(f"cannot merge {', '.join(unfoldable)} into the original architecture; "
-                             "keep the adapted model and its task files instead")
-    return merge_and_unload(copy.deepcopy(model)).state_dict()

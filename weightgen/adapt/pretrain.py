@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import PRESETS
+from ..data import source_task, to_model_input
 from ..digits import digits_model_kwargs
 from ..io import WeightgenError, atomic_directory, check_output_dir, read_json, save_tensors, write_json
 from ..models import create_model
@@ -43,7 +45,6 @@ def generate_command(arch: str, out: Path, model_kwargs: dict, preset: str | Non
 
 def default_preset_for(model) -> str | None:
     """The seed's ResNet preset for a timm ResNet when the toolkit has it; else generate's default."""
-    from ..config import PRESETS
     return "recast-resnet" if type(model).__name__ == "ResNet" and "recast-resnet" in PRESETS else None
 
 
@@ -56,11 +57,9 @@ def pretrain(arch: str, out: str | Path, *, epochs: int = 10, img_size: int = 32
 
     An existing output written with the same arguments is reused (``reused=True``), not retrained.
     """
-    from ..data import source_task, to_model_input
-
     out = Path(out)
     if img_size < 8:
-        raise WeightgenError("--img-size must be >= 8")
+        raise WeightgenError("img_size must be >= 8", cli="--img-size must be >= 8")
     args = {"arch": arch, "epochs": epochs, "img_size": img_size, "seed": seed, "model_kwargs": dict(model_kwargs or {}),
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "max_train": max_train,
             "max_eval": max_eval}

@@ -20,10 +20,6 @@ def to_csv(rows: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def read_csv(text: str) -> list[dict]:
-    return list(csv.DictReader(io.StringIO(text)))
-
-
 def _fmt(value):
     return repr(value) if isinstance(value, float) else value  # repr: a float reads back bit for bit
 

@@ -39,11 +39,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.epochs < 1:
-            raise WeightgenError("--epochs must be >= 1")
+            raise WeightgenError("epochs must be >= 1", cli="--epochs must be >= 1")
         if self.batch_size < 1:
-            raise WeightgenError("--batch-size must be >= 1")
+            raise WeightgenError("batch_size must be >= 1", cli="--batch-size must be >= 1")
         if not self.lr > 0:
-            raise WeightgenError("--lr must be > 0")
+            raise WeightgenError("lr must be > 0", cli="--lr must be > 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,7 +175,8 @@ def train_task(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: 
     if trainer.interrupted:
         raise KeyboardInterrupt
     if module.best_state is None:
-        raise WeightgenError("training ended before any validation; raise --epochs")
+        raise WeightgenError("training ended before any validation; raise epochs",
+                             cli="training ended before any validation; raise --epochs")
     restore_state(model, module.best_state)
     model.eval()
     return {"val_acc": module.best_acc, "best_epoch": module.best_epoch, "steps": trainer.global_step,

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..recast import parameter_counts
+from ..recasting import parameter_counts
 from .closed_form import fit_closed_form, solve_bank
 from .fidelity import function_fidelity, weight_fidelity
 from .gradient import GradientSettings, fit_gradient

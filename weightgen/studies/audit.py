@@ -27,7 +27,7 @@ State = dict[str, torch.Tensor]
 
 def compared_weights(model: nn.Module) -> list[str]:
     """State-dict keys of the weights an audit compares: Linear/Conv2d weights, head excepted."""
-    from ..recast import head_names
+    from ..recasting import head_names
     from ..vae.codec import weight_layers
 
     head = head_names(model)

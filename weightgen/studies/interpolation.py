@@ -22,7 +22,7 @@ from ..digits import evaluate, load_digits_data, reestimate_batchnorm
 from ..models import resolve_device
 from ..io import WeightgenError, atomic_directory, check_output_dir, load_checkpoint, write_json
 from ..models import create_model, example_batch, input_size, load_into
-from ..recast import head_names
+from ..recasting import head_names
 from ..vae.codec import weight_layers
 from ..vae.paths import METHODS, InterpolationPath, weight_cosine
 from ..vae.prior import default_vae_dir, load_vae_bundle, vae_on

@@ -1,22 +1,28 @@
 """Target matching, grouping into banks, injection, merge/unload and parameter accounting.
 
-Injection alone lives here (``inject``); ``weightgen.recast`` adds the closed-form fit on top
-(``weightgen/api.py``), so this module never imports the fitting code above it.
+Injection alone lives here (``inject``); the function ``weightgen.recast`` adds the closed-form fit
+on top (``weightgen/api.py``), so this module never imports the fitting code above it. Adapters
+(``weightgen.adapt``, a layer above) are unloaded through the :class:`Foldable` protocol they
+implement, so this module never imports them either.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from .bank import BANKS_ATTR, Banks, TemplateBank, attach_banks, banks_of, detach_banks
 from .config import RecastConfig, default_preset, preset_config
+from .io import WeightgenError
 from .layers import RecastLayer, recast_layers, wrap
 
 log = logging.getLogger(__name__)
-__all__ = ["BANKS_ATTR", "Banks", "Group", "Injection", "banks_of", "dense_entries", "export_dense", "find_targets",
+METHOD_ATTR = "adapt_method"  # set on a model by weightgen.adapt methods; recorded in task files
+__all__ = ["BANKS_ATTR", "METHOD_ATTR", "Banks", "Foldable", "Group", "Injection", "banks_of", "dense_entries", "export_dense", "find_targets",
            "head_names", "inject", "mark_only_coefficients_trainable", "merge_and_unload", "parameter_counts",
            "plan_groups", "recast_layers", "resolve_config", "restore"]
 
@@ -180,11 +186,39 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     }
 
 
+@runtime_checkable
+class Foldable(Protocol):
+    """What a module that wraps a layer (``base_layer``) implements so that unloading can remove it:
+    ``foldable`` says whether ``fold()`` returns one plain layer with the same function (LoRA, masks)
+    or the wrapper adds computation that no plain layer holds (``fold()`` then raises)."""
+
+    foldable: bool
+
+    def fold(self) -> nn.Module: ...
+
+
+def _wrappers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if name and isinstance(m, Foldable)}
+
+
+def _check_foldable(model: nn.Module) -> dict[str, nn.Module]:
+    wrappers = _wrappers(model)
+    unfoldable = sorted({type(m).__name__ for m in wrappers.values() if not m.foldable})
+    if unfoldable:
+        raise WeightgenError(f"cannot merge {', '.join(unfoldable)} into the original architecture; keep the "
+                             "adapted model and its task files, or pass keep_adapters=True to merge the banks only")
+    return wrappers
+
+
 def dense_entries(model: nn.Module) -> list:
     """The dense state dict as (key, dtype, shape, producer) entries, each weight computed on demand.
 
-    Lets a writer stream a dense export of a large model without holding all of it in memory.
+    Lets a writer stream a dense export of a large model without holding all of it in memory. A
+    model with adapters (LoRA, masks) is folded into a copy first, which costs one model of memory.
+    Raises WeightgenError (before any work) for adapters no plain layer can hold.
     """
+    if _check_foldable(model):
+        model = merge_and_unload(copy.deepcopy(model))
     layers = recast_layers(model)
     entries = []
     for key, value in model.state_dict().items():
@@ -206,16 +240,32 @@ def _combined(layer: RecastLayer) -> torch.Tensor:
 
 
 def export_dense(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A plain state dict that loads with ``strict=True`` into the original architecture."""
+    """A plain state dict that loads with ``strict=True`` into the original architecture.
+
+    ``model`` is untouched: RECAST layers give their combined weights, LoRA and Piggyback masks are
+    folded in (on a copy); AdaptFormer / CLR adapters are refused (WeightgenError).
+    """
     return {key: produce() for key, _, _, produce in dense_entries(model)}
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every RECAST layer by a plain layer with its combined weight and drop the banks."""
+def merge_and_unload(model: nn.Module, keep_adapters: bool = False) -> nn.Module:
+    """In place: every RECAST layer becomes a plain layer with its combined weight, the banks go, and
+    every adapter (anything :class:`Foldable`: LoRA, Piggyback masks) is folded into a plain layer.
+
+    Adapters that no plain layer can hold (AdaptFormer, CLR) are refused before the model is
+    touched; ``keep_adapters=True`` merges the banks only and leaves every adapter working on top of
+    the merged layers.
+    """
+    wrappers = {} if keep_adapters else _check_foldable(model)
     modules = dict(model.named_modules())
-    for name, layer in recast_layers(model).items():
+    for name, layer in recast_layers(model).items():  # inside wrappers too: they are folded next
         _swap(model, modules, name, layer.merge())
     detach_banks(model)
     for attr in ("recast_config", "recast_groups"):
         model.__dict__.pop(attr, None)
+    for name in sorted(wrappers, key=lambda n: -n.count(".")):  # innermost first
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, model.get_submodule(name).fold())
+    if not keep_adapters:
+        model.__dict__.pop(METHOD_ATTR, None)  # a plain model: no method's parameters left to train
     return model
