@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,7 @@ class GenerateOptions:
     vae: str | None = None
     fidelity_batch: int = 4
     device: str = "cpu"  # where the model, the fit and the VAE run ("cuda", "cuda:1", ...)
-    extra_templates: int = 0  # templates added to every bank after the fit, coefficients at zero (issue 7 (d))
+    extra_templates: int = 0  # templates added to every bank after the fit, coefficients at zero
     extra_source: str = "random"  # where they come from: random, pca (other banks), vae (the prior)
 
     def output_dir(self) -> Path:
@@ -136,6 +137,9 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
     except ValueError as err:
         raise WeightgenError(str(err)) from None
     report = fit(model, state, opts.method, steps=opts.steps, lr=opts.lr, seed=opts.seed, progress=progress, vae=vae)
+    # what each bank was fitted with (a preset's template_ratio included), before any extension
+    sizes = Counter(row["group"] for row in report["layers"])
+    report["templates_per_bank"] = {g: config.templates_for(n) - config.extra_templates for g, n in sizes.items()}
     del state
     gc.collect()
     with torch.no_grad():
@@ -154,7 +158,7 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
         from .tensorboard_log import log_fit
         log_fit(opts.logdir, model, report)
 
+    report["seconds_total"] = time.perf_counter() - start  # before saving, so report.json has it
     out = save(model, opts.output_dir(), report, arch=opts.arch, model_kwargs=opts.model_kwargs,
                overwrite=opts.overwrite)
-    report["seconds_total"] = time.perf_counter() - start
     return out, report
