@@ -151,25 +151,29 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
     except ValueError as err:
         raise WeightgenError(str(err)) from None
     start = time.perf_counter()
-    pl.seed_everything(seed, workers=True)
-    config = config or VAEConfig()
-    # batch_size counts tokens for both bodies: the transformer's batches hold batch_size / window windows
-    data = ZooDataModule(zoo, batch_size=max(1, batch_size // config.window), seed=seed,
-                         max_tokens_per_layer=max_tokens_per_layer, token_size=config.token_size,
-                         window=config.window, permute_rows=permute_rows)
-    try:
-        data.setup()
-    except ValueError as err:
-        raise WeightgenError(str(err)) from None
-    module = LitWeightVAE(config, lr=lr)
-    # no placeholder hp_metric (-1): the real metrics are logged with the hyperparameters at the end
-    logger = TensorBoardLogger(str(logdir), name="vae", default_hp_metric=False) if logdir else False
-    steps_per_epoch = -(-len(data.train_set) // data.batch_size)
-    trainer = pl.Trainer(max_epochs=max_epochs, logger=logger, deterministic=True,
-                         log_every_n_steps=max(1, min(50, steps_per_epoch)),
-                         enable_checkpointing=bool(logdir), enable_progress_bar=progress,
-                         enable_model_summary=False, **(trainer_kwargs or {}))
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    # seeded init and training under a forked torch RNG: the caller's RNG (and environment) stay as
+    # they were; the data order and augmentations draw from their own seeded generators
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        config = config or VAEConfig()
+        # batch_size counts tokens for both bodies: the transformer's batches hold batch_size / window windows
+        data = ZooDataModule(zoo, batch_size=max(1, batch_size // config.window), seed=seed,
+                             max_tokens_per_layer=max_tokens_per_layer, token_size=config.token_size,
+                             window=config.window, permute_rows=permute_rows)
+        try:
+            data.setup()
+        except ValueError as err:
+            raise WeightgenError(str(err)) from None
+        module = LitWeightVAE(config, lr=lr)
+        # no placeholder hp_metric (-1): the real metrics are logged with the hyperparameters at the end
+        logger = TensorBoardLogger(str(logdir), name="vae", default_hp_metric=False) if logdir else False
+        steps_per_epoch = -(-len(data.train_set) // data.batch_size)
+        trainer = pl.Trainer(max_epochs=max_epochs, logger=logger, deterministic=True,
+                             log_every_n_steps=max(1, min(50, steps_per_epoch)),
+                             enable_checkpointing=bool(logdir), enable_progress_bar=progress,
+                             enable_model_summary=False, **(trainer_kwargs or {}))
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
     vae = module.vae.cpu().eval()
     train_models = [models[i] for i in data.train_ids]
     held_out = [models[i] for i in data.val_ids]
