@@ -36,11 +36,10 @@ from torch.func import functional_call
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .models import resolve_device
 from .io import WeightgenError, atomic_directory, check_checkpoint_path, check_output_dir, load_checkpoint, \
     save_tensors, write_json
 from .mimicry.fidelity import compare_features, cosine, record_features
-from .models import check_arch, example_batch, input_size, model_from_state
+from .models import check_arch, example_batch, input_side, input_size, model_from_state, resolve_device
 from .recast import head_names
 from .vae.codec import decode_layer, encode_layer, rms, weight_layers
 from .vae.prior import default_vae_dir, load_vae_bundle, trained_kinds, vae_on
@@ -232,9 +231,7 @@ def _mimic(layers: list[_Layer], steps: int, lr: float, progress: bool, model: n
 
 def _model_side(model: nn.Module, image_size: int) -> tuple[int, int]:
     """(channels, side) of the model's inputs: a model built for a fixed size keeps it."""
-    channels, height, _ = input_size(model)
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None) is not None
-    return channels, height if fixed else image_size
+    return input_size(model)[0], input_side(model, image_size)
 
 
 @torch.no_grad()

@@ -19,9 +19,8 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from ..digits import evaluate, load_digits_data, reestimate_batchnorm
-from ..models import resolve_device
 from ..io import WeightgenError, atomic_directory, check_output_dir, load_checkpoint, write_json
-from ..models import create_model, example_batch, input_size, load_into
+from ..models import create_model, example_batch, fixed_input_size, input_size, load_into, resolve_device
 from ..recast import head_names
 from ..vae.codec import weight_layers
 from ..vae.paths import METHODS, InterpolationPath, weight_cosine
@@ -120,8 +119,7 @@ def _eval_setup(model: nn.Module, image_size: int | None) -> tuple[int, int] | s
         return str(err)
     if chans not in (1, 3):
         return f"the model takes {chans} input channels, digits has 1 (or 3 repeated)"
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None) is not None
-    if fixed:  # ViT-like: the size is part of the architecture
+    if fixed_input_size(model) is not None:  # ViT-like: the size is part of the architecture
         if height != width:
             return f"the model takes {height}x{width} inputs, digits are square"
         if image_size is not None and image_size != height:
