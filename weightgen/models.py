@@ -245,3 +245,37 @@ def example_batch(model: nn.Module, batch_size: int = 8, seed: int = 0, max_side
         height, width = min(height, max_side), min(width, max_side)
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch_size, channels, height, width, generator=gen)
+
+
+# Entry-point modules whose models take ``img_size``/``patch_size`` (ViT-like).
+_VIT_MODULES = {
+    "vision_transformer", "vision_transformer_relpos", "deit", "beit", "eva", "cait", "xcit",
+    "vision_transformer_sam",
+}
+
+
+def _is_vit_like(arch: str) -> bool:
+    name = arch.split(".")[0]
+    try:
+        module = timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+    except Exception:  # unknown arch: fall back to the name
+        return name.startswith(("vit", "deit"))
+    # By module, not name: maxvit/mobilevit/levit contain "vit" but take no patch_size.
+    return module in _VIT_MODULES
+
+
+def small_input_kwargs(arch: str, image_size: int = 32, in_chans: int = 1, num_classes: int = 10,
+                       patch_size: int | None = None) -> dict:
+    """kwargs for ``timm.create_model(arch, **kw)`` on small images (the built-in tasks: 10 classes, 1 channel).
+
+    ViT-like archs also get ``img_size`` and ``patch_size`` (default: a 4x4 token grid, i.e. 8 for
+    32: each token sees 2x2 of an 8x8 digit; patch 4 costs ~4x more for lower accuracy).
+    """
+    kw: dict = {"num_classes": num_classes, "in_chans": in_chans}
+    if _is_vit_like(arch):
+        if patch_size is None:
+            patch_size = next(p for p in (image_size // 4, 4, 2, 1) if p > 0 and image_size % p == 0)
+        if image_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
+        kw.update(img_size=image_size, patch_size=patch_size)
+    return kw

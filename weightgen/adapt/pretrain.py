@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..digits import digits_model_kwargs
+from ..models import small_input_kwargs as digits_model_kwargs
 from ..io import WeightgenError, atomic_directory, check_output_dir, read_json, save_tensors, write_json
 from ..models import create_model
 from .trainer import TrainConfig, accuracy, predict, train_task

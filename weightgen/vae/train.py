@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ..io import WeightgenError, check_output_dir
-from .codec import encode_layer, fit_latent_density
+from .codec import decode_layer, encode_layer, fit_latent_density
 from .model import VAEConfig, WeightVAE
 from .store import fit_scale_model, save_vae
 from .tokenize import KINDS, layer_kind, tokenize, weight_scale
@@ -106,7 +106,6 @@ def _real_vs_decoded_layer(weight: torch.Tensor, decoded: torch.Tensor, title: s
 @torch.no_grad()
 def log_layer_reconstructions(writer, vae: WeightVAE, models: list[dict], step: int, per_kind: int = 2) -> None:
     """TensorBoard figures of whole held-out layers, real beside decoded (titled), and 3x3 kernels."""
-    from .codec import decode_layer
 
     shown: dict[str, int] = {}
     for meta, layer, kind, weight in iter_layers(models):
@@ -139,6 +138,7 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
               resume: str | None = None, trainer_kwargs: dict | None = None, progress: bool = True,
               permute_rows: bool = False) -> tuple[Path, dict]:
     """Train, fit priors, evaluate against PCA and export; returns (out dir, summary)."""
+    # deferred: pytorch_lightning takes seconds to import, and this module's other helpers need none of it
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
