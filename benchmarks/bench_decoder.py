@@ -32,14 +32,14 @@ def run_one(zoo: str, model_id: str, vae_bundle, layers_per_group: int, steps: i
 
     import weightgen
     from weightgen.bank import banks_of
-    from weightgen.digits import load_digits_data
+    from weightgen.data import model_splits
     from weightgen.layers import recast_layers
     from weightgen.zoo import ZOO_DATA_SEED, create_zoo_model, load_zoo_model
 
     original, meta = load_zoo_model(zoo, model_id)
     target = {k: v.detach().clone() for k, v in original.state_dict().items()}
-    data = load_digits_data(meta["model_kwargs"].get("img_size", 32), meta["model_kwargs"].get("in_chans", 1),
-                            seed=ZOO_DATA_SEED)
+    data = model_splits(meta.get("task") or "digits", ZOO_DATA_SEED, meta["model_kwargs"].get("img_size", 32),
+                        meta["model_kwargs"].get("in_chans", 1))
     x, y = data.test.tensors
     with torch.no_grad():
         reference = original(x).argmax(-1)

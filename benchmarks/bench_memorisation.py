@@ -55,7 +55,7 @@ def _fresh(meta: dict, seed: int):
 
 
 def _accuracy(model, state: dict, data, split: str = "test") -> float:
-    from weightgen.digits import evaluate, reestimate_batchnorm
+    from weightgen.classifier import evaluate, reestimate_batchnorm
 
     model.load_state_dict(state)
     reestimate_batchnorm(model, data.train)
@@ -81,7 +81,7 @@ def audit_group(metas: list[dict], refs: list[dict], args, vae_bundle, data_cach
     import torch
     from safetensors.torch import load_file
 
-    from weightgen.digits import train_classifier
+    from weightgen.classifier import train_classifier
     from weightgen.recasting import head_names
     from weightgen.studies import audit
     from weightgen.vae.codec import weight_layers

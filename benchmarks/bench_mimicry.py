@@ -28,7 +28,7 @@ from _mimicry_report import SETTINGS, model_label, write_json, write_markdown, w
 
 RANDOM_ARCHS = ["resnet18", "resnet50", "resnet101", "resnet152", "vit_tiny_patch16_224",
                 "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224"]
-TRAINED_ARCHS = ["resnet18", "vit_tiny_patch16_224"]  # trained on digits with weightgen.digits
+TRAINED_ARCHS = ["resnet18", "vit_tiny_patch16_224"]  # trained on digits with weightgen.classifier
 QUICK_ARCHS = ["test_resnet", "test_vit"]
 # The gradient recipe runs with its fixed step count only up to these sizes (and on trained models).
 GRADIENT_ARCHS = {"resnet18", "resnet50", "vit_tiny_patch16_224", "vit_small_patch16_224", *QUICK_ARCHS}
@@ -55,9 +55,9 @@ def _vmrss_mb() -> float:
 
 
 def _digits_kwargs(arch: str) -> dict:
-    from weightgen.digits import digits_model_kwargs
+    from weightgen.models import small_input_kwargs
 
-    return digits_model_kwargs(arch)
+    return small_input_kwargs(arch)
 
 
 def job_train(spec: dict) -> dict:
@@ -65,9 +65,10 @@ def job_train(spec: dict) -> dict:
     torch = _setup_torch(spec["threads"])
     import timm
     from safetensors.torch import save_file
-    from weightgen.digits import evaluate, load_digits_data, reestimate_batchnorm, train_classifier
+    from weightgen.classifier import evaluate, reestimate_batchnorm, train_classifier
+    from weightgen.data import model_splits
 
-    data = load_digits_data()
+    data = model_splits("digits")
     torch.manual_seed(0)
     model = timm.create_model(spec["arch"], **spec["kwargs"])
     start = time.perf_counter()
@@ -161,9 +162,10 @@ def job_cell(spec: dict) -> dict:
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
     if spec["source"] == "digits":
-        from weightgen.digits import evaluate, load_digits_data
+        from weightgen.classifier import evaluate
+        from weightgen.data import model_splits
 
-        out["test_acc"] = evaluate(model, load_digits_data().test)
+        out["test_acc"] = evaluate(model, model_splits("digits").test)
     return out
 
 
@@ -200,7 +202,8 @@ JOBS = {"train": job_train, "drift": job_drift, "checkpoint": job_checkpoint, "c
 
 
 ISOLATION = "exec"  # set from --isolation in main()
-_PRELOAD = ["torch", "timm", "weightgen", "weightgen.mimicry", "weightgen.digits", "safetensors.torch"]
+_PRELOAD = ["torch", "timm", "weightgen", "weightgen.mimicry", "weightgen.classifier", "weightgen.data",
+            "safetensors.torch"]
 
 
 def _job_entry(spec: dict) -> None:
@@ -287,7 +290,7 @@ def prepare_trained(args, archs: list[str]) -> dict[str, dict]:
     """Train (or reuse from the cache) the digits models; returns arch -> {checkpoint, kwargs, meta}."""
     out = {}
     for arch in archs:
-        # kwargs come from weightgen.digits in a child (the parent never imports torch)
+        # kwargs come from weightgen.models in a child (the parent never imports torch)
         kwargs, _ = run_job({"job": "kwargs", "arch": arch, "threads": args.threads})
         if "status" in kwargs:
             raise SystemExit(f"digits kwargs for {arch}: {kwargs['status']}")

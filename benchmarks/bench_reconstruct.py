@@ -6,7 +6,7 @@ model's outputs; per-layer cosine, digits test accuracy (after BatchNorm re-esti
     python benchmarks/bench_reconstruct.py --threads 2    # writes docs/bench_reconstruct.{md,json}
     python benchmarks/bench_reconstruct.py --arch resnet10t --vae my_vae/ --out /tmp/bench
 
-The model is trained here (seeded, ``weightgen.digits.train_classifier`` on the inputs
+The model is trained here (seeded, ``weightgen.classifier.train_classifier`` on the inputs
 ``weightgen.data`` gives for the ``digits`` task, so ``--probe-task digits`` sees what it was trained
 on), saved as a checkpoint, and each row is one ``weightgen.reconstruct.reconstruct`` call (what
 ``scripts/reconstruct.py --keep-head --probe-task digits`` runs). Accuracy is measured here again
@@ -30,7 +30,7 @@ def accuracy_of(arch: str, kwargs: dict, weights: dict, data) -> tuple[float, fl
     """(test accuracy as written, test accuracy after BatchNorm re-estimation on the train split)."""
     import timm
 
-    from weightgen.digits import evaluate, reestimate_batchnorm
+    from weightgen.classifier import evaluate, reestimate_batchnorm
 
     model = timm.create_model(arch, **kwargs)
     model.load_state_dict(weights, strict=True)
@@ -55,19 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     import timm
     import torch
     from safetensors.torch import load_file, save_file
-    from torch.utils.data import TensorDataset
-
-    from weightgen.data import get_task, to_model_input
-    from weightgen.digits import DigitsData, digits_model_kwargs, evaluate, train_classifier
+    from weightgen.classifier import evaluate, train_classifier
+    from weightgen.data import model_splits
+    from weightgen.models import small_input_kwargs
     from weightgen.reconstruct import DEFAULT_BEHAVIOUR_WEIGHT, DEFAULT_PROBE_SIZE, DEFAULT_STEPS, \
         ReconstructOptions, reconstruct
 
     torch.set_num_threads(args.threads)
     load_start = [round(x, 2) for x in os.getloadavg()]
-    task = get_task("digits", args.seed)
-    split = {s: TensorDataset(to_model_input(task.split(s)[0], 1, 32), task.split(s)[1]) for s in ("train", "val", "test")}
-    data = DigitsData(split["train"], split["val"], split["test"], 32, 1)
-    kwargs = digits_model_kwargs(args.arch, 32, 1)
+    data = model_splits("digits", args.seed, 32, 1)
+    kwargs = small_input_kwargs(args.arch, 32, 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = timm.create_model(args.arch, **kwargs)

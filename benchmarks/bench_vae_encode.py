@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from sklearn.decomposition import PCA
     from tqdm.auto import tqdm
 
-    from weightgen.digits import evaluate, reestimate_batchnorm, train_classifier
+    from weightgen.classifier import evaluate, reestimate_batchnorm, train_classifier
     from weightgen.reconstruct import ReconstructOptions, reconstruct
     from weightgen.recasting import head_names
     from weightgen.vae.codec import weight_layers
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     from weightgen.vae.prior import default_vae_dir
     from weightgen.vae.tokenize import detokenize, layer_kind, tokenize
     from weightgen.zoo import ZOO_IMAGE_SIZE, create_zoo_model, zoo_data
-    from weightgen.digits import digits_model_kwargs
+    from weightgen.models import small_input_kwargs
 
     torch.set_num_threads(args.threads)
     vaes = [tuple(v.split("=", 1)) if "=" in v else (Path(v).name, v) for v in args.vae] or [("shipped", str(default_vae_dir()))]
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     new_archs = [a for a in args.new_archs.split(",") if a]
     for name in new_archs:
         arch, kw, lr = NEW_ARCHS[name]
-        kwargs = {**digits_model_kwargs(arch, ZOO_IMAGE_SIZE, 1), **kw}
+        kwargs = {**small_input_kwargs(arch, ZOO_IMAGE_SIZE, 1), **kw}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = create_zoo_model(arch, kwargs)

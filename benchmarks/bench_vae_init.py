@@ -73,14 +73,15 @@ def build(arch: str, kwargs: dict, init: str, seed: int, data, vae_bundle) -> tu
     """(model with BN re-estimated on training batches, number of layers that kept timm's init)."""
     import torch
 
-    from weightgen.digits import digits_model_kwargs, reestimate_batchnorm
+    from weightgen.classifier import reestimate_batchnorm
+    from weightgen.models import small_input_kwargs
     from weightgen.models import create_model
     from weightgen.recasting import head_names
     from weightgen.vae.prior import sample_weights
 
     with torch.random.fork_rng(devices=[]):  # timm's init draws from the global RNG: seed it, leave ours alone
         torch.manual_seed(seed)
-        model = create_model(arch, {**digits_model_kwargs(arch, data.image_size, data.in_chans), **kwargs})
+        model = create_model(arch, {**small_input_kwargs(arch, data.image_size, data.in_chans), **kwargs})
     fallback = []
     if init == "vae_prior":
         _, _, fallback = sample_weights(model, *vae_bundle, seed=seed, skip=head_names(model), in_place=True)
@@ -91,7 +92,7 @@ def build(arch: str, kwargs: dict, init: str, seed: int, data, vae_bundle) -> tu
 def run_seed(arch: str, kwargs: dict, init: str, seed: int, budgets: list[int], data, vae_bundle,
              lr: float) -> dict:
     """Test accuracy after each budget (fresh copy of the same init per budget)."""
-    from weightgen.digits import evaluate, reestimate_batchnorm, train_classifier
+    from weightgen.classifier import evaluate, reestimate_batchnorm, train_classifier
 
     start = time.perf_counter()
     model, fallback = build(arch, kwargs, init, seed, data, vae_bundle)
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from weightgen.digits import load_digits_data
+    from weightgen.data import model_splits
     from weightgen.io import WeightgenError
     from weightgen.vae.prior import default_vae_dir, load_vae_bundle
 
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     vae_dir = args.vae or str(default_vae_dir().relative_to(Path(__file__).resolve().parents[1]))
     absent_from = "the VAE's training zoo (" + ", ".join(f"`{a}`" for a in sorted(seen)) + ")" + (
         f" and from `{args.zoo}`" if args.zoo else "")
-    data = load_digits_data(32, 1, seed=0)
+    data = model_splits("digits", 0, 32, 1)
     results, start = [], time.perf_counter()
     total, done = len(args.archs) * args.seeds * len(INITS), 0
     for label in args.archs:

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(group_table(report))
     print(total_line(report))
     print(f"wrote {out} in {report['seconds_total']:.1f}s")
-    print(fit_kind(report, args.templates))
+    print(fit_kind(report))
     print(artifact_listing(out))
     print(next_steps(args, out))
     return 0

@@ -13,6 +13,7 @@ import json
 import sys
 
 from weightgen.cli import HelpFormatter, parse_kwargs, run_cli
+from weightgen.data import TASKS
 from weightgen.studies.interpolation import interpolate
 
 
@@ -27,8 +28,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, required=True, help="points on each path, ends included (>= 2)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--vae", help="VAE directory (default: the shipped VAE)")
-    p.add_argument("--image-size", type=int, help="digits size for CNNs (default 32, the zoo's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the latent paths and the digits evaluation")
+    p.add_argument("--task", help="weightgen.data task the accuracy is measured on (its test split, split seed 0; "
+                                  "default: the zoo models' own task, else digits): " + ", ".join(TASKS))
+    p.add_argument("--image-size", type=int, help="task image size for CNNs (default 32, the zoo's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent paths and of BatchNorm re-estimation")
     p.add_argument("--no-residual", action="store_true",
                    help="decode latent paths raw, without fading in each end's decoding error")
     p.add_argument("--align", action="store_true",
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                             model_kwargs=None if args.model_kwargs is None else parse_kwargs(args.model_kwargs),
                             zoo=args.zoo, seed=args.seed,
                             overwrite=args.overwrite, logdir=args.logdir, progress=True,
-                            image_size=args.image_size, device=args.device, align=args.align)
+                            image_size=args.image_size, device=args.device, align=args.align, task=args.task)
     summary = json.loads((out / "summary.json").read_text())
     print(table(rows))
     recon = (f"VAE reconstruction of the ends (not used at alpha 0/1): weight cosine "

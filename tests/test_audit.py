@@ -89,9 +89,9 @@ def test_zoo_models_errors_and_architecture_key(tmp_path):
 
 def test_task_data_none_is_the_default_zoo_split_and_a_name_a_data_task():
     from weightgen.data import get_task
-    from weightgen.digits import load_digits_data
+    from weightgen.zoo import zoo_data
 
-    data, zoo = audit.task_data(None, 32, 1), load_digits_data(32, 1, seed=0)
+    data, zoo = audit.task_data(None, 32, 1), zoo_data(None)
     assert torch.equal(data.test.tensors[0], zoo.test.tensors[0])
     named = audit.task_data("digits", 32, 1)
     assert named.test.tensors[0].shape[1:] == (1, 32, 32)

@@ -139,6 +139,23 @@ def test_exact_fit_is_explained(two_runs, checkpoint, tmp_path, capsys):
     assert f"--templates 1 --out {tmp_path / 'o'}-t1" in out  # the next run does not collide with this one
 
 
+def test_preset_template_ratio_is_a_compressed_fit(tmp_path, capsys):
+    """recast-resnet fits half as many templates as layers: the summary must not claim an exact fit."""
+    kwargs = {"channels": [8, 8, 16, 16], "num_classes": 10}  # resnet18 layout, narrow
+    torch.manual_seed(0)
+    save_file(timm.create_model("resnet18", **kwargs).state_dict(), str(tmp_path / "r18.safetensors"))
+    code, out, err = cli(["--arch", "resnet18", "--checkpoint", tmp_path / "r18.safetensors", "--model-kwargs",
+                          "channels=[8,8,16,16]", "num_classes=10", "--preset", "recast-resnet",
+                          "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    layers = {g: sum(r["group"] == g for r in report["layers"]) for g in report["templates_per_bank"]}
+    assert layers and all(report["templates_per_bank"][g] == -(-n // 2) < n for g, n in layers.items())
+    assert "exact fit" not in out
+    assert f"compressed fit: {len(report['templates_per_bank'])} of {len(report['templates_per_bank'])} banks" in out
+    assert report["seconds_total"] > 0  # set before report.json is written
+
+
 # ---------------------------------------------------------------- first-hour details
 
 

@@ -177,7 +177,7 @@ def test_generate_from_prior_on_gpu_matches_cpu(arch, tmp_path):
 @pytest.mark.gpu
 @needs_cuda
 def test_interpolate_on_gpu_matches_cpu(tmp_path):
-    from weightgen.digits import digits_model_kwargs
+    from weightgen.models import small_input_kwargs as digits_model_kwargs
     from weightgen.io import save_tensors
 
     kwargs = digits_model_kwargs("test_resnet")
@@ -199,11 +199,10 @@ def test_interpolate_on_gpu_matches_cpu(tmp_path):
 @pytest.mark.gpu
 @needs_cuda
 def test_zoo_model_trains_on_gpu_like_on_cpu(tmp_path):
-    from weightgen.digits import load_digits_data
-    from weightgen.zoo import ZOO_DATA_SEED, ZOO_IMAGE_SIZE, quick_zoo_specs, train_zoo_model
+    from weightgen.zoo import quick_zoo_specs, train_zoo_model, zoo_data
 
     spec = quick_zoo_specs(0)[0]
-    data = load_digits_data(ZOO_IMAGE_SIZE, int(spec.model_kwargs.get("in_chans", 1)), seed=ZOO_DATA_SEED)
+    data = zoo_data(spec.task, int(spec.model_kwargs.get("in_chans", 1)))
     results = {}
     for device in ("cpu", "cuda"):
         (tmp_path / device).mkdir()

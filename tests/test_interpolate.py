@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from weightgen.cli import run_cli
-from weightgen.digits import digits_model_kwargs, evaluate, load_digits_data, reestimate_batchnorm, train_classifier
+from weightgen.classifier import evaluate, reestimate_batchnorm, train_classifier
+from weightgen.data import model_splits
+from weightgen.models import small_input_kwargs
 from weightgen.io import WeightgenError, load_checkpoint, save_tensors
 from weightgen.models import create_model, load_into
 from weightgen.studies.interpolation import COLUMNS, interpolate, resolve_checkpoint
@@ -26,7 +28,7 @@ script = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(script)
 
 ARCH = "test_resnet"
-KWARGS = digits_model_kwargs(ARCH)  # num_classes=10, in_chans=1; CNN: evaluated at the zoo's 32x32
+KWARGS = small_input_kwargs(ARCH)  # num_classes=10, in_chans=1; CNN: evaluated at the zoo's 32x32
 STEPS = 3
 
 
@@ -49,7 +51,7 @@ def vae_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_digits_data(32, 1)
+    return model_splits("digits", 0, 32, 1)
 
 
 @pytest.fixture(scope="module")
@@ -311,4 +313,28 @@ def test_field_zoo_models_are_evaluated_on_their_task(checkpoints, vae_dir, tmp_
     assert "different tasks" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert _run([*base, "--b", "m-s0", "--out", str(tmp_path / "ok")]) == 0
     summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
-    assert summary["accuracy"]["data"] == "weightgen.data task 'digits', zoo split, test set"
+    assert summary["accuracy"]["data"] == "weightgen.data task 'digits', split seed 0 (the zoo's), test set"
+
+
+def test_task_names_the_evaluation_data_of_a_users_checkpoints(checkpoints, vae_dir, tmp_path, capsys):
+    """--task scores plain checkpoints on that weightgen.data task's test split (split seed 0), the same
+    data and normalisation the zoo uses; a zoo model's own task cannot be overridden by another."""
+    latin = model_splits("latin", 0, 32, 1)
+    base = ["--arch", ARCH, "--model-kwargs", "num_classes=10", "in_chans=1", "--a", str(checkpoints[0]),
+            "--b", str(checkpoints[1]), "--steps", "2", "--vae", str(vae_dir)]
+    assert _run([*base, "--task", "latin", "--out", str(tmp_path / "latin")]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "latin" / "summary.json").read_text())
+    assert summary["accuracy"]["task"] == "latin" and "'latin'" in summary["accuracy"]["data"]
+    rows = list(csv.DictReader((tmp_path / "latin" / "interpolation.csv").open()))
+    end = next(r for r in rows if float(r["alpha"]) == 1.0)
+    assert float(end["accuracy"]) == pytest.approx(_own_accuracy(checkpoints[1], latin), abs=2 / len(latin.test))
+    assert _run([*base, "--task", "nope", "--out", str(tmp_path / "bad")]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for seed, ckpt in enumerate(checkpoints):
+        (zoo / f"m-s{seed}.safetensors").write_bytes(ckpt.read_bytes())
+        (zoo / f"m-s{seed}.json").write_text(json.dumps({"arch": ARCH, "model_kwargs": KWARGS, "task": "digits"}))
+    assert _run(["--zoo", str(zoo), "--a", "m-s0", "--b", "m-s1", "--steps", "2", "--vae", str(vae_dir),
+                 "--task", "latin", "--out", str(tmp_path / "zoo-latin")]) == 2
+    assert "trained on task 'digits', not 'latin'" in capsys.readouterr().err

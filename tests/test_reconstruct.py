@@ -14,7 +14,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from _scripts import load_script
 from weightgen.cli import run_cli
@@ -173,16 +172,14 @@ def test_behaviour_mimic_matches_the_outputs(runs):
 @pytest.fixture(scope="module")
 def task_runs(tmp_path_factory):
     """test_resnet trained briefly on digits, then encode and behaviour mimic probing digits' train split."""
-    from weightgen.data import get_task, to_model_input
-    from weightgen.digits import DigitsData, train_classifier
+    from weightgen.classifier import train_classifier
+    from weightgen.data import model_splits
 
     root = tmp_path_factory.mktemp("task")
-    task = get_task("digits", 0)
-    split = {s: TensorDataset(to_model_input(task.split(s)[0], 3, 32), task.split(s)[1]) for s in ("train", "val", "test")}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = timm.create_model("test_resnet", num_classes=10)
-    train_classifier(model, DigitsData(split["train"], split["val"], split["test"], 32, 3), 60, lr=3e-3)
+    train_classifier(model, model_splits("digits", 0, 32, 3), 60, lr=3e-3)
     save_file(model.state_dict(), str(root / "digits.safetensors"))
     codes = {"encode": run("test_resnet", root / "digits.safetensors", root / "encode", "--probe-task", "digits"),
              "mimic": run("test_resnet", root / "digits.safetensors", root / "mimic", "--probe-task", "digits",

@@ -34,3 +34,22 @@ def test_every_option_has_help_and_shows_its_default(script):
 def test_train_vae_epochs_default_matches_the_readme():
     parser = script_parser("scripts/train_vae.py")
     assert parser.get_default("max_epochs") == 30
+
+
+def test_train_vae_help_names_the_readme_training_of_the_shipped_vae():
+    """The help's account of the shipped VAE matches the README's command (--max-epochs 4 --max-steps 4000)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if "train_vae.py" in line and "weightgen/assets/vae" in line)
+    epochs, steps = re.search(r"--max-epochs (\d+)", command)[1], re.search(r"--max-steps (\d+)", command)[1]
+    parser = script_parser("scripts/train_vae.py")
+    text = next(a.help for a in parser._actions if a.dest == "max_epochs")
+    assert f"{epochs} epochs" in text and f"{int(steps):,} steps" in text, text
+
+
+def test_build_zoo_runs_one_thread_by_default_and_says_what_quick_costs():
+    parser = script_parser("scripts/build_zoo.py")
+    assert parser.get_default("threads") == 1  # many threads on a many-core CPU cost ~10x the CPU time
+    quick = next(a.help for a in parser._actions if a.dest == "quick")
+    assert "< 1 min" not in quick and "CPU-s" in quick

@@ -134,3 +134,31 @@ def test_train_vae_bad_architecture_settings_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "error:" in err and "multiple of heads" in err and "Traceback" not in err
     assert not (tmp_path / "v").exists()
+
+
+def test_train_vae_leaves_the_callers_rng_alone_and_is_seeded(tmp_path, monkeypatch):
+    """No pl.seed_everything: the global torch/numpy/random states and the environment stay as they were,
+    and the same seed still gives the same VAE."""
+    import os
+    import random
+
+    import numpy as np
+
+    from weightgen.vae.model import VAEConfig
+    from weightgen.vae.train import train_vae
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    make_fake_zoo(tmp_path / "zoo", n_models=4)
+    torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(7)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    runs = []
+    for name in ("a", "b"):
+        out, _ = train_vae(tmp_path / "zoo", tmp_path / name, max_epochs=1, batch_size=64, progress=False,
+                           config=VAEConfig(hidden=16, latent_dim=2), seed=4)
+        runs.append(load_vae_bundle(out)[0].state_dict())
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
+    assert "PL_GLOBAL_SEED" not in os.environ
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_vae_data import make_fake_zoo
-from weightgen.vae.data import ZooTokenDataset, split_by_model
+from weightgen.vae.data import ZooDataModule, ZooTokenDataset, split_by_model
 from weightgen.vae.model import VAEConfig, WeightVAE
 from weightgen.vae.store import load_vae, save_vae
 from weightgen.vae.tokenize import COND_DIM, TOKEN_SIZE, tokenize
@@ -118,3 +118,28 @@ def test_split_field_decides_the_split():
     assert split_by_model(models) == ([f"m{i}" for i in (0, 1, 3, 4, 6, 7)], ["m2", "m5"])
     unmarked = [{"model_id": f"m{i}"} for i in range(8)]
     assert len(split_by_model(unmarked)[1]) == 2  # the seeded random fraction, as before
+
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_row_permutations_follow_the_epoch_in_persistent_workers(tmp_path, workers):
+    """Each epoch's batches equal a worker-free reference read at that epoch, workers or not."""
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import RandomSampler
+
+    make_fake_zoo(tmp_path / "zoo", n_models=4)
+    dm = ZooDataModule(tmp_path / "zoo", batch_size=8, num_workers=workers, window=4, permute_rows=True, seed=3)
+    dm.setup()
+    reference = ZooTokenDataset(tmp_path / "zoo", dm.train_ids, window=4, permute_rows=True, seed=3)
+    order = RandomSampler(reference, generator=torch.Generator().manual_seed(3))  # the loader's shuffle
+    loader = dm.train_dataloader()
+    assert loader.persistent_workers == (workers > 0)
+    seen = []
+    for epoch in range(2):
+        _set_sampler_epoch(loader, epoch)  # what Lightning's fit loop does before each epoch's iterator
+        values = torch.cat([b["values"] for b in loader])
+        reference.set_epoch(epoch)
+        want = torch.stack([reference[i]["values"] for i in order])
+        assert torch.equal(values, want), f"epoch {epoch}"
+        seen.append(values)
+    assert not torch.equal(seen[0], seen[1])

@@ -11,11 +11,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from weightgen.cli import run_cli
+from weightgen.classifier import evaluate
 from weightgen.io import WeightgenError
-from weightgen.digits import digits_model_kwargs, evaluate, load_digits_data
+from weightgen.models import small_input_kwargs as digits_model_kwargs
 from weightgen.zoo import (
     FIELD_TASKS, PRESETS, ZooError, ZooSpec, build_zoo, default_zoo_specs, field_zoo_specs, layer_records,
-    load_zoo_model, quick_zoo_specs,
+    load_zoo_model, quick_zoo_specs, zoo_data,
 )
 
 
@@ -72,7 +73,7 @@ def test_layers_and_state_match_model(built):
     assert {tuple(layer["shape"][2:]) for layer in meta["layers"]} >= {(7, 7), (3, 3), (1, 1), ()}
     # The stored accuracy is reproducible from the stored weights.
     loaded, _ = load_zoo_model(base / "a", "tiny-resnet-s0")
-    assert evaluate(loaded, load_digits_data().test) == meta["test_accuracy"]
+    assert evaluate(loaded, zoo_data(None).test) == meta["test_accuracy"]
 
 
 def test_same_seed_identical_bytes(built, tmp_path):

@@ -93,19 +93,26 @@ _FILE_ROLES = {
 }
 
 
-def fit_kind(report: dict, templates: int | None) -> str:
-    """One sentence on what the cosines mean: an exact fit by construction, or a compressed one."""
+def fit_kind(report: dict, templates: int | None = None) -> str:
+    """One sentence on what the cosines mean: an exact fit by construction, or a compressed one.
+
+    Template counts come from ``report["templates_per_bank"]`` (a preset's ``template_ratio``
+    included); ``templates`` is the fallback for reports written before it was recorded.
+    """
     sizes: dict[str, int] = defaultdict(int)
     for row in report["layers"]:
         sizes[row["group"]] += 1
     if report.get("method") != "closed_form":
         return f"{report.get('method')} fit: the cosines measure how closely the fitted templates reproduce the weights."
-    short = sorted((g for g, n in sizes.items() if templates is not None and templates < n),
-                   key=lambda g: (len(g), g))
+    per_bank = report.get("templates_per_bank") or {g: templates if templates is not None else n
+                                                    for g, n in sizes.items()}
+    short = sorted((g for g, n in sizes.items() if per_bank.get(g, n) < n), key=lambda g: (len(g), g))
     if not short:
         return ("exact fit: every bank has at least as many templates as layers, so mean cos 1.000000 holds "
                 "by construction (the templates span the layers' weights).")
-    return (f"compressed fit: {len(short)} of {len(sizes)} banks have fewer templates ({templates}) than "
+    counts = sorted({per_bank[g] for g in short})
+    shown = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return (f"compressed fit: {len(short)} of {len(sizes)} banks have fewer templates ({shown}) than "
             f"layers, so their cosines show how much of the weights the templates keep.")
 
 

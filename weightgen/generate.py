@@ -4,11 +4,13 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .adapt.extend import extend_banks
 from .artifact import save
 from .config import PRESETS, RecastConfig, default_preset, preset_config
 from .io import WeightgenError, check_checkpoint_path, check_output_dir, load_checkpoint, read_json
@@ -16,6 +18,7 @@ from .mimicry import METHODS, fit
 from .mimicry.fidelity import compare_features, record_features
 from .models import check_arch, create_model, example_batch, model_from_state, resolve_device
 from .recasting import head_names, inject, parameter_counts
+from .tensorboard_log import log_fit
 from .vae.prior import activation_ranges, default_vae_dir, load_vae_bundle, sample_weights
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,7 @@ class GenerateOptions:
     vae: str | None = None
     fidelity_batch: int = 4
     device: str = "cpu"  # where the model, the fit and the VAE run ("cuda", "cuda:1", ...)
-    extra_templates: int = 0  # templates added to every bank after the fit, coefficients at zero (issue 7 (d))
+    extra_templates: int = 0  # templates added to every bank after the fit, coefficients at zero
     extra_source: str = "random"  # where they come from: random, pca (other banks), vae (the prior)
 
     def output_dir(self) -> Path:
@@ -136,6 +139,9 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
     except ValueError as err:
         raise WeightgenError(str(err)) from None
     report = fit(model, state, opts.method, steps=opts.steps, lr=opts.lr, seed=opts.seed, progress=progress, vae=vae)
+    # what each bank was fitted with (a preset's template_ratio included), before any extension
+    sizes = Counter(row["group"] for row in report["layers"])
+    report["templates_per_bank"] = {g: config.templates_for(n) - config.extra_templates for g, n in sizes.items()}
     del state
     gc.collect()
     with torch.no_grad():
@@ -144,14 +150,12 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
         if from_prior:
             report["activations"] = activation_ranges(recorded, batch)
     if opts.extra_templates:
-        from .adapt.extend import extend_banks  # same top layer as this module
         report["extra_templates"] = {"count": opts.extra_templates, "source": opts.extra_source, "banks": extend_banks(
             model, opts.extra_templates, opts.extra_source, seed=opts.seed, vae=vae or opts.vae)}
         report["params"] = parameter_counts(model)  # the extended banks' counts
     source = "checkpoint" if opts.checkpoint else "pretrained" if opts.pretrained else "vae_prior"
     report.update(arch=opts.arch, model_kwargs=opts.model_kwargs, source=source, **extra)
     if opts.logdir:
-        from .tensorboard_log import log_fit
         log_fit(opts.logdir, model, report)
 
     report["seconds_total"] = time.perf_counter() - start  # before saving, so report.json holds it

@@ -177,32 +177,105 @@ def model_from_state(arch: str, model_kwargs: dict | None, state: dict[str, torc
 
 
 def _patch_embed(model: nn.Module) -> nn.Module | None:
-    """The first timm PatchEmbed-like module (a fixed ``img_size`` and a ``proj`` conv), if any."""
+    """The first timm PatchEmbed-like module (an ``img_size`` and a ``proj`` conv: ViT's ``patch_embed``,
+    Mixer's ``stem``), if any."""
     return next((m for m in model.modules()
                  if getattr(m, "img_size", None) is not None and isinstance(getattr(m, "proj", None), nn.Conv2d)), None)
 
 
+def _pretrained_cfg(model: nn.Module) -> dict:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg if isinstance(cfg, dict) else cfg.to_dict()
+
+
+def _pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size[-2:])
+
+
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The (height, width) that ``model`` only accepts, or None when it takes any size.
+
+    The one rule weightgen uses, from timm: a model is fixed when its ``pretrained_cfg`` says
+    ``fixed_input_size`` or when it has a patch embedding that checks its ``img_size``
+    (``strict_img_size``), and never when built with ``dynamic_img_size``. The size is the model's own
+    ``img_size`` where it has one (so ``img_size=64`` counts, not the cfg's 224), else the cfg's.
+    """
+    cfg = _pretrained_cfg(model)
+    embed = _patch_embed(model)
+    if getattr(model, "dynamic_img_size", False) or not getattr(embed, "strict_img_size", True):
+        return None
+    if embed is not None:
+        return _pair(embed.img_size)
+    if not cfg.get("fixed_input_size", False):
+        return None
+    own = getattr(model, "img_size", None)
+    if own is not None:
+        return _pair(own)
+    return _pair(cfg["input_size"]) if cfg.get("input_size") else None
+
+
 def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width): the fixed size if the model has one, else timm's data config size."""
     cfg = getattr(model, "pretrained_cfg", None)
     # timm's own resolution of the model's data config; a non-timm model has none to resolve
     size = resolve_model_data_config(model).get("input_size") if cfg else None
-    # models built with img_size=... report their real size on the patch embedding (ViT's patch_embed, Mixer's stem)
-    patch_embed = _patch_embed(model)
-    if patch_embed is not None:
-        in_chans = getattr(patch_embed.proj, "in_channels", size[0] if size else 3)
-        return (in_chans, *patch_embed.img_size)
-    if size is None:
+    embed = _patch_embed(model)
+    first = embed.proj if embed is not None else next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    fixed = fixed_input_size(model)
+    if fixed is None and size is None:
         raise WeightgenError("cannot tell the model's input size; it has no timm pretrained_cfg")
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     channels = first.in_channels if first is not None else size[0]
-    return (channels, *size[1:])
+    return (channels, *(fixed or size[1:]))
+
+
+def input_side(model: nn.Module, preferred: int) -> int:
+    """The square side to feed ``model``: its fixed size where it has one, else ``preferred``."""
+    fixed = fixed_input_size(model)
+    if fixed is None:
+        return int(preferred)
+    if fixed[0] != fixed[1]:
+        raise WeightgenError(f"the model takes {fixed[0]}x{fixed[1]} inputs; only square inputs are supported")
+    return fixed[0]
 
 
 def example_batch(model: nn.Module, batch_size: int = 8, seed: int = 0, max_side: int = 224) -> torch.Tensor:
-    """A seeded standard-normal batch at the model's input size (capped for speed)."""
+    """A seeded standard-normal batch at the model's input size (capped for speed unless fixed)."""
     channels, height, width = input_size(model)
-    fixed = _patch_embed(model) is not None
-    if not fixed:
+    if fixed_input_size(model) is None:
         height, width = min(height, max_side), min(width, max_side)
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch_size, channels, height, width, generator=gen)
+
+
+# Entry-point modules whose models take ``img_size``/``patch_size`` (ViT-like).
+_VIT_MODULES = {
+    "vision_transformer", "vision_transformer_relpos", "deit", "beit", "eva", "cait", "xcit",
+    "vision_transformer_sam",
+}
+
+
+def _is_vit_like(arch: str) -> bool:
+    name = arch.split(".")[0]
+    try:
+        module = timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+    except Exception:  # unknown arch: fall back to the name
+        return name.startswith(("vit", "deit"))
+    # By module, not name: maxvit/mobilevit/levit contain "vit" but take no patch_size.
+    return module in _VIT_MODULES
+
+
+def small_input_kwargs(arch: str, image_size: int = 32, in_chans: int = 1, num_classes: int = 10,
+                       patch_size: int | None = None) -> dict:
+    """kwargs for ``timm.create_model(arch, **kw)`` on small images (the built-in tasks: 10 classes, 1 channel).
+
+    ViT-like archs also get ``img_size`` and ``patch_size`` (default: a 4x4 token grid, i.e. 8 for
+    32: each token sees 2x2 of an 8x8 digit; patch 4 costs ~4x more for lower accuracy).
+    """
+    kw: dict = {"num_classes": num_classes, "in_chans": in_chans}
+    if _is_vit_like(arch):
+        if patch_size is None:
+            patch_size = next(p for p in (image_size // 4, 4, 2, 1) if p > 0 and image_size % p == 0)
+        if image_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
+        kw.update(img_size=image_size, patch_size=patch_size)
+    return kw

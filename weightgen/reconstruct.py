@@ -36,11 +36,12 @@ from torch.func import functional_call
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .models import resolve_device
+from .classifier import evaluate, reestimate_batchnorm
+from .data import TASKS, get_task, to_model_input
 from .io import WeightgenError, atomic_directory, check_checkpoint_path, check_output_dir, load_checkpoint, \
     save_tensors, write_json
 from .mimicry.fidelity import compare_features, cosine, record_features
-from .models import check_arch, example_batch, input_size, model_from_state
+from .models import check_arch, example_batch, input_side, input_size, model_from_state, resolve_device
 from .recasting import head_names
 from .vae.codec import decode_layer, encode_layer, rms, weight_layers
 from .vae.prior import default_vae_dir, load_vae_bundle, trained_kinds, vae_on
@@ -104,7 +105,6 @@ def validate(opts: ReconstructOptions) -> None:
     if opts.decode_dtype not in DECODE_DTYPES:
         raise WeightgenError(f"unknown decode dtype {opts.decode_dtype!r}; choose from {', '.join(DECODE_DTYPES)}")
     if opts.probe_task is not None:
-        from .data import TASKS
         name = opts.probe_task.strip()
         if name not in TASKS and not (name.startswith("imagefolder:") and name.partition(":")[2]):
             raise WeightgenError(f"unknown --probe-task {opts.probe_task!r}; known: "
@@ -232,9 +232,7 @@ def _mimic(layers: list[_Layer], steps: int, lr: float, progress: bool, model: n
 
 def _model_side(model: nn.Module, image_size: int) -> tuple[int, int]:
     """(channels, side) of the model's inputs: a model built for a fixed size keeps it."""
-    channels, height, _ = input_size(model)
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None) is not None
-    return channels, height if fixed else image_size
+    return input_size(model)[0], input_side(model, image_size)
 
 
 @torch.no_grad()
@@ -245,8 +243,6 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _task_data(opts: ReconstructOptions, model: nn.Module, device: torch.device) -> dict:
     """The probe task's splits as model inputs: train (probe, BatchNorm), val (function check), test (accuracy)."""
-    from .data import get_task, to_model_input
-
     task = get_task(opts.probe_task, opts.seed)
     channels, side = _model_side(model, opts.image_size)
     data = {stage: (to_model_input(task.split(stage)[0], channels, side), task.split(stage)[1])
@@ -259,55 +255,56 @@ def _task_data(opts: ReconstructOptions, model: nn.Module, device: torch.device)
 
 
 def _accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
-    from .digits import evaluate
     return evaluate(model, TensorDataset(*data))
 
 
 def _reestimate_bn(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor]) -> None:
-    from .digits import reestimate_batchnorm
     reestimate_batchnorm(model, TensorDataset(*train))
 
 
-def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path, dict]:
-    """Run the whole job; returns the output directory and its report."""
-    validate(opts)
-    device = resolve_device(opts.device)
-    start, cpu_start = time.perf_counter(), time.process_time()
+def _load(opts: ReconstructOptions, device: torch.device) -> tuple[nn.Module, nn.Module, dict]:
+    """The checkpoint's model (its tensors, no random init) and the VAE, both on ``device``."""
     vae, meta = load_vae_bundle(opts.vae)
     state = load_checkpoint(opts.checkpoint)
     with torch.random.fork_rng(devices=[]):  # a model that cannot be built on meta draws timm's init
         model = model_from_state(opts.arch, opts.model_kwargs, state, opts.checkpoint)
     del state
-    model = model.to(device).eval()
-    vae = vae_on(vae, device)
-    task = _task_data(opts, model, device) if opts.probe_task else None
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return model.to(device).eval(), vae_on(vae, device), meta
+
+
+def _function_inputs(opts: ReconstructOptions, model: nn.Module, task: dict | None,
+                     device: torch.device) -> tuple[torch.Tensor, str]:
+    """The inputs of the function check (never the probe) and what they are."""
     if task:  # held out from the probe: the val split
         batch = task["data"]["val"][0][:FIDELITY_CAP].to(device)
-        function_inputs = f"{task['task'].name} val split ({batch.shape[0]} images, not probed)"
-    else:
-        batch = example_batch(model, opts.fidelity_batch, opts.seed).to(device)
-        function_inputs = f"seeded noise (seed {opts.seed}), not the probe noise"
-    reference = record_features(model, batch)
-    accuracy = None
-    if task:
-        classes = _logits(model, batch[:1]).shape[-1]
-        if classes == task["task"].num_classes:
-            original = copy.deepcopy(model)
-            accuracy = {"test_images": len(task["data"]["test"][1]),
-                        "original": _accuracy(original, task["data"]["test"])}
-            _reestimate_bn(original, task["data"]["train"])
-            accuracy["original_after_bn_reestimation"] = _accuracy(original, task["data"]["test"])
-            del original
-        else:
-            log.warning("the model has %d outputs and task %s %d classes: no accuracy", classes,
-                        task["task"].name, task["task"].num_classes)
+        return batch, f"{task['task'].name} val split ({batch.shape[0]} images, not probed)"
+    batch = example_batch(model, opts.fidelity_batch, opts.seed).to(device)
+    return batch, f"seeded noise (seed {opts.seed}), not the probe noise"
 
+
+def _original_accuracy(model: nn.Module, task: dict | None, batch: torch.Tensor) -> dict | None:
+    """The checkpoint's test accuracy on the probe task (as stored, and with BatchNorm re-estimated)."""
+    if not task:
+        return None
+    classes = _logits(model, batch[:1]).shape[-1]
+    if classes != task["task"].num_classes:
+        log.warning("the model has %d outputs and task %s %d classes: no accuracy", classes,
+                    task["task"].name, task["task"].num_classes)
+        return None
+    original = copy.deepcopy(model)
+    accuracy = {"test_images": len(task["data"]["test"][1]), "original": _accuracy(original, task["data"]["test"])}
+    _reestimate_bn(original, task["data"]["train"])
+    accuracy["original_after_bn_reestimation"] = _accuracy(original, task["data"]["test"])
+    return accuracy
+
+
+def _select_layers(model: nn.Module, vae: nn.Module, meta: dict, keep_head: bool,
+                   progress: bool) -> tuple[list[_Layer], list[dict]]:
+    """Every weight layer encoded through the VAE, and those kept as they are (with why)."""
     known, heads = trained_kinds(meta), head_names(model)
     layers, kept = [], []
-    specs = weight_layers(model)
-    for spec in tqdm(specs, desc="encoding layers", disable=not progress):
-        reason = ("classifier head (keep_head)" if opts.keep_head and spec["name"] in heads
+    for spec in tqdm(weight_layers(model), desc="encoding layers", disable=not progress):
+        reason = ("classifier head (keep_head)" if keep_head and spec["name"] in heads
                   else f"the VAE never saw {spec['kind']} layers" if spec["kind"] not in known
                   else "weight is not a plain tensor (parametrized)" if not spec["direct"] else None)
         if reason:
@@ -316,24 +313,86 @@ def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path,
         layers.append(_Layer(vae, spec, model.get_parameter(f"{spec['name']}.weight")))
     if kept:
         log.warning("kept %d layers as they are (e.g. %s: %s)", len(kept), kept[0]["name"], kept[0]["reason"])
+    return layers, kept
+
+
+def _behaviour_probe(opts: ReconstructOptions, model: nn.Module, task: dict | None, has_bn: bool,
+                     device: torch.device) -> tuple[_Probe, dict]:
+    """The probe inputs and the original model's logits on them, for mimic's behaviour term."""
+    if task:
+        inputs, source = task["probe"], f"{task['task'].name} train split"
+    else:
+        side = _model_side(model, opts.image_size)[1]
+        # not the function check's noise (seed + 1), at the probe side: cheap for any input size
+        inputs = example_batch(model, opts.probe_size, opts.seed + 1, max_side=side).to(device)
+        source = "seeded noise (weightgen.models.example_batch)"
+    probe = _Probe(inputs, _logits(model, inputs), bn_train=bool(task) and has_bn)
+    info = {"source": source, "task": task["task"].name if task else None, "size": inputs.shape[0],
+            "batch": min(PROBE_BATCH, inputs.shape[0]), "image_side": inputs.shape[-1],
+            "batchnorm": (None if not has_bn else "train mode (batch statistics)" if probe.bn_train
+                          else "eval mode (the checkpoint's statistics)")}
+    return probe, info
+
+
+@torch.no_grad()
+def _write_back(model: nn.Module, layers: list[_Layer]) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Decode every layer into the model's weight; one report row and the stored latents per layer."""
+    rows, latents = [], {}
+    for layer in layers:
+        scale = layer.log_scale.detach().exp().float().reshape(1)  # stored: the decode uses exactly this
+        z = layer.latents.detach().float().contiguous()
+        weight = layer.decode(scale).reshape(layer.shape)
+        latents[f"{layer.name}.latents"], latents[f"{layer.name}.scale"] = z, scale
+        numbers = math.prod(layer.shape)
+        rows.append({"name": layer.name, "shape": list(layer.shape), "kind": layer.kind, "depth": layer.depth,
+                     "cosine": cosine(weight, layer.target),
+                     "rel_error": ((weight - layer.target).norm() / layer.target.norm().clamp(min=1e-30)).item(),
+                     "scale": scale.item(), "latent_numbers": z.numel() + 1, "weight_numbers": numbers})
+        param = model.get_parameter(f"{layer.name}.weight")
+        param.copy_(weight.to(param.dtype))  # after the row: the target may be this very tensor
+    return rows, latents
+
+
+def _function_change(reference, model: nn.Module, batch: torch.Tensor, inputs: str) -> dict:
+    """How far the reconstructed model's features and logits moved from the original's."""
+    recorded = record_features(model, batch)
+    function = compare_features(reference, recorded)
+    ref_logits, logits = reference[1].float(), recorded[1].float()
+    function["logits_rel_error"] = ((logits - ref_logits).norm() / ref_logits.norm().clamp(min=1e-30)).item()
+    function.pop("block_cosine", None)  # per-block detail: the min below says enough
+    function["inputs"] = inputs
+    return function
+
+
+def _totals(rows: list[dict], kept: list[dict]) -> dict:
+    cosines = [r["cosine"] for r in rows]
+    latent_numbers = sum(r["latent_numbers"] for r in rows)
+    weight_numbers = sum(r["weight_numbers"] for r in rows)
+    return {"reconstructed": len(rows), "kept": len(kept),
+            "mean_cosine": statistics.fmean(cosines) if cosines else None,
+            "median_cosine": statistics.median(cosines) if cosines else None,
+            "min_cosine": min(cosines) if cosines else None,
+            "mean_rel_error": statistics.fmean(r["rel_error"] for r in rows) if rows else None,
+            "latent_numbers": latent_numbers, "weight_numbers": weight_numbers,
+            "compression": latent_numbers / weight_numbers if weight_numbers else None}
+
+
+def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path, dict]:
+    """Run the whole job; returns the output directory and its report."""
+    validate(opts)
+    device = resolve_device(opts.device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    model, vae, meta = _load(opts, device)
+    task = _task_data(opts, model, device) if opts.probe_task else None
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    batch, function_inputs = _function_inputs(opts, model, task, device)
+    reference = record_features(model, batch)
+    accuracy = _original_accuracy(model, task, batch)
+    layers, kept = _select_layers(model, vae, meta, opts.keep_head, progress)
 
     steps = (DEFAULT_STEPS if opts.steps is None else opts.steps) if opts.mode == "mimic" else 0
     behaviour_weight = opts.behaviour_weight if steps else 0.0
-    probe, probe_info = None, None
-    if behaviour_weight:
-        if task:
-            inputs, side = task["probe"], task["side"]
-            source = f"{task['task'].name} train split"
-        else:
-            side = _model_side(model, opts.image_size)[1]
-            # not the function check's noise (seed + 1), at the probe side: cheap for any input size
-            inputs = example_batch(model, opts.probe_size, opts.seed + 1, max_side=side).to(device)
-            source = "seeded noise (weightgen.models.example_batch)"
-        probe = _Probe(inputs, _logits(model, inputs), bn_train=bool(task) and has_bn)
-        probe_info = {"source": source, "task": task["task"].name if task else None, "size": inputs.shape[0],
-                      "batch": min(PROBE_BATCH, inputs.shape[0]), "image_side": inputs.shape[-1],
-                      "batchnorm": (None if not has_bn else "train mode (batch statistics)" if probe.bn_train
-                                    else "eval mode (the checkpoint's statistics)")}
+    probe, probe_info = _behaviour_probe(opts, model, task, has_bn, device) if behaviour_weight else (None, None)
     decode_dtype = decode_autocast(opts.decode_dtype, device)[0] if steps else None
     fit_start, fit_cpu = time.perf_counter(), time.process_time()
     history = _mimic(layers, steps, opts.lr, progress, model, probe, behaviour_weight,
@@ -341,51 +400,21 @@ def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path,
     fit_seconds, fit_cpu_seconds = time.perf_counter() - fit_start, time.process_time() - fit_cpu
     del probe
 
-    rows, latents = [], {}
-    with torch.no_grad():
-        for layer in layers:
-            scale = layer.log_scale.detach().exp().float().reshape(1)  # stored: the decode uses exactly this
-            z = layer.latents.detach().float().contiguous()
-            weight = layer.decode(scale).reshape(layer.shape)
-            latents[f"{layer.name}.latents"], latents[f"{layer.name}.scale"] = z, scale
-            numbers = math.prod(layer.shape)
-            rows.append({"name": layer.name, "shape": list(layer.shape), "kind": layer.kind, "depth": layer.depth,
-                         "cosine": cosine(weight, layer.target),
-                         "rel_error": ((weight - layer.target).norm() / layer.target.norm().clamp(min=1e-30)).item(),
-                         "scale": scale.item(), "latent_numbers": z.numel() + 1, "weight_numbers": numbers})
-            param = model.get_parameter(f"{layer.name}.weight")
-            param.copy_(weight.to(param.dtype))  # after the row: the target may be this very tensor
+    rows, latents = _write_back(model, layers)
     batchnorm = "copied from the checkpoint" if has_bn else None
     if task and has_bn:  # the decoded weights make other activations: statistics of the task's train split
         _reestimate_bn(model, task["data"]["train"])
         batchnorm = f"re-estimated on the {task['task'].name} train split"
     if accuracy is not None:
         accuracy["reconstructed"] = _accuracy(model, task["data"]["test"])
-    recorded = record_features(model, batch)
-    function = compare_features(reference, recorded)
-    ref_logits, logits = reference[1].float(), recorded[1].float()
-    function["logits_rel_error"] = ((logits - ref_logits).norm() / ref_logits.norm().clamp(min=1e-30)).item()
-    function.pop("block_cosine", None)  # per-block detail: the min below says enough
-    function["inputs"] = function_inputs
-
-    cosines = [r["cosine"] for r in rows]
-    latent_numbers = sum(r["latent_numbers"] for r in rows)
-    weight_numbers = sum(r["weight_numbers"] for r in rows)
     report = {
         "arch": opts.arch, "model_kwargs": opts.model_kwargs, "checkpoint": str(opts.checkpoint),
         "vae": str(opts.vae or default_vae_dir()), "mode": opts.mode, "steps": steps,
         "lr": opts.lr if steps else None, "keep_head": opts.keep_head, "seed": opts.seed, "device": str(device),
         "behaviour_weight": behaviour_weight if steps else None, "decode_dtype": decode_dtype,
         "probe_task": opts.probe_task, "probe": probe_info, "batchnorm": batchnorm, "accuracy": accuracy,
-        "layers": rows, "kept": kept,
-        "totals": {"reconstructed": len(rows), "kept": len(kept),
-                   "mean_cosine": statistics.fmean(cosines) if cosines else None,
-                   "median_cosine": statistics.median(cosines) if cosines else None,
-                   "min_cosine": min(cosines) if cosines else None,
-                   "mean_rel_error": statistics.fmean(r["rel_error"] for r in rows) if rows else None,
-                   "latent_numbers": latent_numbers, "weight_numbers": weight_numbers,
-                   "compression": latent_numbers / weight_numbers if weight_numbers else None},
-        "function": function,
+        "layers": rows, "kept": kept, "totals": _totals(rows, kept),
+        "function": _function_change(reference, model, batch, function_inputs),
         "loss_history": history,
         "decode": "weight = weightgen.vae.codec.decode_layer(vae, latents, shape, kind, depth, scale)",
         "fit_seconds": fit_seconds,

@@ -52,11 +52,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from weightgen.digits import (
-    DigitsData, digits_model_kwargs, evaluate, load_digits_data, reestimate_batchnorm,
-    train_classifier,
-)
+from weightgen.classifier import evaluate, reestimate_batchnorm, train_classifier
+from weightgen.data import TensorSplits as DigitsData, model_splits
 from weightgen.io import WeightgenError, atomic_directory
+from weightgen.models import small_input_kwargs as digits_model_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class ZooSpec:
     steps: int
     lr: float = 1e-3  # ViTs train better at 2e-3
     batch_size: int = 64
-    # None: the legacy digits data of the default zoo (load_digits_data); else a weightgen.data task
+    # a weightgen.data task; None (default and quick zoos): "digits", with no task key in the JSON
     task: str | None = None
     split: str | None = None  # "train" or "heldout"; None (default zoo): not recorded, i.e. train
     family: str | None = None
@@ -242,16 +241,9 @@ def load_zoo_model(zoo_dir: str | os.PathLike, model_id: str) -> tuple[nn.Module
 
 @functools.lru_cache(maxsize=8)
 def zoo_data(task: str | None, in_chans: int = 1) -> DigitsData:
-    """The data a spec trains on: ``task`` None is the default zoo's digits split, else a
-    ``weightgen.data`` task (split seed ``ZOO_DATA_SEED``) as ``ZOO_IMAGE_SIZE`` model inputs.
-    Cached: callers must not modify the tensors."""
-    if task is None:
-        return load_digits_data(ZOO_IMAGE_SIZE, in_chans, seed=ZOO_DATA_SEED)
-    from weightgen.data import get_task, task_dataset
-
-    t = get_task(task, ZOO_DATA_SEED)
-    splits = [task_dataset(t, stage, in_chans, ZOO_IMAGE_SIZE) for stage in ("train", "val", "test")]
-    return DigitsData(*splits, image_size=ZOO_IMAGE_SIZE, in_chans=in_chans)
+    """The data a spec trains on: the ``weightgen.data`` task (None: ``digits``) split by
+    ``ZOO_DATA_SEED``, as ``ZOO_IMAGE_SIZE`` model inputs. Cached: callers must not modify the tensors."""
+    return model_splits(task or "digits", ZOO_DATA_SEED, ZOO_IMAGE_SIZE, in_chans)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from ..artifact import CONFIG_FILE, RECAST_FILE, REPORT_FILE, load
 from ..data import MAX_EVAL, MAX_TRAIN, get_task, to_model_input
 from ..io import WeightgenError, read_json
-from ..models import input_size
+from ..models import fixed_input_size, input_size
 from ..recasting import head_names, merge_and_unload
 from ..tasks import load_task, save_task
 from .methods import get_method, trainable_counts
@@ -88,13 +88,13 @@ def open_backbone(path: str | Path, img_size: int | None = None) -> Backbone:
     kwargs = dict(config.get("model_kwargs") or {})
     model = load(path)  # validates the artifact; reused below only for its input shape
     channels, height, _ = input_size(model)
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None) is not None
+    fixed = fixed_input_size(model)  # the one rule (weightgen.models); None: any size
     recorded = recorded_img_size(report, kwargs)
     if img_size is None:
         img_size = recorded or (height if fixed else min(height, DEFAULT_MAX_SIDE))
     elif img_size < 8:
         raise WeightgenError("img_size must be >= 8", cli="--img-size must be >= 8")
-    if fixed and img_size != height and not getattr(model.patch_embed, "dynamic_img_size", False):
+    if fixed and img_size != height:
         what = f"{path} is a {height}x{height} ViT"
         raise WeightgenError(f"{what}; img_size={img_size} does not fit it", cli=f"{what}; --img-size {img_size} does not fit it")
     return Backbone(path, config.get("arch"), kwargs, int(img_size), int(channels),

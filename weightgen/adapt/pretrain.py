@@ -16,7 +16,7 @@ import torch
 
 from ..config import PRESETS
 from ..data import source_task, to_model_input
-from ..digits import digits_model_kwargs
+from ..models import small_input_kwargs
 from ..io import WeightgenError, atomic_directory, check_output_dir, read_json, save_tensors, write_json
 from ..models import create_model
 from .trainer import TrainConfig, accuracy, predict, train_task
@@ -28,7 +28,7 @@ KIND = "backbone"
 
 def source_model_kwargs(arch: str, img_size: int, num_classes: int, model_kwargs: dict | None = None) -> dict:
     """One grey channel, the source task's classes; ViT-likes also get ``img_size``/``patch_size``."""
-    kwargs = digits_model_kwargs(arch, img_size, in_chans=1)
+    kwargs = small_input_kwargs(arch, img_size, in_chans=1)
     kwargs["num_classes"] = num_classes
     kwargs.update(model_kwargs or {})  # the user's word wins (e.g. in_chans=3, patch_size=4)
     return kwargs

@@ -12,8 +12,8 @@ import numpy as np
 
 from ..io import WeightgenError
 from . import sources
-from .base import (MAX_EVAL, MAX_TRAIN, ImageTask, as_split, carve_val, make_task, subsample, task_dataset,
-                   task_loader, to_model_input)
+from .base import (MAX_EVAL, MAX_TRAIN, ImageTask, TensorSplits, as_split, carve_val, make_task, subsample,
+                   task_dataset, task_loader, tensor_splits, to_model_input)
 
 # name -> short description (for --help and error messages)
 TASKS = {
@@ -26,8 +26,8 @@ TASKS = {
     "imagefolder:PATH": "your images: PATH/<class>/* or PATH/{train,test}/<class>/*",
 }
 
-__all__ = ["TASKS", "ImageTask", "get_task", "source_task", "to_model_input", "task_dataset", "task_loader",
-           "MAX_TRAIN", "MAX_EVAL", "describe_tasks", "clear_cache"]
+__all__ = ["TASKS", "ImageTask", "TensorSplits", "get_task", "model_splits", "source_task", "to_model_input",
+           "task_dataset", "task_loader", "tensor_splits", "MAX_TRAIN", "MAX_EVAL", "describe_tasks", "clear_cache"]
 
 
 def clear_cache() -> None:
@@ -88,6 +88,12 @@ def get_task(name: str, seed: int = 0, max_train: int | None = MAX_TRAIN, max_ev
     if name.startswith("imagefolder:"):  # a user's folder may change on disk: never cache it
         return _build.__wrapped__(name, seed, max_train, max_eval, image_size)
     return _build(name, seed, max_train, max_eval, image_size).clone()
+
+
+def model_splits(name: str, seed: int = 0, image_size: int = 32, in_chans: int = 1,
+                 max_train: int | None = MAX_TRAIN, max_eval: int | None = MAX_EVAL) -> TensorSplits:
+    """Task ``name`` split by ``seed`` (``get_task``), every split as model inputs (``tensor_splits``)."""
+    return tensor_splits(get_task(name, seed, max_train, max_eval, image_size), image_size, in_chans)
 
 
 def source_task(seed: int = 0, max_train: int | None = 6000, max_eval: int | None = 1500) -> ImageTask:

@@ -74,6 +74,23 @@ def task_dataset(task: ImageTask, stage: str, channels: int = 3, img_size: int |
     return TensorDataset(to_model_input(images, channels, img_size), labels)
 
 
+@dataclass(eq=False)
+class TensorSplits:
+    """A task's train/val/test splits as model inputs (``to_model_input``: the one normalisation)."""
+
+    train: TensorDataset  # (x, y); x float32 (N, in_chans, image_size, image_size), y int64
+    val: TensorDataset
+    test: TensorDataset
+    image_size: int
+    in_chans: int
+
+
+def tensor_splits(task: ImageTask, image_size: int = 32, in_chans: int = 1) -> TensorSplits:
+    """Every split of ``task`` as model-ready TensorDatasets (transform applied once, up front)."""
+    splits = [task_dataset(task, stage, in_chans, image_size) for stage in ("train", "val", "test")]
+    return TensorSplits(*splits, image_size=image_size, in_chans=in_chans)
+
+
 def task_loader(task: ImageTask, stage: str, batch_size: int = 64, channels: int = 3,
                 img_size: int | None = 32, seed: int = 0, **kwargs) -> DataLoader:
     """A DataLoader over one split; the training split is shuffled by its own seeded generator."""

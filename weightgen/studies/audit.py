@@ -18,7 +18,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..data import TensorSplits, model_splits
 from ..io import WeightgenError
+from ..recasting import head_names
+from ..vae.codec import weight_layers
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +30,6 @@ State = dict[str, torch.Tensor]
 
 def compared_weights(model: nn.Module) -> list[str]:
     """State-dict keys of the weights an audit compares: Linear/Conv2d weights, head excepted."""
-    from ..recasting import head_names
-    from ..vae.codec import weight_layers
-
     head = head_names(model)
     return [f"{layer['name']}.weight" for layer in weight_layers(model)
             if layer["direct"] and layer["name"] not in head]
@@ -128,7 +128,7 @@ def match_accuracy(accuracy_at: Callable[[float], float], target: float, low: fl
 
 def zoo_models(zoo_dir: str | Path) -> list[dict]:
     """Every model's JSON in ``zoo_dir`` (plus ``model_id`` and ``weights``), with a user-facing error."""
-    from ..vae.data import list_zoo
+    from ..vae.data import list_zoo  # deferred: vae.data imports pytorch_lightning (seconds)
 
     zoo_dir = Path(zoo_dir)
     if not zoo_dir.is_dir():
@@ -148,18 +148,9 @@ def architecture_key(meta: dict) -> str:
     return meta["arch"] + " " + json.dumps(meta.get("model_kwargs", {}), sort_keys=True)
 
 
-def task_data(task: str | None, image_size: int = 32, in_chans: int = 1, seed: int = 0):
-    """Train/val/test data of a zoo model's ``task`` as model input (a ``DigitsData``).
+def task_data(task: str | None, image_size: int = 32, in_chans: int = 1, seed: int = 0) -> TensorSplits:
+    """Train/val/test data of a zoo model's ``task`` as model input (``weightgen.data.model_splits``).
 
-    ``None`` (a model JSON without ``task``: the default zoo) is that zoo's own digits split
-    (weightgen.digits); a name is a :func:`weightgen.data.get_task` task, as the field zoo trains on.
+    ``None`` (a model JSON without ``task``: the default zoo) is the ``digits`` task.
     """
-    from ..digits import DigitsData, load_digits_data
-
-    if task is None:
-        return load_digits_data(image_size, in_chans, seed=seed)
-    from ..data import get_task, task_dataset
-
-    built = get_task(task, seed=seed, image_size=image_size)
-    return DigitsData(*(task_dataset(built, stage, in_chans, image_size) for stage in ("train", "val", "test")),
-                      image_size=image_size, in_chans=in_chans)
+    return model_splits(task or "digits", seed=seed, image_size=image_size, in_chans=in_chans)

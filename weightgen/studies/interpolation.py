@@ -1,8 +1,8 @@
-"""Interpolation study: two checkpoints in, digits accuracy and weight cosines along each path out.
+"""Interpolation study: two checkpoints in, task accuracy and weight cosines along each path out.
 
 The path maths lives in :mod:`weightgen.vae.paths`; this driver loads the checkpoints (or zoo
-models, whose records give the architecture and kwargs), evaluates every point on held-out digits
-(BatchNorm re-estimated) and writes ``interpolation.csv``, ``interpolation.png``, ``summary.json``
+models, whose records give the architecture, kwargs and task), evaluates every point on the held-out
+test split of a :mod:`weightgen.data` task (BatchNorm re-estimated) and writes ``interpolation.csv``, ``interpolation.png``, ``summary.json``
 and optionally TensorBoard.
 """
 from __future__ import annotations
@@ -18,15 +18,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from ..digits import evaluate, load_digits_data, reestimate_batchnorm
-from ..models import resolve_device
+from ..classifier import evaluate, reestimate_batchnorm
+from ..data import ImageTask, get_task, model_splits
 from ..io import WeightgenError, atomic_directory, check_output_dir, load_checkpoint, write_json
-from ..models import create_model, example_batch, input_size, load_into
+from ..models import create_model, example_batch, fixed_input_size, input_size, load_into, resolve_device
 from ..recasting import head_names
 from ..vae.codec import weight_layers
 from ..vae.paths import METHODS, InterpolationPath, weight_cosine
 from ..vae.prior import default_vae_dir, load_vae_bundle, vae_on
-from ..zoo import ZOO_DATA_SEED, ZOO_IMAGE_SIZE, zoo_data
+from ..zoo import ZOO_DATA_SEED, ZOO_IMAGE_SIZE
 from .align import align_state, function_change
 
 ALIGNED = "_aligned"  # method-name suffix of the paths to the weight-matched copy of b
@@ -76,27 +76,27 @@ def _architecture(arch, model_kwargs, records) -> tuple[str, dict]:
     return arch, dict(model_kwargs)
 
 
-def _task(records) -> str | None:
-    """The weightgen.data task the zoo models were trained on (field zoos), None for plain digits."""
-    tasks = {r.get("task") for r in records if r is not None}
-    if len(tasks) > 1:
-        raise WeightgenError(f"the two zoo models were trained on different tasks: {sorted(map(str, tasks))}")
-    return next(iter(tasks), None)
+DEFAULT_TASK = "digits"
 
 
-class _DigitsEval:
-    """Held-out accuracy (digits, or the zoo models' task) with BatchNorm re-estimated on training batches."""
+def _task(records, task: str | None) -> str:
+    """The evaluation task: ``task``, else the zoo models' (a record without one: the default zoo's
+    digits), else digits. Zoo models are scored on the task they were trained on."""
+    trained = {r.get("task") or DEFAULT_TASK for r in records if r is not None}
+    if len(trained) > 1:
+        raise WeightgenError(f"the two zoo models were trained on different tasks: {sorted(trained)}")
+    if task is not None and trained and task.strip() not in trained:
+        raise WeightgenError(f"the zoo models were trained on task {next(iter(trained))!r}, not {task!r}")
+    return (task or next(iter(trained), DEFAULT_TASK)).strip()
 
-    def __init__(self, model: nn.Module, image_size: int, in_chans: int, seed: int, task: str | None = None):
+
+class _TaskEval:
+    """Test accuracy on a weightgen.data task with BatchNorm re-estimated on training batches."""
+
+    def __init__(self, model: nn.Module, task: str, image_size: int, in_chans: int, seed: int):
         self.model, self.seed = model, seed
-        if task is not None:  # a field-zoo model: its own task's zoo split, at the zoo's size
-            if image_size != ZOO_IMAGE_SIZE:
-                raise WeightgenError(f"zoo models of task {task!r} are evaluated at {ZOO_IMAGE_SIZE}, "
-                                     f"not --image-size {image_size}")
-            data = zoo_data(task, in_chans)
-        else:
-            # the zoo's split: another seed would test on images the zoo models were trained on
-            data = load_digits_data(image_size, in_chans, seed=ZOO_DATA_SEED)
+        # split seed ZOO_DATA_SEED: zoo models are then tested on images they were not trained on
+        data = model_splits(task, ZOO_DATA_SEED, image_size, in_chans)
         device = next(model.parameters()).device
         self.train, self.test = (TensorDataset(*(t.to(device) for t in split.tensors)) for split in (data.train, data.test))
 
@@ -109,29 +109,31 @@ class _DigitsEval:
         return evaluate(self.model, self.test)
 
 
-def _eval_setup(model: nn.Module, image_size: int | None) -> tuple[int, int] | str:
-    """(image_size, in_chans) for digits accuracy, or why accuracy does not apply."""
+def _eval_setup(model: nn.Module, image_size: int | None, task: ImageTask, zoo_models: bool) -> tuple[int, int] | str:
+    """(image_size, in_chans) for ``task``'s accuracy, or why accuracy does not apply."""
     classes = getattr(model, "num_classes", None)
-    if classes != 10:
-        return f"the head has {classes} classes, digits needs 10"
+    if classes != task.num_classes:
+        return f"the head has {classes} classes, task {task.name} has {task.num_classes}"
     try:
-        chans, height, width = input_size(model)
+        chans = input_size(model)[0]
     except WeightgenError as err:
         return str(err)
     if chans not in (1, 3):
-        return f"the model takes {chans} input channels, digits has 1 (or 3 repeated)"
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None) is not None
-    if fixed:  # ViT-like: the size is part of the architecture
-        if height != width:
-            return f"the model takes {height}x{width} inputs, digits are square"
-        if image_size is not None and image_size != height:
-            raise WeightgenError(f"--image-size {image_size} does not match the model's fixed input size {height}")
-        return height, chans
-    # CNNs accept any size; timm's pretrained_cfg size (e.g. 224) is not what a digits model was
+        return f"the model takes {chans} input channels, {task.name} has 1 (or 3 repeated)"
+    fixed = fixed_input_size(model)
+    if fixed is not None:  # ViT-like: the size is part of the architecture
+        if fixed[0] != fixed[1]:
+            return f"the model takes {fixed[0]}x{fixed[1]} inputs, {task.name} images are square"
+        if image_size is not None and image_size != fixed[0]:
+            raise WeightgenError(f"--image-size {image_size} does not match the model's fixed input size {fixed[0]}")
+        return fixed[0], chans
+    # CNNs accept any size; timm's pretrained_cfg size (e.g. 224) is not what a small-image model was
     # trained at, so use the zoo's training size unless told otherwise.
     size = ZOO_IMAGE_SIZE if image_size is None else int(image_size)
     if size < 8:
         raise WeightgenError(f"--image-size must be >= 8, got {size}")
+    if zoo_models and size != ZOO_IMAGE_SIZE:
+        raise WeightgenError(f"zoo models are evaluated at {ZOO_IMAGE_SIZE}, not --image-size {size}")
     return size, chans
 
 
@@ -144,7 +146,8 @@ def _load_end(model: nn.Module, path, label: str) -> dict[str, torch.Tensor]:
 def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwargs: dict | None = None,
                 seed: int = 0, overwrite: bool = False, logdir=None, progress: bool = False,
                 image_size: int | None = None, skip: set[str] | None = None, residual: bool = True,
-                zoo=None, device: str | torch.device = "cpu", align: bool = False) -> tuple[Path, list[dict]]:
+                zoo=None, device: str | torch.device = "cpu", align: bool = False,
+                task: str | None = None) -> tuple[Path, list[dict]]:
     """Interpolate checkpoints ``a`` -> ``b`` along every method in :data:`METHODS`.
 
     ``a``/``b``: checkpoint files, or zoo model ids with ``zoo``; zoo models bring ``arch`` and
@@ -152,8 +155,9 @@ def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwa
     Writes ``interpolation.csv`` (one row per point and method, :data:`COLUMNS`), ``interpolation.png``
     and ``summary.json`` to ``out`` atomically; with ``logdir`` also TensorBoard: scalars
     ``interpolation_vs_alpha_percent/<method>/{accuracy,cosine_a,cosine_b}`` at step = round(100 * alpha)
-    and the plot as a figure. Accuracy (held-out digits, BN re-estimated on training batches) only
-    when the head has 10 classes (zoo records with a ``task``, as in field zoos: that task's zoo split);
+    and the plot as a figure. Accuracy: on the test split of ``task`` (a :mod:`weightgen.data` task;
+    default: the zoo models' own task, else digits), split seed ``ZOO_DATA_SEED``, BatchNorm
+    re-estimated on training batches; only when the head has the task's number of classes.
     ``image_size`` defaults to the model's fixed input size, else the zoo's 32.
     ``skip``: Linear/Conv2d module names interpolated in weight space (default: the head).
     ``device``: where the model, the VAE and the evaluation run (a seed gives the same path on any device).
@@ -170,7 +174,8 @@ def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwa
     check_output_dir(out, overwrite, kind="interpolation")
     (a, record_a), (b, record_b) = resolve_checkpoint(a, zoo), resolve_checkpoint(b, zoo)
     arch, model_kwargs = _architecture(arch, model_kwargs, (record_a, record_b))
-    task = _task((record_a, record_b))
+    task = _task((record_a, record_b), task)
+    data_task = get_task(task, ZOO_DATA_SEED, image_size=image_size or ZOO_IMAGE_SIZE)  # bad names fail here
     vae, meta = load_vae_bundle(vae_dir)
     vae = vae_on(vae, device)
     with torch.random.fork_rng(devices=[]):  # deterministic in seed; the caller's RNG is untouched
@@ -178,78 +183,106 @@ def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwa
         model = create_model(arch, model_kwargs).to(device)
         state_a, state_b = _load_end(model, a, "a"), _load_end(model, b, "b")
         heads = head_names(model)
-        skip = heads if skip is None else set(skip)
-        unknown = skip - {layer["name"] for layer in weight_layers(model)}
-        if unknown:
-            raise WeightgenError(f"skip names no Linear/Conv2d layer of {arch}: {sorted(unknown)[:3]}")
-        setup = _eval_setup(model, image_size)
-        path = InterpolationPath(model, state_a, state_b, vae, meta,
-                                 {n: "head" if n in heads else "skipped" for n in skip}, residual)
-        paths = {"": path}
-        alignment = None
+        skip = _check_skip(model, arch, heads if skip is None else set(skip))
+        setup = _eval_setup(model, image_size, data_task, zoo_models=(record_a, record_b) != (None, None))
+        kinds = {n: "head" if n in heads else "skipped" for n in skip}
+        path = InterpolationPath(model, state_a, state_b, vae, meta, kinds, residual)
+        paths, alignment = {"": path}, None
         if align:
-            state_b_aligned, alignment = align_state(model, state_a, state_b)
-            if not alignment["groups"]:
-                log.warning("no permutable blocks in %s: the aligned paths equal the unaligned ones", arch)
-            # the permuted b must be the same function; a block variant align.py misreads would show here
-            gen = torch.Generator().manual_seed(seed)
-            batch = (example_batch(model, 8, seed=seed) if isinstance(setup, str)
-                     else torch.randn(8, setup[1], setup[0], setup[0], generator=gen)).to(device)
-            alignment["max_logit_change"] = function_change(model, state_b, state_b_aligned, batch)
-            if not alignment["max_logit_change"] < 1e-4:
-                raise WeightgenError(f"weight matching changed model b's outputs (relative "
-                                     f"{alignment['max_logit_change']:.2g}); run without --align")
-            paths[ALIGNED] = InterpolationPath(model, state_a, state_b_aligned, vae, meta,
-                                               {n: "head" if n in heads else "skipped" for n in skip}, residual)
-            alignment["path_cosine_before"] = weight_cosine(path.flat_a, path.flat_b)
-            alignment["path_cosine_after"] = weight_cosine(path.flat_a, paths[ALIGNED].flat_b)
-        evaluator = None if isinstance(setup, str) else _DigitsEval(model, *setup, seed=seed, task=task)
+            paths[ALIGNED], alignment = _aligned_path(model, arch, path, state_a, state_b, vae, meta, kinds,
+                                                      residual, setup, seed, device)
+        evaluator = None if isinstance(setup, str) else _TaskEval(model, task, *setup, seed=seed)
         if evaluator is None:
             log.info("no accuracy: %s", setup)
-        unseen = {n: why for n, why in path.weight_space.items() if why.startswith("VAE never")}
-        if unseen:
-            log.warning("%d layer(s) of kinds the VAE never saw are interpolated in weight space (e.g. %s)",
-                        len(unseen), next(iter(unseen)))
-
-        def measure(state: dict, along: InterpolationPath) -> dict:
-            cos_a, cos_b = along.cosines(state)
-            return {"accuracy": evaluator(state) if evaluator else None, "cosine_a": cos_a, "cosine_b": cos_b}
-
-        alphas = torch.linspace(0, 1, steps, dtype=torch.float64).tolist()
-        rows: list[dict] = []
-        ends: dict[tuple, dict] = {}  # every method of a path is the original checkpoint at 0 and 1
-        for alpha in tqdm(alphas, desc="interpolating", disable=not progress):
-            for suffix, along in paths.items():
-                for method in METHODS:
-                    if alpha in (0.0, 1.0):
-                        end = (alpha, suffix if alpha == 1.0 else "")  # a is the same on every path
-                        if end not in ends:
-                            ends[end] = measure(along.state(alpha, method), along)
-                        metrics = ends[end]
-                    else:
-                        metrics = measure(along.state(alpha, method), along)
-                    rows.append({"alpha": alpha, "method": method + suffix, **metrics})
-
-        recon = {}
-        for end, source in (("a", state_a), ("b", state_b)):
-            state, layer_cos = path.reconstruction(end)
-            flat = path.flatten(state)
-            recon[end] = {"cosine": weight_cosine(flat, path.flatten(source)),
-                          "accuracy": evaluator(state) if evaluator else None, "layer_cosines": layer_cos}
-        checkpoint_accuracy = {end: evaluator(s, reestimate=False) if evaluator else None
-                               for end, s in (("a", state_a), ("b", state_b))}
-
+        _warn_unseen(path)
+        rows = _walk(paths, steps, evaluator, progress)
+        recon, checkpoint_accuracy = _ends(path, state_a, state_b, evaluator)
         if alignment is not None:
             state, _ = paths[ALIGNED].reconstruction("b")
             alignment["recon_cosine_b_aligned"] = weight_cosine(path.flatten(state), paths[ALIGNED].flat_b)
             alignment["recon_accuracy_b_aligned"] = evaluator(state) if evaluator else None
 
     summary = _summary(arch, model_kwargs, a, b, steps, seed, vae_dir, setup, path, rows, recon,
-                       checkpoint_accuracy)
-    if task is not None and summary["accuracy"]["applies"]:
-        summary["accuracy"]["data"] = f"weightgen.data task {task!r}, zoo split, test set"
+                       checkpoint_accuracy, task)
     if alignment is not None:
         summary["alignment"] = alignment
+    _write_outputs(out, overwrite, rows, recon, arch, logdir, summary, start)
+    log.info("interpolated %s in %.1fs: %s", arch, summary["seconds"], out)
+    return out, rows
+
+
+def _check_skip(model: nn.Module, arch: str, skip: set[str]) -> set[str]:
+    unknown = skip - {layer["name"] for layer in weight_layers(model)}
+    if unknown:
+        raise WeightgenError(f"skip names no Linear/Conv2d layer of {arch}: {sorted(unknown)[:3]}")
+    return skip
+
+
+def _aligned_path(model, arch, path, state_a, state_b, vae, meta, kinds, residual, setup, seed,
+                  device) -> tuple[InterpolationPath, dict]:
+    """The path to b with its hidden units permuted to match a, and the permutation report."""
+    state_b_aligned, alignment = align_state(model, state_a, state_b)
+    if not alignment["groups"]:
+        log.warning("no permutable blocks in %s: the aligned paths equal the unaligned ones", arch)
+    # the permuted b must be the same function; a block variant align.py misreads would show here
+    gen = torch.Generator().manual_seed(seed)
+    batch = (example_batch(model, 8, seed=seed) if isinstance(setup, str)
+             else torch.randn(8, setup[1], setup[0], setup[0], generator=gen)).to(device)
+    alignment["max_logit_change"] = function_change(model, state_b, state_b_aligned, batch)
+    if not alignment["max_logit_change"] < 1e-4:
+        raise WeightgenError(f"weight matching changed model b's outputs (relative "
+                             f"{alignment['max_logit_change']:.2g}); run without --align")
+    aligned = InterpolationPath(model, state_a, state_b_aligned, vae, meta, kinds, residual)
+    alignment["path_cosine_before"] = weight_cosine(path.flat_a, path.flat_b)
+    alignment["path_cosine_after"] = weight_cosine(path.flat_a, aligned.flat_b)
+    return aligned, alignment
+
+
+def _warn_unseen(path: InterpolationPath) -> None:
+    unseen = {n: why for n, why in path.weight_space.items() if why.startswith("VAE never")}
+    if unseen:
+        log.warning("%d layer(s) of kinds the VAE never saw are interpolated in weight space (e.g. %s)",
+                    len(unseen), next(iter(unseen)))
+
+
+def _walk(paths: dict[str, InterpolationPath], steps: int, evaluator, progress: bool) -> list[dict]:
+    """One row per alpha, path and method: accuracy and the cosines to both ends."""
+    def measure(state: dict, along: InterpolationPath) -> dict:
+        cos_a, cos_b = along.cosines(state)
+        return {"accuracy": evaluator(state) if evaluator else None, "cosine_a": cos_a, "cosine_b": cos_b}
+
+    alphas = torch.linspace(0, 1, steps, dtype=torch.float64).tolist()
+    rows: list[dict] = []
+    ends: dict[tuple, dict] = {}  # every method of a path is the original checkpoint at 0 and 1
+    for alpha in tqdm(alphas, desc="interpolating", disable=not progress):
+        for suffix, along in paths.items():
+            for method in METHODS:
+                if alpha in (0.0, 1.0):
+                    end = (alpha, suffix if alpha == 1.0 else "")  # a is the same on every path
+                    if end not in ends:
+                        ends[end] = measure(along.state(alpha, method), along)
+                    metrics = ends[end]
+                else:
+                    metrics = measure(along.state(alpha, method), along)
+                rows.append({"alpha": alpha, "method": method + suffix, **metrics})
+    return rows
+
+
+def _ends(path: InterpolationPath, state_a: dict, state_b: dict, evaluator) -> tuple[dict, dict]:
+    """The VAE reconstructions of both ends (cosine, accuracy) and the checkpoints' stored-BN accuracy."""
+    recon = {}
+    for end, source in (("a", state_a), ("b", state_b)):
+        state, layer_cos = path.reconstruction(end)
+        flat = path.flatten(state)
+        recon[end] = {"cosine": weight_cosine(flat, path.flatten(source)),
+                      "accuracy": evaluator(state) if evaluator else None, "layer_cosines": layer_cos}
+    checkpoint_accuracy = {end: evaluator(s, reestimate=False) if evaluator else None
+                           for end, s in (("a", state_a), ("b", state_b))}
+    return recon, checkpoint_accuracy
+
+
+def _write_outputs(out: Path, overwrite: bool, rows: list[dict], recon: dict, arch: str, logdir,
+                   summary: dict, start: float) -> None:
     with atomic_directory(out, overwrite, kind="interpolation") as tmp:
         _write_csv(tmp / "interpolation.csv", rows)
         figure = _plot(rows, recon, arch)
@@ -258,11 +291,10 @@ def interpolate(arch: str | None, a, b, steps: int, out, vae_dir=None, model_kwa
             _tensorboard(logdir, rows, figure)
         summary["seconds"] = round(time.perf_counter() - start, 3)
         write_json(tmp / "summary.json", summary)
-    log.info("interpolated %s in %.1fs: %s", arch, summary["seconds"], out)
-    return out, rows
 
 
-def _summary(arch, model_kwargs, a, b, steps, seed, vae_dir, setup, path, rows, recon, checkpoint_accuracy) -> dict:
+def _summary(arch, model_kwargs, a, b, steps, seed, vae_dir, setup, path, rows, recon, checkpoint_accuracy,
+             task: str) -> dict:
     methods = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
@@ -278,7 +310,9 @@ def _summary(arch, model_kwargs, a, b, steps, seed, vae_dir, setup, path, rows, 
         "residual_corrected": path.residual_corrected,
         "alphas": [r["alpha"] for r in rows if r["method"] == METHODS[0]],
         "accuracy": ({"applies": False, "reason": setup} if isinstance(setup, str) else
-                     {"applies": True, "data": "sklearn digits, zoo split, test set", "image_size": setup[0],
+                     {"applies": True, "task": task,
+                      "data": f"weightgen.data task {task!r}, split seed {ZOO_DATA_SEED} (the zoo's), test set",
+                      "image_size": setup[0],
                       "in_chans": setup[1], "batchnorm": "re-estimated on training batches at every point",
                       "checkpoint_a_stored_bn": checkpoint_accuracy["a"],
                       "checkpoint_b_stored_bn": checkpoint_accuracy["b"]}),
@@ -331,7 +365,7 @@ def _plot(rows: list[dict], recon: dict, arch: str):
         axes[0].plot([0, 1], [recon["a"]["accuracy"], recon["b"]["accuracy"]], "x", ms=9, color="tab:red",
                      label="VAE reconstruction of the ends")
         title = f"{arch}: accuracy" + (" (dashed: b aligned to a)" if aligned else "")
-        axes[0].set(xlabel="alpha", ylabel="held-out digits accuracy", title=title, ylim=(0, 1.02))
+        axes[0].set(xlabel="alpha", ylabel="held-out test accuracy", title=title, ylim=(0, 1.02))
         axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     label = "VAE recon cosine of the ends"
     if aligned:

@@ -11,7 +11,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from safetensors import safe_open
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from .tokenize import KINDS, TOKEN_SIZE, layer_kind, token_count, tokenize
 
@@ -195,9 +195,17 @@ class ZooTokenDataset(Dataset):
         return j, index - int(self.offsets[j])
 
     def set_epoch(self, epoch: int) -> None:
-        """New row permutations for ``permute_rows`` (called by the trainer at each epoch start)."""
+        """New row permutations for ``permute_rows``. In a DataLoader use ``EpochSampler``: a worker
+        holds its own copy of the dataset, so a call here never reaches a (persistent) worker."""
         if int(epoch) != self.epoch:
             self.epoch, self._perms = int(epoch), {}
+
+    def _index(self, index) -> int:
+        """An int index, or ``EpochSampler``'s (epoch, index): the epoch travels with each index."""
+        if isinstance(index, (tuple, list)):
+            epoch, index = index
+            self.set_epoch(epoch)
+        return int(index)
 
     def _window(self, j: int, k: int) -> dict[str, torch.Tensor]:
         values, mask, cond, kind_id = self._layer(j)
@@ -219,8 +227,8 @@ class ZooTokenDataset(Dataset):
         return {"values": padded[0], "mask": padded[1], "cond": padded[2], "kind": torch.tensor(kind_id),
                 "layer": torch.tensor(j)}
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        j, k = self._locate(int(index))
+    def __getitem__(self, index) -> dict[str, torch.Tensor]:
+        j, k = self._locate(self._index(index))
         if self.window > 1:
             return self._window(j, k)
         values, mask, cond, kind_id = self._layer(j)
@@ -235,12 +243,32 @@ class ZooTokenDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         # DataLoader's batched fetch: visit each layer once per batch so a shuffled batch does not
         # thrash the cache more than necessary.
-        located = [self._locate(int(i)) for i in indices]
+        flat = [self._index(i) for i in indices]
+        located = [self._locate(i) for i in flat]
         order = sorted(range(len(located)), key=lambda n: located[n][0])
         out: list[dict | None] = [None] * len(located)
         for n in order:
-            out[n] = self.__getitem__(int(indices[n]))
+            out[n] = self.__getitem__(flat[n])
         return out  # type: ignore[return-value]
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` pairs from ``base``: the dataset's row permutations follow the epoch
+    in every DataLoader worker, persistent ones included (Lightning calls ``set_epoch`` on the sampler
+    before each epoch's iterator is made)."""
+
+    def __init__(self, base: Sampler):
+        self.base, self.epoch = base, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, int(i)) for i in self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
 
 
 class ZooDataModule(pl.LightningDataModule):
@@ -288,14 +316,15 @@ class ZooDataModule(pl.LightningDataModule):
             self.root, len(self.train_ids), len(self.train_set), len(self.val_ids), len(self.val_set),
         )
 
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, ds: ZooTokenDataset, shuffle: bool) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        order = RandomSampler(ds, generator=gen) if shuffle else SequentialSampler(ds)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSampler(order) if ds.permute_rows else order,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ..io import WeightgenError, check_output_dir
-from .codec import encode_layer, fit_latent_density
+from .codec import decode_layer, encode_layer, fit_latent_density
 from .model import VAEConfig, WeightVAE
 from .store import fit_scale_model, save_vae
 from .tokenize import KINDS, layer_kind, tokenize, weight_scale
@@ -106,7 +106,6 @@ def _real_vs_decoded_layer(weight: torch.Tensor, decoded: torch.Tensor, title: s
 @torch.no_grad()
 def log_layer_reconstructions(writer, vae: WeightVAE, models: list[dict], step: int, per_kind: int = 2) -> None:
     """TensorBoard figures of whole held-out layers, real beside decoded (titled), and 3x3 kernels."""
-    from .codec import decode_layer
 
     shown: dict[str, int] = {}
     for meta, layer, kind, weight in iter_layers(models):
@@ -139,6 +138,7 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
               resume: str | None = None, trainer_kwargs: dict | None = None, progress: bool = True,
               permute_rows: bool = False) -> tuple[Path, dict]:
     """Train, fit priors, evaluate against PCA and export; returns (out dir, summary)."""
+    # deferred: pytorch_lightning takes seconds to import, and this module's other helpers need none of it
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -151,25 +151,29 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
     except ValueError as err:
         raise WeightgenError(str(err)) from None
     start = time.perf_counter()
-    pl.seed_everything(seed, workers=True)
-    config = config or VAEConfig()
-    # batch_size counts tokens for both bodies: the transformer's batches hold batch_size / window windows
-    data = ZooDataModule(zoo, batch_size=max(1, batch_size // config.window), seed=seed,
-                         max_tokens_per_layer=max_tokens_per_layer, token_size=config.token_size,
-                         window=config.window, permute_rows=permute_rows)
-    try:
-        data.setup()
-    except ValueError as err:
-        raise WeightgenError(str(err)) from None
-    module = LitWeightVAE(config, lr=lr)
-    # no placeholder hp_metric (-1): the real metrics are logged with the hyperparameters at the end
-    logger = TensorBoardLogger(str(logdir), name="vae", default_hp_metric=False) if logdir else False
-    steps_per_epoch = -(-len(data.train_set) // data.batch_size)
-    trainer = pl.Trainer(max_epochs=max_epochs, logger=logger, deterministic=True,
-                         log_every_n_steps=max(1, min(50, steps_per_epoch)),
-                         enable_checkpointing=bool(logdir), enable_progress_bar=progress,
-                         enable_model_summary=False, **(trainer_kwargs or {}))
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    # seeded init and training under a forked torch RNG: the caller's RNG (and environment) stay as
+    # they were; the data order and augmentations draw from their own seeded generators
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        config = config or VAEConfig()
+        # batch_size counts tokens for both bodies: the transformer's batches hold batch_size / window windows
+        data = ZooDataModule(zoo, batch_size=max(1, batch_size // config.window), seed=seed,
+                             max_tokens_per_layer=max_tokens_per_layer, token_size=config.token_size,
+                             window=config.window, permute_rows=permute_rows)
+        try:
+            data.setup()
+        except ValueError as err:
+            raise WeightgenError(str(err)) from None
+        module = LitWeightVAE(config, lr=lr)
+        # no placeholder hp_metric (-1): the real metrics are logged with the hyperparameters at the end
+        logger = TensorBoardLogger(str(logdir), name="vae", default_hp_metric=False) if logdir else False
+        steps_per_epoch = -(-len(data.train_set) // data.batch_size)
+        trainer = pl.Trainer(max_epochs=max_epochs, logger=logger, deterministic=True,
+                             log_every_n_steps=max(1, min(50, steps_per_epoch)),
+                             enable_checkpointing=bool(logdir), enable_progress_bar=progress,
+                             enable_model_summary=False, **(trainer_kwargs or {}))
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
     vae = module.vae.cpu().eval()
     train_models = [models[i] for i in data.train_ids]
     held_out = [models[i] for i in data.val_ids]
