@@ -131,19 +131,30 @@ def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=gen)
 
 
-def train_task(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-               config: TrainConfig, seed: int = 0, run_name: str = "adapt", version: str | None = None) -> dict:
+Data = "tuple[torch.Tensor, torch.Tensor] | DataLoader"
+
+
+def as_loader(data, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """``data`` itself when it is a DataLoader (streamed from disk), else one over (inputs, labels)."""
+    if isinstance(data, DataLoader):
+        return data
+    return make_loader(*data, batch_size, shuffle, seed)
+
+
+def train_task(model: nn.Module, train: Data, val: Data, config: TrainConfig, seed: int = 0,
+               run_name: str = "adapt", version: str | None = None) -> dict:
     """Train ``model``'s trainable parameters on ``train``; ends holding the best-``val`` state.
 
-    ``train``/``val`` are model-ready (inputs, labels). Returns a summary: best val accuracy and
+    ``train``/``val`` are model-ready (inputs, labels) tensors, or DataLoaders that yield such
+    batches (a training loader brings its own shuffling and seed). Returns a summary: best val accuracy and
     epoch, steps, train seconds, seconds per step, per-epoch history. ``model`` stays on the device
     Lightning trained it on. The global RNG is forked: the caller's random state is unchanged.
     """
     config.validate()
     if not any(p.requires_grad for p in model.parameters()):
         raise WeightgenError("nothing to train: the model has no trainable parameters")
-    train_loader = make_loader(*train, config.batch_size, shuffle=True, seed=seed)
-    val_loader = make_loader(*val, max(config.batch_size, 256), shuffle=False)
+    train_loader = as_loader(train, config.batch_size, shuffle=True, seed=seed)
+    val_loader = as_loader(val, max(config.batch_size, 256), shuffle=False)
     steps = config.epochs * len(train_loader)
     if config.max_steps is not None:
         steps = min(steps, config.max_steps)
