@@ -152,10 +152,11 @@ def image_config(model: torch.nn.Module | None = None, *, img_size: int | Sequen
         data = resolve_model_data_config(model)
         try:
             c, h, w = input_size(model)
-        except WeightgenError:
+        except WeightgenError:  # not a timm model: its first conv tells the channels, img_size the rest
             if img_size is None:
                 raise
-            c, h, w = data["input_size"]
+            first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+            c, h, w = first.in_channels if first is not None else data["input_size"][0], 0, 0
     else:
         if img_size is None:
             raise WeightgenError("image_config needs a model or an explicit img_size")
@@ -381,6 +382,16 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int 
                       persistent_workers=(cuda if persistent_workers is None else persistent_workers) and workers > 0)
 
 
+def make_loaders(data: "FileImages | MemoryImages", cfg: ImageConfig, batch_size: int, *, augment: str = "none",
+                 workers: int = 0, seed: int = 0, device: torch.device | str | None = None,
+                 eval_batch_size: int | None = None) -> dict[str, DataLoader]:
+    """``{"train", "val", "test"}`` loaders of one task: only training is shuffled and augmented."""
+    return {stage: make_loader(data.dataset(stage, cfg, augment if stage == "train" else "none", seed),
+                               batch_size if stage == "train" else (eval_batch_size or batch_size),
+                               train=stage == "train", workers=workers, seed=seed, device=device)
+            for stage in SPLITS}
+
+
 # ---- sources: a folder, a CSV, or a built-in task ------------------------------------------------
 
 def _path_array(paths) -> np.ndarray:
@@ -399,6 +410,7 @@ class FileImages:
     splits: dict[str, tuple[np.ndarray, np.ndarray]]  # stage -> (paths as bytes, labels int64)
     description: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) dropped by the scan
+    skip_bad: bool = False  # also drop images that fail to decode later (the scan may check headers only)
 
     @property
     def num_classes(self) -> int:
@@ -419,7 +431,7 @@ class FileImages:
         train = _stage(stage) == "train"
         paths, labels = self.splits[stage]
         return FileImageDataset(paths, labels, cfg.transform(train, augment), train and augment != "none", seed,
-                                skip_bad=bool(self.skipped) if skip_bad is None else skip_bad)
+                                skip_bad=self.skip_bad if skip_bad is None else skip_bad)
 
 
 @dataclass
@@ -481,7 +493,7 @@ def open_task(name: str, seed: int = 0, *, max_train: int | None = None, max_eva
         lister = _folder_lists if kind == "imagefolder" else _csv_lists
         classes, lists, description = lister(Path(path).expanduser())
         splits = _split(lists, classes, seed, test_fraction, val_fraction, max_train, max_eval, path)
-        data = FileImages(name, classes, splits, description)
+        data = FileImages(name, classes, splits, description, skip_bad=skip_bad)
         _scan(data, skip_bad, decode)
         log.info("%s: %d classes, sizes %s, %d bad images skipped", name, len(classes), data.sizes(), len(data.skipped))
         return data
