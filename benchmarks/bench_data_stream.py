@@ -61,9 +61,12 @@ def child(args) -> int:
     from weightgen.data.images import image_config, make_loader, open_task
 
     torch.set_num_threads(1)
+    phase = Path(args.phase_file)
+    phase.write_text("scan")
     t0 = time.perf_counter()
-    data = open_task(f"imagefolder:{args.root}", seed=0)
+    data = open_task(f"imagefolder:{args.root}", seed=0, decode=args.decode)
     scan_s = time.perf_counter() - t0
+    phase.write_text("stream")
     cfg = image_config(img_size=args.img_size)  # no backbone: timm's ImageNet mean/std
     loader = make_loader(data.dataset("train", cfg, augment="flip-crop", seed=0), args.batch_size, train=True,
                          workers=args.workers[0], seed=0)
@@ -116,19 +119,24 @@ def _footprint(pids: list[int]) -> tuple[float, float]:
 
 
 def measure(root: Path, workers: int, args) -> dict:
+    phase_file = Path(args.data_dir) / ".phase"
+    phase_file.write_text("start")
     cmd = [sys.executable, __file__, "--child", "--root", str(root), "--workers", str(workers),
-           "--img-size", str(args.img_size), "--batch-size", str(args.batch_size)]
+           "--img-size", str(args.img_size), "--batch-size", str(args.batch_size), "--phase-file", str(phase_file)]
+    if args.decode is not None:
+        cmd += ["--decode", str(args.decode)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    peak = {"rss": 0.0, "pss": 0.0, "procs": 0}
+    peak = {"rss": 0.0, "pss": 0.0, "procs": 0, "pss_by_phase": {}}
     done = threading.Event()
 
     def sample():
         while not done.is_set():
             pids = _tree(proc.pid)
             rss, pss = _footprint(pids)
-            if pss > peak["pss"]:
-                peak["pss"] = pss
+            now = phase_file.read_text().strip()
+            peak["pss_by_phase"][now] = max(peak["pss_by_phase"].get(now, 0.0), pss)
+            peak["pss"] = max(peak["pss"], pss)
             peak["rss"] = max(peak["rss"], rss)
             peak["procs"] = max(peak["procs"], len(pids))
             done.wait(0.1)
@@ -142,7 +150,8 @@ def measure(root: Path, workers: int, args) -> dict:
         raise SystemExit(f"error: child failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
     result = json.loads(out.strip().splitlines()[-1])
     result.update(workers=workers, peak_tree_rss_mb=peak["rss"], peak_tree_pss_mb=peak["pss"],
-                  max_processes=peak["procs"])
+                  peak_pss_scan_mb=peak["pss_by_phase"].get("scan", 0.0),
+                  peak_pss_stream_mb=peak["pss_by_phase"].get("stream", 0.0), max_processes=peak["procs"])
     return result
 
 
@@ -154,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data-dir", default="/tmp/weightgen_bench_stream", help="where the folders are generated")
     p.add_argument("--out", default=str(REPO / "docs"), help="where bench_data_stream.{md,json} go")
+    p.add_argument("--decode", type=int, choices=[0, 1], default=None,
+                   help="bad-image scan: 1 full decode, 0 header check (default: full decode up to 5,000 images)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--phase-file", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -171,18 +183,21 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(r)
             print(f"{n} images, workers {w}: {r['images_per_s']:.0f} img/s, peak PSS {r['peak_tree_pss_mb']:.0f} MiB",
                   file=sys.stderr)
+    scan_text = {None: "full decode up to 5,000 images, header check above", 0: "header check",
+                 1: "full decode"}[args.decode]
     info["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     rows = [[f"{r['folder_images']:,}", r["workers"], f"{r['images']:,}", f"{r['scan_s']:.1f}",
-             f"{r['images_per_s']:.0f}", f"{r['peak_tree_pss_mb']:.0f}", f"{r['peak_tree_rss_mb']:.0f}",
+             f"{r['images_per_s']:.0f}", f"{r['peak_pss_scan_mb']:.0f}", f"{r['peak_pss_stream_mb']:.0f}",
+             f"{r['peak_tree_rss_mb']:.0f}",
              f"{r['main_maxrss_mb']:.0f}", f"{r['worker_maxrss_mb']:.0f}" if r["workers"] else "-"] for r in runs]
     growth = []
     for w in args.workers:
         by_n = {r["folder_images"]: r for r in runs if r["workers"] == w}
         if len(by_n) >= 2:
             lo, hi = min(by_n), max(by_n)
-            growth.append(f"- workers={w}: peak PSS {by_n[lo]['peak_tree_pss_mb']:.0f} MiB at {lo:,} images, "
-                          f"{by_n[hi]['peak_tree_pss_mb']:.0f} MiB at {hi:,} "
-                          f"({by_n[hi]['peak_tree_pss_mb'] - by_n[lo]['peak_tree_pss_mb']:+.0f} MiB for "
+            key = "peak_pss_stream_mb"
+            growth.append(f"- workers={w}: peak PSS while streaming {by_n[lo][key]:.0f} MiB at {lo:,} images, "
+                          f"{by_n[hi][key]:.0f} MiB at {hi:,} ({by_n[hi][key] - by_n[lo][key]:+.0f} MiB for "
                           f"{hi / lo:.0f}x the images)")
     md = "\n".join([
         "# Streaming an image folder from disk: peak memory and images/s",
@@ -192,15 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['date_utc']}, commit {info['git_commit']}.",
         "",
         f"Generated folders: {CLASSES} classes, half JPEG half PNG, sides 64-256 px. Each row is a fresh process: "
-        "`open_task('imagefolder:DIR')` (split 70/10/20 by seed, bad-image scan: full decode up to 5,000 images, "
-        f"header check above), then one epoch of the training split at {args.img_size} px with flip + "
+        "`open_task('imagefolder:DIR')` (split 70/10/20 by seed, bad-image scan: "
+        f"{scan_text}, on a few threads), then one epoch of the training split at {args.img_size} px with flip + "
         f"random-resized-crop, batch {args.batch_size}, `make_loader(..., workers=W)`.",
         "",
-        markdown_table(["folder", "workers", "images streamed", "scan s", "images/s", "peak PSS MiB (tree)",
-                        "peak RSS MiB (tree, summed)", "main maxrss MiB", "largest worker maxrss MiB"], rows),
+        markdown_table(["folder", "workers", "images streamed", "scan s", "images/s", "peak PSS MiB, scan",
+                        "peak PSS MiB, streaming", "peak RSS MiB (tree, summed)", "main maxrss MiB", "largest worker maxrss MiB"], rows),
         "",
-        "PSS shares each page among the processes that map it, so the tree's summed PSS is its real "
-        "footprint; summed RSS counts the libraries a forked worker shares with its parent once per "
+        "PSS (process tree: main process + workers) shares each page among the processes that map it, so "
+        "the tree's summed PSS is its real footprint, shown for the scan and for the epoch; summed RSS counts the libraries a forked worker shares with its parent once per "
         "process. Memory is sampled every 0.1 s.",
         "",
         "Growth with the folder's size:",

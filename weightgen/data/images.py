@@ -253,7 +253,7 @@ def scan_images(paths: Sequence[str | os.PathLike], decode: bool | None = None,
     """
     paths = [os.fsdecode(p) for p in paths]
     full = len(paths) <= DECODE_ALL_BELOW if decode is None else bool(decode)
-    threads = threads or min(8, os.cpu_count() or 1)
+    threads = threads or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if threads <= 1 or len(paths) < 64:
         reasons = [check_image(p, full) for p in paths]
     else:
