@@ -283,3 +283,26 @@ def test_photo_patches_without_scikit_image_name_the_install(monkeypatch):
             photos.photo_patch_task(seed=0)
     finally:
         photos.load_photo.cache_clear()
+
+
+def test_pixel_limit_counts_from_max_image_pixels_not_twice_it(tmp_path, monkeypatch):
+    # PIL only warns between MAX_IMAGE_PIXELS and twice that; the scan and the loader refuse both
+    Image.new("L", (40, 40)).save(tmp_path / "big.png")
+    Image.new("L", (20, 20)).save(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1,600 pixels: PIL's warning range
+    bad = scan_images([tmp_path / "small.png", tmp_path / "big.png"], decode=False)
+    assert [p for p, _ in bad] == [str(tmp_path / "big.png")] and "exceeds the limit of 1000" in bad[0][1]
+    from weightgen.data.images import read_image
+    with pytest.raises(BadImageError, match="big.png"):
+        read_image(tmp_path / "big.png")
+
+
+def test_make_loaders_gives_three_splits_only_train_shuffled(tmp_path):
+    from weightgen.data.images import make_loaders
+    data = open_task(f"imagefolder:{make_folder(tmp_path / 'imgs')}", seed=0)
+    loaders = make_loaders(data, image_config(overlay_model(), img_size=16), 4, augment="flip-crop")
+    assert sorted(loaders) == ["test", "train", "val"]
+    assert [len(loaders[s].dataset) for s in ("train", "val", "test")] == [21, 3, 6]
+    assert loaders["train"].dataset.random_transform and not loaders["test"].dataset.random_transform
+    y = torch.cat([b[1] for b in loaders["test"]])
+    assert torch.equal(y, torch.as_tensor(data.labels("test")))  # evaluation keeps the file order
