@@ -212,11 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         f"random-resized-crop, batch {args.batch_size}, `make_loader(..., workers=W)`.",
         "",
         markdown_table(["folder", "workers", "images streamed", "scan s", "images/s", "peak PSS MiB, scan",
-                        "peak PSS MiB, streaming", "peak RSS MiB (tree, summed)", "main maxrss MiB", "largest worker maxrss MiB"], rows),
+                        "peak PSS MiB, streaming", "peak RSS MiB (tree, summed)", "main maxrss MiB",
+                        "largest worker maxrss MiB"], rows),
         "",
         "PSS (process tree: main process + workers) shares each page among the processes that map it, so "
-        "the tree's summed PSS is its real footprint, shown for the scan and for the epoch; summed RSS counts the libraries a forked worker shares with its parent once per "
-        "process. Memory is sampled every 0.1 s.",
+        "the tree's summed PSS is its real footprint, shown for the scan and for the epoch; summed RSS "
+        "counts the libraries a forked worker shares with its parent once per process. Memory is sampled "
+        "every 0.1 s.",
         "",
         "Growth with the folder's size:",
         "",

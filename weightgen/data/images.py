@@ -180,8 +180,8 @@ def image_config(model: torch.nn.Module | None = None, *, img_size: int | Sequen
     pct = float(crop_pct if crop_pct is not None else data.get("crop_pct") or 1.0)
     if not 0 < pct <= 1:
         raise WeightgenError(f"crop_pct must be in (0, 1], got {pct}")
-    return ImageConfig(int(c), (int(h), int(w)), mean_c, std_c, interpolation or data.get("interpolation") or "bilinear",
-                       pct, data.get("crop_mode") or "center")
+    interp = interpolation or data.get("interpolation") or "bilinear"
+    return ImageConfig(int(c), (int(h), int(w)), mean_c, std_c, interp, pct, data.get("crop_mode") or "center")
 
 
 # ---- reading images, the bad-image scan ---------------------------------------------------------
@@ -253,7 +253,8 @@ def scan_images(paths: Sequence[str | os.PathLike], decode: bool | None = None,
     """
     paths = [os.fsdecode(p) for p in paths]
     full = len(paths) <= DECODE_ALL_BELOW if decode is None else bool(decode)
-    threads = threads or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = threads or min(8, cpus)
     if threads <= 1 or len(paths) < 64:
         reasons = [check_image(p, full) for p in paths]
     else:
