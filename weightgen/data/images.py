@@ -258,8 +258,10 @@ def scan_images(paths: Sequence[str | os.PathLike], decode: bool | None = None,
     if threads <= 1 or len(paths) < 64:
         reasons = [check_image(p, full) for p in paths]
     else:
-        with ThreadPoolExecutor(threads) as pool:
-            reasons = list(pool.map(lambda p: check_image(p, full), paths, chunksize=64))
+        reasons = []
+        with ThreadPoolExecutor(threads) as pool:  # a block at a time: map() makes every future up front
+            for start in range(0, len(paths), 1024):
+                reasons += pool.map(lambda p: check_image(p, full), paths[start:start + 1024])
     return [(p, r) for p, r in zip(paths, reasons) if r is not None]
 
 
