@@ -221,11 +221,12 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     size = resolve_model_data_config(model).get("input_size") if cfg else None
     embed = _patch_embed(model)
     first = embed.proj if embed is not None else next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    fixed = fixed_input_size(model)
-    if fixed is None and size is None:
+    # a patch embedding knows the size the model was built at, even one that accepts any size
+    native = fixed_input_size(model) or (_pair(embed.img_size) if embed is not None else None)
+    if native is None and size is None:
         raise WeightgenError("cannot tell the model's input size; it has no timm pretrained_cfg")
     channels = first.in_channels if first is not None else size[0]
-    return (channels, *(fixed or size[1:]))
+    return (channels, *(native or size[1:]))
 
 
 def input_side(model: nn.Module, preferred: int) -> int:

@@ -11,7 +11,7 @@ import functools
 import numpy as np
 
 from ..io import WeightgenError
-from . import sources
+from . import photos, sources
 from .base import (MAX_EVAL, MAX_TRAIN, ImageTask, TensorSplits, as_split, carve_val, make_task, subsample,
                    task_dataset, task_loader, tensor_splits, to_model_input)
 
@@ -24,6 +24,7 @@ TASKS = {
     "greek": "10 lowercase Greek letters from 20 fonts (matplotlib + hershey-fonts), split by font (28x28)",
     "latin": "10 lowercase Latin letters from 39 fonts (matplotlib + hershey-fonts), split by font (28x28)",
     "imagefolder:PATH": "your images: PATH/<class>/* or PATH/{train,test}/<class>/*",
+    **photos.TASKS,  # RGB colour tasks (weightgen/data/photos.py)
 }
 
 __all__ = ["TASKS", "ImageTask", "TensorSplits", "get_task", "model_splits", "source_task", "to_model_input",
@@ -74,6 +75,8 @@ def _build(name: str, seed: int, max_train: int | None, max_eval: int | None, im
     if name.startswith("imagefolder:"):
         from .imagefolder import imagefolder_task
         return imagefolder_task(name.partition(":")[2], seed, max_train, max_eval, image_size)
+    if name in photos.TASKS:
+        return photos.build(name, seed, max_train, max_eval)
     raise WeightgenError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
 
 

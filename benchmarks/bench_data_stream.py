@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Peak memory and images/s of streaming an image folder from disk, at two folder sizes.
+
+Generates class folders of small JPEGs and PNGs (varied sizes, 64-256 px), then, each in a fresh
+process, opens the folder with ``weightgen.data.images.open_task`` (bad-image scan included) and
+streams one epoch of its training split at 224 px (flip + random-resized-crop, batch 64) through
+``make_loader``. The parent samples the process tree (main process + DataLoader workers) every
+0.1 s: peak summed RSS (counts pages shared by forked workers once per process) and peak summed
+PSS (shares them out: the tree's real footprint). The target: peak memory that does not grow with
+the folder's size.
+
+    python benchmarks/bench_data_stream.py   # -> docs/bench_data_stream.{md,json}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, machine_info, markdown_table, write_outputs  # noqa: E402
+
+CLASSES = 10
+
+
+def generate(root: Path, n: int, seed: int = 0) -> float:
+    """``n`` images in ``CLASSES`` folders (half JPEG, half PNG), reused if already complete."""
+    import numpy as np
+    from PIL import Image
+
+    marker = root / ".complete"
+    if marker.is_file() and marker.read_text().strip() == str(n):
+        return 0.0
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        folder = root / f"class{i % CLASSES:02d}"
+        if i < CLASSES:
+            folder.mkdir(parents=True, exist_ok=True)
+        w, h = (int(v) for v in rng.integers(64, 257, size=2))
+        # a smooth colour field: a tiny random image upsampled (cheap, and compresses like a photo)
+        small = rng.integers(0, 256, size=(4 + i % 5, 4 + i % 7, 3), dtype=np.uint8)
+        im = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+        im.save(folder / f"{i:06d}.{'jpg' if i % 2 else 'png'}", **({"quality": 90} if i % 2 else {}))
+    marker.write_text(str(n))
+    return time.perf_counter() - start
+
+
+# ---- the measured child ------------------------------------------------------------------------
+
+def child(args) -> int:
+    import resource
+
+    import torch
+
+    from weightgen.data.images import image_config, make_loader, open_task
+
+    torch.set_num_threads(1)
+    phase = Path(args.phase_file)
+    phase.write_text("scan")
+    t0 = time.perf_counter()
+    data = open_task(f"imagefolder:{args.root}", seed=0, decode=args.decode)
+    scan_s = time.perf_counter() - t0
+    phase.write_text("stream")
+    cfg = image_config(img_size=args.img_size)  # no backbone: timm's ImageNet mean/std
+    loader = make_loader(data.dataset("train", cfg, augment="flip-crop", seed=0), args.batch_size, train=True,
+                         workers=args.workers[0], seed=0)
+    n, checksum = 0, 0.0
+    t1 = time.perf_counter()
+    for x, y in loader:
+        n += len(y)
+        checksum += float(x[:, :, ::32, ::32].sum())  # touch the batch, as a model would
+    stream_s = time.perf_counter() - t1
+    del loader  # workers exit and are reaped: RUSAGE_CHILDREN then holds their peak
+    print(json.dumps({
+        "images": n, "sizes": data.sizes(), "scan_s": scan_s, "stream_s": stream_s,
+        "images_per_s": n / stream_s, "shape": list(x.shape[1:]), "checksum": checksum,
+        "main_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }))
+    return 0
+
+
+# ---- the parent: sample the child's process tree -----------------------------------------------
+
+def _tree(pid: int) -> list[int]:
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    stack += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return out
+
+
+def _footprint(pids: list[int]) -> tuple[float, float]:
+    """Summed RSS and PSS (MiB) of ``pids`` from /proc/PID/smaps_rollup."""
+    rss = pss = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return rss / 1024, pss / 1024
+
+
+def measure(root: Path, workers: int, args) -> dict:
+    phase_file = Path(args.data_dir) / ".phase"
+    phase_file.write_text("start")
+    cmd = [sys.executable, __file__, "--child", "--root", str(root), "--workers", str(workers),
+           "--img-size", str(args.img_size), "--batch-size", str(args.batch_size), "--phase-file", str(phase_file)]
+    if args.decode is not None:
+        cmd += ["--decode", str(args.decode)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    peak = {"rss": 0.0, "pss": 0.0, "procs": 0, "pss_by_phase": {}}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            pids = _tree(proc.pid)
+            rss, pss = _footprint(pids)
+            now = phase_file.read_text().strip()
+            peak["pss_by_phase"][now] = max(peak["pss_by_phase"].get(now, 0.0), pss)
+            peak["pss"] = max(peak["pss"], pss)
+            peak["rss"] = max(peak["rss"], rss)
+            peak["procs"] = max(peak["procs"], len(pids))
+            done.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"error: child failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result.update(workers=workers, peak_tree_rss_mb=peak["rss"], peak_tree_pss_mb=peak["pss"],
+                  peak_pss_scan_mb=peak["pss_by_phase"].get("scan", 0.0),
+                  peak_pss_stream_mb=peak["pss_by_phase"].get("stream", 0.0), max_processes=peak["procs"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000], help="images per generated folder")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to compare")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--data-dir", default="/tmp/weightgen_bench_stream", help="where the folders are generated")
+    p.add_argument("--out", default=str(REPO / "docs"), help="where bench_data_stream.{md,json} go")
+    p.add_argument("--decode", type=int, choices=[0, 1], default=None,
+                   help="bad-image scan: 1 full decode, 0 header check (default: full decode up to 5,000 images)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--phase-file", help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args)
+
+    info = machine_info()
+    runs, generated = [], {}
+    for n in args.sizes:
+        root = Path(args.data_dir) / f"n{n}"
+        generated[n] = {"seconds": generate(root, n), "bytes": sum(f.stat().st_size for f in root.rglob("*.*"))}
+        for w in args.workers:
+            r = measure(root, w, args)
+            r["folder_images"] = n
+            runs.append(r)
+            print(f"{n} images, workers {w}: {r['images_per_s']:.0f} img/s, peak PSS {r['peak_tree_pss_mb']:.0f} MiB",
+                  file=sys.stderr)
+    scan_text = {None: "full decode up to 5,000 images, header check above", 0: "header check",
+                 1: "full decode"}[args.decode]
+    info["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    rows = [[f"{r['folder_images']:,}", r["workers"], f"{r['images']:,}", f"{r['scan_s']:.1f}",
+             f"{r['images_per_s']:.0f}", f"{r['peak_pss_scan_mb']:.0f}", f"{r['peak_pss_stream_mb']:.0f}",
+             f"{r['peak_tree_rss_mb']:.0f}",
+             f"{r['main_maxrss_mb']:.0f}", f"{r['worker_maxrss_mb']:.0f}" if r["workers"] else "-"] for r in runs]
+    growth = []
+    for w in args.workers:
+        by_n = {r["folder_images"]: r for r in runs if r["workers"] == w}
+        if len(by_n) >= 2:
+            lo, hi = min(by_n), max(by_n)
+            key = "peak_pss_stream_mb"
+            growth.append(f"- workers={w}: peak PSS while streaming {by_n[lo][key]:.0f} MiB at {lo:,} images, "
+                          f"{by_n[hi][key]:.0f} MiB at {hi:,} ({by_n[hi][key] - by_n[lo][key]:+.0f} MiB for "
+                          f"{hi / lo:.0f}x the images)")
+    md = "\n".join([
+        "# Streaming an image folder from disk: peak memory and images/s",
+        "",
+        f"`{info['command']}` on {info['cpu']} ({info['cpus']} CPUs, shared; load average "
+        f"{info['loadavg']} before, {info['loadavg_after']} after), torch {info['torch']}, timm {info['timm']}, "
+        f"{info['date_utc']}, commit {info['git_commit']}.",
+        "",
+        f"Generated folders: {CLASSES} classes, half JPEG half PNG, sides 64-256 px. Each row is a fresh process: "
+        "`open_task('imagefolder:DIR')` (split 70/10/20 by seed, bad-image scan: "
+        f"{scan_text}, on a few threads), then one epoch of the training split at {args.img_size} px with flip + "
+        f"random-resized-crop, batch {args.batch_size}, `make_loader(..., workers=W)`.",
+        "",
+        markdown_table(["folder", "workers", "images streamed", "scan s", "images/s", "peak PSS MiB, scan",
+                        "peak PSS MiB, streaming", "peak RSS MiB (tree, summed)", "main maxrss MiB",
+                        "largest worker maxrss MiB"], rows),
+        "",
+        "PSS (process tree: main process + workers) shares each page among the processes that map it, so "
+        "the tree's summed PSS is its real footprint, shown for the scan and for the epoch; summed RSS "
+        "counts the libraries a forked worker shares with its parent once per process. Memory is sampled "
+        "every 0.1 s.",
+        "",
+        "Growth with the folder's size:",
+        "",
+        *growth,
+        "",
+    ])
+    write_outputs(args.out, "bench_data_stream", md, {"machine": info, "generated": generated, "runs": runs,
+                                                       "settings": vars(args)})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
