@@ -281,10 +281,14 @@ def test_report_layout():
     rows = report["layers"]
     assert [row["name"] for row in rows] == [str(i) for i in range(6)]
     assert [row["group"] for row in rows] == ["g0"] * 4 + ["g1"] * 2
+    layers = recast_layers(model)
     for row in rows:
         assert set(row) >= {"name", "shape", "group", "cosine", "rel_error"}
         assert row["shape"] == [32, 32]
-        assert -1 <= row["cosine"] <= 1 and row["rel_error"] >= 0
+        # each row measures the model's weight against the target
+        fitted, wanted = layers[row["name"]].weight.detach().flatten(), target[f"{row['name']}.weight"].flatten()
+        assert row["cosine"] == pytest.approx(F.cosine_similarity(fitted, wanted, dim=0).item(), abs=1e-5)
+        assert row["rel_error"] == pytest.approx(((fitted - wanted).norm() / wanted.norm()).item(), rel=1e-4)
     assert report["mean_cosine"] == pytest.approx(sum(r["cosine"] for r in rows) / 6)
     assert report["min_cosine"] == min(r["cosine"] for r in rows)
 
