@@ -98,9 +98,9 @@ def test_dataset(tmp_path):
     assert torch.equal(sub[-1]["cond"], t.cond[-1])
     kinds = {KINDS[int(sub[i]["kind"])] for i in range(len(sub))}
     assert kinds == {"conv", "dwconv", "linear"}
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=rf"index {len(ds)} out of range"):
         ds[len(ds)]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"model ids not in zoo .*\['nope'\]"):
         ZooTokenDataset(tmp_path, model_ids=["nope"])
 
 
