@@ -116,7 +116,7 @@ def test_truncated_safetensors(tmp_path):
     with pytest.raises(WeightgenError, match="corrupt or truncated"):
         load_checkpoint(path)
     path.write_bytes(b"")
-    with pytest.raises(WeightgenError, match="cannot read checkpoint"):
+    with pytest.raises(WeightgenError, match="corrupt or truncated safetensors file"):
         load_checkpoint(path)
 
 
