@@ -229,9 +229,10 @@ def test_closed_form_plus_gradient(checkpoint, tmp_path, capsys):
     history = report["loss_history"]
     assert len(history) == 6
     # the descent starts at the closed-form fit (its loss is 1 - mean cosine) and keeps the best state seen,
-    # so it never ends below the closed-form cosine (with one template that fit is already the optimum)
+    # so its mean cosine never ends below the closed-form one (with one template that fit is already the
+    # optimum); single layers may trade a little (min cosine -3e-5 with ATEN_CPU_CAPABILITY=default)
     assert history[0] == pytest.approx(1 - closed["mean_cosine"], abs=1e-5)
-    assert report["mean_cosine"] >= closed["mean_cosine"] - 1e-6 and report["min_cosine"] >= closed["min_cosine"] - 1e-6
+    assert report["mean_cosine"] >= closed["mean_cosine"] - 1e-6
 
 
 def test_logdir_writes_tensorboard_events(checkpoint, tmp_path, capsys):
