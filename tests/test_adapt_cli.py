@@ -5,12 +5,15 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import matplotlib
 import pytest
 import timm
 import torch
 
 import weightgen as wg
 from weightgen.cli import run_cli
+
+from _plots import count_colour, plot_pixels
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--epochs", "1", "--max-train", "64", "--max-eval", "32", "--batch-size", "32"]
@@ -67,7 +70,11 @@ def test_run_writes_every_output(results):
     assert all(r["exact_switch"] == "True" for r in rows)
     assert all(int(r["task_file_bytes"]) == (out / r["task_file"]).stat().st_size for r in rows)
     assert all(int(r["trainable"]) < int(r["trainable_with_head"]) for r in rows)
-    assert (out / "adapt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the figure (10 x 4 in at 120 dpi): bars in matplotlib's first colour, each accuracy-matrix cell in viridis
+    rgb = plot_pixels(out / "adapt.png", (1200, 480))
+    assert count_colour(rgb, "C0") > 1000
+    for value in (float(r["test_acc"]) for r in rows):  # one seed: the diagonal of the mean matrix
+        assert count_colour(rgb, matplotlib.colormaps["viridis"](value)) > 1000, value
 
 
 def test_evaluate_reproduces_the_test_accuracies_from_the_files_alone(results, capsys):

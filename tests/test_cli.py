@@ -240,9 +240,18 @@ def test_closed_form_plus_gradient(checkpoint, tmp_path, capsys):
                         "--method", "closed_form+gradient", "--steps", "5", "--templates", "1"], capsys)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
-    assert report["method"] == "closed_form+gradient"
-    assert len(report["loss_history"]) == 6
-    assert 0.3 < report["mean_cosine"] < 1.0
+    code, _, err = cli(["--arch", "test_resnet", "--checkpoint", checkpoint, "--out", tmp_path / "cf",
+                        "--templates", "1"], capsys)
+    assert code == 0, err
+    closed = json.loads((tmp_path / "cf" / "report.json").read_text())
+    assert report["method"] == "closed_form+gradient" and closed["method"] == "closed_form"
+    history = report["loss_history"]
+    assert len(history) == 6
+    # the descent starts at the closed-form fit (its loss is 1 - mean cosine) and keeps the best state seen,
+    # so its mean cosine never ends below the closed-form one (with one template that fit is already the
+    # optimum); single layers may trade a little (min cosine -3e-5 with ATEN_CPU_CAPABILITY=default)
+    assert history[0] == pytest.approx(1 - closed["mean_cosine"], abs=1e-5)
+    assert report["mean_cosine"] >= closed["mean_cosine"] - 1e-6
 
 
 def test_logdir_writes_tensorboard_events(checkpoint, tmp_path, capsys):

@@ -59,7 +59,7 @@ def test_to_model_input_resizes_repeats_and_normalises():
     assert out[0, 0, 0, 0] == 1.0 and out[0, 0, -1, 0] == -1.0  # (v - 0.5) / 0.5
     small = to_model_input(torch.rand(1, 1, 28, 28), channels=1, img_size=14)
     assert small.shape == (1, 1, 14, 14) and -1 <= small.min() and small.max() <= 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 1, H, W\), got \(1, 3, 8, 8\)"):
         to_model_input(torch.zeros(1, 3, 8, 8))
 
 

@@ -35,8 +35,8 @@ def test_extra_templates_keep_the_function_and_add_trainable_directions(vit, sou
     counts = wg.parameter_counts(model)["per_task_trainable"]
     used = extend_banks(model, 2, source, seed=3)
     assert set(used.values()) == {source}
-    with torch.no_grad():
-        assert torch.equal(model(x()), before)
+    with torch.no_grad():  # zero coefficients add exact zeros, but the BLAS may group a longer sum differently
+        torch.testing.assert_close(model(x()), before, rtol=1e-6, atol=1e-6 * before.abs().max().item())
     assert {k: b.num_templates for k, b in model.recast_banks.items()} == {k: n + 2 for k, n in sizes.items()}
     layers = recast_layers(model)
     assert wg.parameter_counts(model)["per_task_trainable"] == counts + 2 * 2 * len(layers)  # K=2 per layer
@@ -57,7 +57,7 @@ def test_extra_templates_keep_the_function_and_add_trainable_directions(vit, sou
     # a coefficient on a new template changes the function: the directions are really there
     with torch.no_grad():
         next(iter(layers.values())).coefficients[:, -1] = 1.0
-        assert not torch.equal(model(x()), before)
+        assert (model(x()) - before).abs().max() > 1e-3 * before.abs().max()
 
 
 def test_same_seed_same_templates_and_pca_fallback_is_reported(vit):

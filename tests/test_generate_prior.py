@@ -187,7 +187,7 @@ def test_bad_vae_gives_one_line_and_writes_nothing(damage, tmp_path, capsys):
 
 
 def test_library_refuses_missing_vae(tmp_path):
-    with pytest.raises(WeightgenError):
+    with pytest.raises(WeightgenError, match="VAE directory not found"):
         load_vae_bundle(tmp_path / "nope")
 
 

@@ -22,6 +22,8 @@ from weightgen.vae.model import VAEConfig, WeightVAE
 from weightgen.vae.prior import load_vae_bundle
 from weightgen.vae.store import fit_scale_model, save_vae
 
+from _plots import count_colour, plot_pixels
+
 _SPEC = importlib.util.spec_from_file_location(
     "interpolate_script", pathlib.Path(__file__).parents[1] / "scripts" / "interpolate.py")
 script = importlib.util.module_from_spec(_SPEC)
@@ -143,7 +145,9 @@ def test_script_run_csv_png_summary_tensorboard(run, checkpoints, digits, capsys
         if float(r["alpha"]) == 1.0:
             assert abs(float(r["cosine_b"]) - 1) < 1e-6 and float(r["accuracy"]) == pytest.approx(acc_b, abs=1e-12)
         assert 0.0 <= float(r["accuracy"]) <= 1.0
-    assert (out / "interpolation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # accuracy and cosine panels (5.5 x 5.2 in each, 110 dpi): each method's line, the VAE ends' red crosses
+    rgb = plot_pixels(out / "interpolation.png", (1210, 572))
+    assert all(count_colour(rgb, c) > 50 for c in ("tab:gray", "tab:blue", "tab:orange", "tab:red"))
     assert summary["accuracy"]["applies"] and summary["accuracy"]["image_size"] == 32
     # the reported reconstruction is the VAE's own decoding of each end (conv layers; the head as is)
     vae, _ = load_vae_bundle(summary["vae"])
@@ -298,7 +302,8 @@ def test_align_adds_paths_to_the_weight_matched_b(checkpoints, vae_dir, digits, 
         assert float(end["cosine_a"]) == pytest.approx(info["path_cosine_after"], abs=1e-9)
         assert float(at[1.0, method]["cosine_a"]) == pytest.approx(info["path_cosine_before"], abs=1e-9)
     assert float(at[0.5, "weight_lerp_aligned"]["cosine_a"]) > float(at[0.5, "weight_lerp"]["cosine_a"])
-    assert (out / "interpolation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rgb = plot_pixels(out / "interpolation.png", (1815, 572))  # a third panel: cosine to a and to b apart
+    assert all(count_colour(rgb, c) > 50 for c in ("tab:gray", "tab:blue", "tab:orange", "tab:red"))
 
 
 def test_field_zoo_models_are_evaluated_on_their_task(checkpoints, vae_dir, tmp_path, capsys):

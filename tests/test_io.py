@@ -104,7 +104,7 @@ def test_wrong_suffix(tmp_path, name):
 
 def test_directory_refused(tmp_path):
     (tmp_path / "dir.pt").mkdir()
-    with pytest.raises(WeightgenError):
+    with pytest.raises(WeightgenError, match="unsupported checkpoint"):
         load_checkpoint(tmp_path / "dir.pt")
 
 
@@ -116,7 +116,7 @@ def test_truncated_safetensors(tmp_path):
     with pytest.raises(WeightgenError, match="corrupt or truncated"):
         load_checkpoint(path)
     path.write_bytes(b"")
-    with pytest.raises(WeightgenError):
+    with pytest.raises(WeightgenError, match="corrupt or truncated safetensors file"):
         load_checkpoint(path)
 
 
@@ -220,7 +220,7 @@ def test_atomic_directory_existing_refused_then_replaced(tmp_path):
     assert "--overwrite" in info.value.cli and "--overwrite" not in str(info.value)
     assert (out / "old.txt").read_text() == "keep me"
     # a failure during an overwrite keeps the old directory
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         with atomic_directory(out, overwrite=True) as tmp:
             (tmp / "new.txt").write_text("new")
             raise RuntimeError("boom")

@@ -59,10 +59,12 @@ def test_mixture_samples_follow_the_modes(fitted):
     negative = (x.mean(1) < 0).float().mean().item()
     assert abs(fitted_negative - 0.3) < 0.05 and abs(negative - fitted_negative) < 0.01
     assert abs(x[x.mean(1) > 0].std(0).mean().item() - 0.4) < 0.05
-    # temperature 0: every draw is exactly one component's mean
+    # temperature 0: every draw is exactly one component's mean (mean + 0 * noise), compared element by element
+    # (torch.cdist goes through a matrix product on some CPUs: 0.0024 on an AMD EPYC for identical rows)
     cold = sample_latents(mixture, "linear", 0.3, 100, DIM, torch.Generator().manual_seed(0), temperature=0.0)
     means = torch.tensor(mixture["linear"]["mixture"][1]["means"], dtype=torch.float32)
-    assert torch.cdist(cold, means).min(1).values.max().item() == 0.0
+    hits = (cold[:, None, :] == means[None]).all(-1)
+    assert hits.any(1).all() and hits.any(0).all()  # each draw is a mean, and both modes are drawn
 
 
 def test_mixture_sampling_is_deterministic_and_leaves_global_rngs_alone(fitted):
@@ -116,8 +118,11 @@ def test_old_format_density_samples_exactly_as_before():
             ("linear", 0.9, 0.7, [0.02375161647796631, 0.21453824639320374, -0.3696766793727875, -0.013848911970853806],
              -72.40272521972656)):
         x = sample_latents(density, kind, depth, 1000, 16, torch.Generator().manual_seed(3), temperature)
-        # the values the pre-mixture code drew for this seed, and its formula, bit for bit
-        assert x[0, :4].tolist() == pytest.approx(first, abs=1e-7) and x.sum().item() == pytest.approx(total, abs=1e-3)
+        # the values the pre-mixture code drew for this seed (on an x86 CPU with AVX2 kernels): torch's CPU
+        # normal sampler is vectorised differently per CPU, so they hold to float rounding, not bit for bit;
+        # any change in what is drawn, or in what order, moves them by O(0.1)
+        assert x[0, :4].tolist() == pytest.approx(first, abs=1e-5) and x.sum().item() == pytest.approx(total, abs=0.05)
+        # the formula, bit for bit against the same noise drawn here
         noise = torch.randn(1000, 16, generator=torch.Generator().manual_seed(3)) * temperature
         cell = density[kind]
         expected = torch.tensor(cell["mean"][1 if kind == "conv" else 3]) + noise * torch.tensor(

@@ -480,7 +480,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown preset"):
         wg.recast(vit(), preset="recast-everything")
     for bad in ({"coef_sets": 0}, {"templates": 0}, {"layers_per_group": 0}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be >= 1"):
             wg.RecastConfig(**bad)
 
 

@@ -169,7 +169,7 @@ def test_task_file_for_another_model_is_refused(two_tasks, tmp_path):
     with pytest.raises(WeightgenError, match="lacks coefficients"):
         wg.load_task(model, partial_path)
 
-    with pytest.raises(WeightgenError):
+    with pytest.raises(WeightgenError, match="missing file"):
         wg.load_task(model, tmp_path / "missing.safetensors")
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in state_before.items())

@@ -159,5 +159,5 @@ def test_scale_model():
     # extrapolates sensibly to an unseen shape
     want = (4096 * 9) ** -0.5 * math.exp(0.15)
     assert abs(math.log(predict_scale(model, "conv", (256, 4096, 3, 3), 0.5) / want)) < 0.2
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one record with a positive, finite rms"):
         fit_scale_model([("linear", (4, 4), 0.0, 0.0)])

@@ -107,17 +107,17 @@ def test_layer_kind_and_errors():
     assert layer_kind((8, 1, 3, 3), groups=1) == "conv"  # 1 input channel, dense
     assert layer_kind((8, 2, 3, 3), groups=4) == "conv"  # grouped, not depthwise
     assert KINDS == ("linear", "conv", "dwconv")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unsupported weight shape \(10,\)"):
         layer_kind((10,))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unsupported weight shape \(4, 2, 3\)"):
         layer_kind((4, 2, 3))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown layer kind 'bogus'"):
         tokenize(torch.randn(4, 4), "bogus", 0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="kind 'conv' expects a 4-D weight"):
         tokenize(torch.randn(4, 4), "conv", 0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="depth must be a relative depth"):
         tokenize(torch.randn(4, 4), "linear", 1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=rf"expected values of shape \(4, {TOKEN_SIZE}\)"):
         detokenize(torch.zeros(3, TOKEN_SIZE), (4, 4), 1.0)
 
 
