@@ -63,10 +63,10 @@ def memorisation_rows(path: Path) -> list[dict]:
              "unit": f"zoo configuration x seed ({len(data['groups'])} configurations)", **interval(diffs)}]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=Path, default=DOCS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = init_rows(args.docs / "bench_vae_init.json") + memorisation_rows(args.docs / "bench_memorisation.json")
     lines = ["# Prior init minus timm init: paired differences with 95% t-intervals", "",
              "`python benchmarks/summarise_init_gain.py`: recomputed from the recorded per-seed results of",

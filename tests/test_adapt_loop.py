@@ -123,7 +123,7 @@ def test_every_method_through_the_loop(root, arch, method):
     from weightgen.adapt.base import Wrapper
     from weightgen.adapt.incremental import load_tasks, model_inputs, prepare_model
     from weightgen.adapt.trainer import accuracy
-    from weightgen.recast import head_names
+    from weightgen.recasting import head_names
     from weightgen.tasks import load_task
 
     backbone = open_backbone(backbone_dir(root, arch))

@@ -12,6 +12,7 @@ import torch
 
 from .adapt.extend import extend_banks
 from .artifact import save
+from .cli import user_errors
 from .config import PRESETS, RecastConfig, default_preset, preset_config
 from .io import WeightgenError, check_checkpoint_path, check_output_dir, load_checkpoint, read_json
 from .mimicry import METHODS, fit
@@ -91,12 +92,10 @@ def validate(opts: GenerateOptions) -> None:
 def recast_config(model: torch.nn.Module, opts: GenerateOptions) -> RecastConfig:
     common = {"layers_per_group": opts.layers_per_group, "templates": opts.templates,
               "coef_sets": opts.coef_sets, "seed": opts.seed}
-    try:
+    with user_errors():
         if opts.target:
             return RecastConfig(target_modules=opts.target, **common)
         return preset_config(opts.preset or default_preset(model), **common)
-    except ValueError as err:
-        raise WeightgenError(str(err)) from None
 
 
 def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]:
@@ -134,10 +133,8 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
     with torch.no_grad():
         batch = example_batch(model, opts.fidelity_batch, opts.seed).to(device)
         reference = record_features(model, batch)
-    try:
+    with user_errors():
         inject(model, config)
-    except ValueError as err:
-        raise WeightgenError(str(err)) from None
     report = fit(model, state, opts.method, steps=opts.steps, lr=opts.lr, seed=opts.seed, progress=progress, vae=vae)
     # what each bank was fitted with (a preset's template_ratio included), before any extension
     sizes = Counter(row["group"] for row in report["layers"])

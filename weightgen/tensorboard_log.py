@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .recasting import banks_of, recast_layers
+
 
 def weight_image(weight: torch.Tensor, max_side: int = 128) -> torch.Tensor:
     """A (1, H, W) image in [0, 1] of a weight, rows = output units, crop to ``max_side``."""
@@ -35,8 +37,6 @@ def layer_cosine_figure(layers: list[dict]):
 def log_fit(logdir: str | Path, model: nn.Module, report: dict, tag: str = "mimicry") -> Path:
     """Write one TensorBoard run for a fitted recast model; returns the run directory."""
     from torch.utils.tensorboard import SummaryWriter
-
-    from .recasting import banks_of, recast_layers
 
     logdir = Path(logdir)
     with SummaryWriter(log_dir=str(logdir)) as writer:

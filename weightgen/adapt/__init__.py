@@ -14,7 +14,7 @@ API (the trainer, scripts and benchmarks code against this)::
     merge_and_unload(model)         # weightgen.merge_and_unload: a plain dense model (banks merged, LoRA /
                                     # masks folded) or WeightgenError for AdaptFormer / CLR
     export_dense(model)             # weightgen.export_dense: its state dict (model untouched); same refusals
-    extend_banks(model, extra, source="random"|"pca"|"vae", seed=0, vae=None)   # issue 7 (d)
+    extend_banks(model, extra, source="random"|"pca"|"vae", seed=0, vae=None)
 
 Methods: ``recast`` (coefficients + head), ``recast-norm`` (+ norm affine parameters), ``linear``
 (head only), ``full`` (everything), ``lora`` (LoRA on attention q,v of a ViT / on residual-stage

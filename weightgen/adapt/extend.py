@@ -1,4 +1,4 @@
-"""Extra templates for a fitted bank (issue 7 (d)): more directions for coefficient-only adaptation.
+"""Extra templates for a fitted bank: more directions for coefficient-only adaptation.
 
 Each bank gains ``extra`` templates; every layer of the bank gains ``extra`` coefficients per set,
 all zero, so the model's function at the start point is unchanged. Sources:

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from ..io import WeightgenError
+from ..models import input_size
 from .base import ImageTask, carve_val, stratified_split, subsample
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,6 @@ def image_config(model: torch.nn.Module | None = None, *, img_size: int | Sequen
     from timm.data import resolve_data_config, resolve_model_data_config
 
     if model is not None:
-        from ..models import input_size
         data = resolve_model_data_config(model)
         try:
             c, h, w = input_size(model)

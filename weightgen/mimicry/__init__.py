@@ -9,6 +9,7 @@ from torch import nn
 
 from ..recasting import parameter_counts
 from .closed_form import fit_closed_form, solve_bank
+from .decoder import fit_decoder
 from .fidelity import function_fidelity, weight_fidelity
 from .gradient import GradientSettings, fit_gradient
 
@@ -45,8 +46,6 @@ def fit(model: nn.Module, target: dict[str, torch.Tensor], method: str = "closed
 
 def _fit_decoder(model, target, vae, steps, lr, seed, progress, on_step) -> dict:
     """Decoder mimicry, reported beside the closed-form fit it starts from."""
-    from .decoder import fit_decoder
-
     if vae is None:
         raise ValueError("method 'decoder' needs a VAE: pass vae=(WeightVAE, meta)")
     start = time.perf_counter()

@@ -6,19 +6,7 @@ from torch import nn
 
 from ..bank import banks_of
 from ..layers import recast_layers
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine of two flattened tensors, clamped to [-1, 1], accumulated in float64.
-
-    float32 ``norm``/``dot`` on CPU lose ~1e-4..1e-3 relative over multi-million-entry weights
-    (an exact vit_large fit read as cos 0.9987), which swamps the 1 - cos being measured.
-    """
-    a, b = a.reshape(-1).double(), b.reshape(-1).double()
-    denom = (a.norm() * b.norm()).item()
-    if denom == 0:
-        return 1.0 if a.abs().sum() == b.abs().sum() else 0.0
-    return max(-1.0, min(1.0, torch.dot(a, b).item() / denom))
+from ..metrics import cosine  # noqa: F401  (re-exported: callers import it from here too)
 
 
 @torch.no_grad()

@@ -35,6 +35,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from ..metrics import cosine
+
 log = logging.getLogger(__name__)
 
 __all__ = ["align_state", "function_change", "weight_cosine_states", "permutation_groups"]
@@ -479,7 +481,7 @@ def weight_cosine_states(model: nn.Module, state_a: dict, state_b: dict) -> floa
     keys = [f"{_prefix(name)}weight" for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     a = torch.cat([state_a[k].reshape(-1).double().cpu() for k in keys])
     b = torch.cat([state_b[k].reshape(-1).double().cpu() for k in keys])
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(torch.finfo(torch.float64).tiny))
+    return cosine(a, b)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..data import TensorSplits, model_splits
 from ..io import WeightgenError
+from ..metrics import cosine
 from ..recasting import head_names
 from ..vae.codec import weight_layers
 
@@ -41,11 +42,10 @@ def layer_cosines(a: State, b: State, names: list[str]) -> torch.Tensor:
         raise ValueError("no weights to compare")
     out = []
     for name in names:
-        x, y = a[name].detach().double().flatten(), b[name].detach().double().flatten()
-        if x.shape != y.shape:
+        if a[name].shape != b[name].shape:
             raise ValueError(f"{name}: shapes differ ({tuple(a[name].shape)} vs {tuple(b[name].shape)})")
-        out.append(torch.dot(x, y) / (x.norm() * y.norm()).clamp_min(1e-30))
-    return torch.stack(out)
+        out.append(cosine(a[name], b[name]))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def mean_layer_cosine(a: State, b: State, names: list[str]) -> float:

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from ..layers import RecastLayer
 from .model import WeightVAE
 from .tokenize import KINDS, condition, detokenize, layer_kind, tokenize
 
@@ -23,8 +24,6 @@ def weight_layers(model: nn.Module) -> list[dict]:
     norm), i.e. whether it can be read from / written into the state dict as is. Subclasses such
     as timm's ``ScaledStdConv2d`` are direct: their forward transforms a plain weight.
     """
-    from ..layers import RecastLayer
-
     found = [(n, tuple(m.bank.weight_shape) if isinstance(m, RecastLayer) else tuple(m.weight.shape), m)
              for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, RecastLayer))]
     last = max(len(found) - 1, 1)

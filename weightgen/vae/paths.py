@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..metrics import cosine
 from .codec import decode_layer, encode_layer, weight_layers
 from .model import WeightVAE
 from .prior import trained_kinds
@@ -56,7 +57,7 @@ def lerp_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: fl
 
 
 def weight_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((x @ y) / (x.norm() * y.norm()).clamp_min(torch.finfo(torch.float64).tiny))
+    return cosine(x, y)
 
 
 @dataclass

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..io import WeightgenError
 from .codec import decode_layer, rms, sample_latents, weight_layers
 from .model import WeightVAE
-from .store import predict_scale
+from .store import load_vae, predict_scale
 from .tokenize import token_count
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,6 @@ def default_vae_dir() -> Path:
 
 def load_vae_bundle(path: str | Path | None = None) -> tuple[WeightVAE, dict]:
     """(vae, meta) from ``path`` or the shipped default, with user-facing errors."""
-    from ..io import WeightgenError
-    from .store import load_vae
-
     path = Path(path) if path else default_vae_dir()
     try:
         with torch.random.fork_rng(devices=[]):  # WeightVAE's init, overwritten at once, draws from the global RNG

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import __version__
 from ..io import atomic_directory, check_output_dir
 from .model import VAEConfig, WeightVAE
 from .tokenize import COND_DIM, KINDS
@@ -26,14 +27,8 @@ _WEIGHTS, _META = "vae.safetensors", "vae.json"
 _RESERVED = ("format_version", "config", "torch_version", "weightgen_version")
 
 
-def _weightgen_version() -> str | None:
-    """The installed distribution's version (no import of the top-level package from down here)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("weightgen")
-    except PackageNotFoundError:  # run from a checkout without install: the field is simply omitted
-        return None
+def _weightgen_version() -> str:
+    return __version__
 
 
 def save_vae(vae: WeightVAE, out_dir, extra: dict | None = None, overwrite: bool = False) -> Path:
