@@ -38,8 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "gives the accuracy (default: no task, seeded noise probes)")
     p.add_argument("--probe-size", type=int, default=DEFAULT_PROBE_SIZE,
                    help="probe inputs of --mode mimic (capped at the task's train split)")
-    p.add_argument("--behaviour-weight", type=float, default=DEFAULT_BEHAVIOUR_WEIGHT,
-                   help="weight of the output-matching term of --mode mimic; 0 fits the weights alone")
+    p.add_argument("--behaviour-weight", type=float, default=None,
+                   help=f"weight of the output-matching term of --mode mimic; 0 fits the weights alone "
+                        f"(default: {DEFAULT_BEHAVIOUR_WEIGHT} with --probe-task, else 0: matching the outputs "
+                        f"on noise can cost real accuracy). Mimic keeps its best state on validation, the "
+                        f"encode start included")
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
                    help="side of task images and probe noise (a model built for a fixed size keeps its own)")
     p.add_argument("--decode-dtype", choices=DECODE_DTYPES, default="auto",

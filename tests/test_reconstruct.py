@@ -62,10 +62,13 @@ def runs(tmp_path_factory):
     codes = {
         "encode": run("test_resnet", ckpt["test_resnet"], root / "encode"),
         "again": run("test_resnet", ckpt["test_resnet"], root / "again"),
-        "mimic": run("test_resnet", ckpt["test_resnet"], root / "mimic", "--mode", "mimic", "--steps", "15",
-                     "--behaviour-weight", "0"),
+        # no --behaviour-weight: without a probe task the default fits the weights alone
+        "mimic": run("test_resnet", ckpt["test_resnet"], root / "mimic", "--mode", "mimic", "--steps", "15"),
         "behaviour": run("test_resnet", ckpt["test_resnet"], root / "behaviour", "--mode", "mimic", "--steps", "15",
-                         "--probe-size", "256"),
+                         "--probe-size", "256", "--behaviour-weight", str(DEFAULT_BEHAVIOUR_WEIGHT)),
+        # a learning rate that wrecks every step: the kept state must be encode's start
+        "wild": run("test_resnet", ckpt["test_resnet"], root / "wild", "--mode", "mimic", "--steps", "3",
+                    "--lr", "300", "--probe-size", "64"),
         "head": run("test_resnet", ckpt["test_resnet"], root / "head", "--keep-head"),
         "vit": run("test_vit", ckpt["test_vit"], root / "vit", "--mode", "mimic", "--steps", "2", "--probe-size", "16"),
     }
@@ -133,6 +136,23 @@ def test_mimic_beats_encode(runs):
     history = mimic["loss_history"]
     assert len(history) == 15 and min(history) < history[0]
     assert mimic["behaviour_weight"] == 0 and mimic["probe"] is None and mimic["decode_dtype"] in ("float32", "bfloat16")
+
+
+def test_mimic_never_ends_worse_than_encode(runs):
+    """Every step of a wild learning rate is worse than the start: mimic keeps encode's weights exactly."""
+    root, _, codes = runs
+    assert codes["wild"] == 0
+    report = _report(root / "wild")
+    selection = report["selection"]
+    assert selection["kept_step"] == 0, selection
+    steps = [step for step, _ in selection["scores"]]
+    assert steps[0] == 0 and steps[-1] == 3
+    assert max(score for _, score in selection["scores"][1:]) < selection["scores"][0][1]
+    encode = load_file(str(root / "encode" / "weights.safetensors"))
+    wild = load_file(str(root / "wild" / "weights.safetensors"))
+    assert all(torch.equal(wild[k], encode[k]) for k in encode)
+    mimic = _report(root / "mimic")["selection"]  # a sane fit improves, so it keeps a later state
+    assert mimic["kept_step"] > 0 and mimic["scores"][0][0] == 0
 
 
 def _logit_error(weights: dict, original: dict, inputs: torch.Tensor) -> float:

@@ -3,7 +3,7 @@
 Each layer is stored as its per-token latents plus one scale, and rebuilt as
 ``decode_layer(vae, latents, shape, kind, depth, scale)``. ``encode`` is one amortised pass (latent
 means, decoded, scaled to the layer's RMS); ``mimic`` then optimises every layer's latents and log
-scale jointly through the frozen decoder (Adam, cosine learning-rate decay, final state kept) on
+scale jointly through the frozen decoder (Adam, cosine learning-rate decay) on
 
     behaviour_weight * ||f_hat(x) - f(x)||^2 / ||f(x)||^2  +  mean over layers ||W_hat - W||^2 / ||W||^2
 
@@ -11,7 +11,11 @@ where f is the original model, f_hat the decoded one and x a minibatch of probe 
 split of ``probe_task`` (BatchNorm layers in train mode, i.e. on batch statistics, which is what the
 model has once its statistics are re-estimated on that data; they are re-estimated before writing),
 or seeded noise without a task (BatchNorm on the checkpoint's own statistics, which are written as
-they are). ``behaviour_weight=0`` fits the weights alone. A step decodes every layer once without a
+they are). ``behaviour_weight=0`` fits the weights alone, and is the default without a probe task
+(fitting noise inputs' outputs can cost real accuracy). The state kept is the best on validation,
+the encode start included, so mimic never ends worse than ``encode`` on that score: with a task,
+accuracy on its val split (then the logit error there); without one, the weight error plus the
+behaviour term on a held-out noise batch. A step decodes every layer once without a
 graph, back-propagates the loss through the model to the decoded weights, then re-decodes one layer
 at a time with a graph to carry those gradients to its latents: memory is bounded by the largest
 layer, and a layer's whole latent tensor goes through ``decode_layer`` at once (no assumption that
@@ -28,6 +32,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -79,7 +84,8 @@ class ReconstructOptions:
     fidelity_batch: int = 8  # noise inputs of the function check without a probe task
     probe_task: str | None = None  # a weightgen.data task: probe on its train split (None: seeded noise)
     probe_size: int = DEFAULT_PROBE_SIZE  # probe inputs (capped at the task's train split)
-    behaviour_weight: float = DEFAULT_BEHAVIOUR_WEIGHT  # mimic: weight of the output-matching term
+    # mimic: weight of the output-matching term (None: DEFAULT_BEHAVIOUR_WEIGHT with a probe task, else 0)
+    behaviour_weight: float | None = None
     image_size: int = DEFAULT_IMAGE_SIZE  # side of task images and probe noise (models without a fixed size)
     decode_dtype: str = "auto"  # mimic's decoder passes: auto = bfloat16 where the hardware has it
 
@@ -98,7 +104,7 @@ def validate(opts: ReconstructOptions) -> None:
         raise WeightgenError("the fidelity batch must hold at least one input")
     if opts.probe_size < 2:  # BatchNorm in train mode needs two inputs
         raise WeightgenError("--probe-size must be >= 2")
-    if not opts.behaviour_weight >= 0:
+    if opts.behaviour_weight is not None and not opts.behaviour_weight >= 0:
         raise WeightgenError("--behaviour-weight must be >= 0")
     if opts.image_size < 8:
         raise WeightgenError("--image-size must be >= 8")
@@ -191,9 +197,23 @@ def _behaviour(model: nn.Module, probe: _Probe, weights: dict[str, torch.Tensor]
 
 
 def _mimic(layers: list[_Layer], steps: int, lr: float, progress: bool, model: nn.Module | None = None,
-           probe: _Probe | None = None, behaviour_weight: float = 0.0, decode_dtype: str = "float32") -> list[float]:
-    """Adam with cosine decay on the joint loss; parameters end at the final state. Returns the loss per step."""
+           probe: _Probe | None = None, behaviour_weight: float = 0.0, decode_dtype: str = "float32",
+           score: Callable[[], float] | None = None, checks: int = 10) -> tuple[list[float], dict]:
+    """Adam with cosine decay on the joint loss. With ``score`` (higher is better), it is measured at
+    the start and about ``checks`` times more (the last step included), and the layers end at the
+    best-scoring state; else at the final one. Returns (loss per step, selection record)."""
     params = [t for layer in layers for t in (layer.latents, layer.log_scale)]
+    every = max(1, math.ceil(steps / max(1, checks)))
+    best: dict = {}
+
+    def check(step: int) -> None:
+        value = score()
+        if not best or value > best["score"]:  # ties keep the earlier state (the start first)
+            best.update(score=value, step=step, state=[t.detach().clone() for t in params])
+        best.setdefault("scores", []).append((step, value))
+
+    if score is not None:
+        check(0)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     behave = behaviour_weight > 0 and probe is not None and model is not None
@@ -227,7 +247,45 @@ def _mimic(layers: list[_Layer], steps: int, lr: float, progress: bool, model: n
         history.append(value)
         opt.step()
         sched.step()
-    return history
+        if score is not None and ((step + 1) % every == 0 or step + 1 == steps):
+            check(step + 1)
+    if not best:
+        return history, {"kept_step": steps, "scores": []}
+    with torch.no_grad():
+        for t, saved in zip(params, best["state"]):
+            t.copy_(saved)
+    return history, {"kept_step": best["step"], "scores": best["scores"]}
+
+
+@torch.no_grad()
+def _task_score(model: nn.Module, layers: list[_Layer], val: tuple[torch.Tensor, torch.Tensor],
+                reference: torch.Tensor, bn_train: bool) -> float:
+    """Val accuracy of the decoded weights, then (tie-break) minus the relative logit error there."""
+    weights = {f"{layer.name}.weight": layer.decode().to(layer.dtype).reshape(layer.shape) for layer in layers}
+    buffers = {k: v.clone() for k, v in model.named_buffers()} if bn_train else {}
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if bn_train else []
+    x, y = val
+    try:
+        for m in bns:
+            m.train()  # batch statistics of each val chunk, as the probe saw: BN is re-estimated before writing
+        out = torch.cat([functional_call(model, {**weights, **buffers}, (x[i:i + 256],)).float()
+                         for i in range(0, len(x), 256)])
+    finally:
+        for m in bns:
+            m.eval()
+    error = ((out - reference).pow(2).mean() / reference.pow(2).mean().clamp(min=1e-30)).item()
+    return (out.argmax(1) == y.to(out.device)).float().mean().item() - 1e-3 * min(error, 1.0)
+
+
+@torch.no_grad()
+def _weight_score(model: nn.Module, layers: list[_Layer], probe: _Probe | None, behaviour_weight: float) -> float:
+    """Minus the mimic objective on held-out inputs: the weight error, plus the behaviour term."""
+    weights = {layer.name: layer.decode().to(layer.dtype).reshape(layer.shape) for layer in layers}
+    value = sum(layer.weight_error(weights[layer.name]).item() for layer in layers) / len(layers)
+    if probe is not None and behaviour_weight > 0:
+        value += behaviour_weight * _behaviour(model, probe, {f"{n}.weight": w for n, w in weights.items()}, 0,
+                                               {}).item()
+    return -value
 
 
 def _model_side(model: nn.Module, image_size: int) -> tuple[int, int]:
@@ -252,6 +310,28 @@ def _task_data(opts: ReconstructOptions, model: nn.Module, device: torch.device)
     perm = torch.randperm(len(data["train"][1]), generator=torch.Generator().manual_seed(opts.seed))
     probe = data["train"][0][perm[:opts.probe_size]].to(device)
     return {"task": task, "data": data, "probe": probe, "side": side}
+
+
+def resolved_behaviour_weight(opts: ReconstructOptions) -> float:
+    if opts.behaviour_weight is not None:
+        return opts.behaviour_weight
+    return DEFAULT_BEHAVIOUR_WEIGHT if opts.probe_task else 0.0
+
+
+def _selection_score(opts: ReconstructOptions, model: nn.Module, layers: list[_Layer], task: dict | None,
+                     has_bn: bool, behaviour_weight: float, device: torch.device) -> Callable[[], float]:
+    """What mimic's kept state maximises: the task's val split, else held-out noise (seed + 2)."""
+    if task:
+        x, y = task["data"]["val"]
+        x = x[:FIDELITY_CAP].to(device)
+        reference = _logits(model, x).float()
+        return lambda: _task_score(model, layers, (x, y[:FIDELITY_CAP]), reference, has_bn)
+    held_out = None
+    if behaviour_weight > 0:
+        side = _model_side(model, opts.image_size)[1]
+        inputs = example_batch(model, min(opts.probe_size, PROBE_BATCH), opts.seed + 2, max_side=side).to(device)
+        held_out = _Probe(inputs, _logits(model, inputs), bn_train=False)
+    return lambda: _weight_score(model, layers, held_out, behaviour_weight)
 
 
 def _accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -391,12 +471,13 @@ def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path,
     layers, kept = _select_layers(model, vae, meta, opts.keep_head, progress)
 
     steps = (DEFAULT_STEPS if opts.steps is None else opts.steps) if opts.mode == "mimic" else 0
-    behaviour_weight = opts.behaviour_weight if steps else 0.0
+    behaviour_weight = resolved_behaviour_weight(opts) if steps else 0.0
     probe, probe_info = _behaviour_probe(opts, model, task, has_bn, device) if behaviour_weight else (None, None)
     decode_dtype = decode_autocast(opts.decode_dtype, device)[0] if steps else None
     fit_start, fit_cpu = time.perf_counter(), time.process_time()
-    history = _mimic(layers, steps, opts.lr, progress, model, probe, behaviour_weight,
-                     decode_dtype or "float32") if steps and layers else []
+    score = _selection_score(opts, model, layers, task, has_bn, behaviour_weight, device) if steps else None
+    history, selection = _mimic(layers, steps, opts.lr, progress, model, probe, behaviour_weight,
+                                decode_dtype or "float32", score) if steps and layers else ([], None)
     fit_seconds, fit_cpu_seconds = time.perf_counter() - fit_start, time.process_time() - fit_cpu
     del probe
 
@@ -416,6 +497,7 @@ def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path,
         "layers": rows, "kept": kept, "totals": _totals(rows, kept),
         "function": _function_change(reference, model, batch, function_inputs),
         "loss_history": history,
+        "selection": selection,
         "decode": "weight = weightgen.vae.codec.decode_layer(vae, latents, shape, kind, depth, scale)",
         "fit_seconds": fit_seconds,
         "fit_cpu_seconds": fit_cpu_seconds,  # all threads of this process: what a busy machine does not inflate
