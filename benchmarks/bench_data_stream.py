@@ -66,7 +66,7 @@ def child(args) -> int:
     t0 = time.perf_counter()
     data = open_task(f"imagefolder:{args.root}", seed=0, decode=args.decode)
     scan_s = time.perf_counter() - t0
-    phase.write_text("stream")
+    phase.write_text("stream 0")
     cfg = image_config(img_size=args.img_size)  # no backbone: timm's ImageNet mean/std
     loader = make_loader(data.dataset("train", cfg, augment="flip-crop", seed=0), args.batch_size, train=True,
                          workers=args.workers[0], seed=0)
@@ -75,6 +75,7 @@ def child(args) -> int:
     for x, y in loader:
         n += len(y)
         checksum += float(x[:, :, ::32, ::32].sum())  # touch the batch, as a model would
+        phase.write_text(f"stream {n}")  # the parent compares folders at the same number of images
     stream_s = time.perf_counter() - t1
     del loader  # workers exit and are reaped: RUSAGE_CHILDREN then holds their peak
     print(json.dumps({
@@ -102,20 +103,21 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _footprint(pids: list[int]) -> tuple[float, float]:
-    """Summed RSS and PSS (MiB) of ``pids`` from /proc/PID/smaps_rollup."""
-    rss = pss = 0
+def _footprint(pids: list[int]) -> dict[str, float]:
+    """Summed RSS, PSS and USS (private pages) in MiB of ``pids``, from /proc/PID/smaps_rollup."""
+    kib = {"rss": 0, "pss": 0, "uss": 0}
     for p in pids:
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1])
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1])
+                    key = line.split(":", 1)[0]
+                    if key in ("Rss", "Pss"):
+                        kib[key.lower()] += int(line.split()[1])
+                    elif key in ("Private_Clean", "Private_Dirty"):
+                        kib["uss"] += int(line.split()[1])
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-    return rss / 1024, pss / 1024
+    return {k: v / 1024 for k, v in kib.items()}
 
 
 def measure(root: Path, workers: int, args) -> dict:
@@ -127,18 +129,23 @@ def measure(root: Path, workers: int, args) -> dict:
         cmd += ["--decode", str(args.decode)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    peak = {"rss": 0.0, "pss": 0.0, "procs": 0, "pss_by_phase": {}}
+    peak: dict[str, float] = {"procs": 0}
+
+    def keep(name: str, value: float):
+        peak[name] = max(peak.get(name, 0.0), value)
     done = threading.Event()
 
     def sample():
         while not done.is_set():
             pids = _tree(proc.pid)
-            rss, pss = _footprint(pids)
-            now = phase_file.read_text().strip()
-            peak["pss_by_phase"][now] = max(peak["pss_by_phase"].get(now, 0.0), pss)
-            peak["pss"] = max(peak["pss"], pss)
-            peak["rss"] = max(peak["rss"], rss)
-            peak["procs"] = max(peak["procs"], len(pids))
+            mem = _footprint(pids)
+            now = phase_file.read_text().split()
+            stage = now[0] if now else "start"
+            for k, v in mem.items():
+                keep(f"{k}_{stage}", v)
+                if stage == "stream" and len(now) > 1 and int(now[1]) <= args.compare_at:
+                    keep(f"{k}_early", v)  # the first compare_at images of the epoch
+            keep("procs", len(pids))
             done.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -149,9 +156,8 @@ def measure(root: Path, workers: int, args) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"error: child failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
     result = json.loads(out.strip().splitlines()[-1])
-    result.update(workers=workers, peak_tree_rss_mb=peak["rss"], peak_tree_pss_mb=peak["pss"],
-                  peak_pss_scan_mb=peak["pss_by_phase"].get("scan", 0.0),
-                  peak_pss_stream_mb=peak["pss_by_phase"].get("stream", 0.0), max_processes=peak["procs"])
+    result.update(workers=workers, max_processes=peak.pop("procs"), compare_at=args.compare_at,
+                  **{f"peak_{k}_mb": v for k, v in peak.items()})
     return result
 
 
@@ -163,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data-dir", default="/tmp/weightgen_bench_stream", help="where the folders are generated")
     p.add_argument("--out", default=str(REPO / "docs"), help="where bench_data_stream.{md,json} go")
+    p.add_argument("--compare-at", type=int, default=3000,
+                   help="also report peaks over the first this many images of the epoch (same for every folder)")
     p.add_argument("--decode", type=int, choices=[0, 1], default=None,
                    help="bad-image scan: 1 full decode, 0 header check (default: full decode up to 5,000 images)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -181,24 +189,29 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(root, w, args)
             r["folder_images"] = n
             runs.append(r)
-            print(f"{n} images, workers {w}: {r['images_per_s']:.0f} img/s, peak PSS {r['peak_tree_pss_mb']:.0f} MiB",
-                  file=sys.stderr)
+            print(f"{n} images, workers {w}: {r['images_per_s']:.0f} img/s, "
+                  f"peak USS {r.get('peak_uss_stream_mb', 0):.0f} MiB", file=sys.stderr)
     scan_text = {None: "full decode up to 5,000 images, header check above", 0: "header check",
                  1: "full decode"}[args.decode]
     info["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    def mb(r, key):
+        return f"{r.get(key, 0.0):.0f}"
+
     rows = [[f"{r['folder_images']:,}", r["workers"], f"{r['images']:,}", f"{r['scan_s']:.1f}",
-             f"{r['images_per_s']:.0f}", f"{r['peak_pss_scan_mb']:.0f}", f"{r['peak_pss_stream_mb']:.0f}",
-             f"{r['peak_tree_rss_mb']:.0f}",
+             f"{r['images_per_s']:.0f}", mb(r, "peak_uss_scan_mb"), mb(r, "peak_uss_early_mb"),
+             mb(r, "peak_uss_stream_mb"), mb(r, "peak_rss_stream_mb"), mb(r, "peak_pss_stream_mb"),
              f"{r['main_maxrss_mb']:.0f}", f"{r['worker_maxrss_mb']:.0f}" if r["workers"] else "-"] for r in runs]
     growth = []
     for w in args.workers:
         by_n = {r["folder_images"]: r for r in runs if r["workers"] == w}
         if len(by_n) >= 2:
             lo, hi = min(by_n), max(by_n)
-            key = "peak_pss_stream_mb"
-            growth.append(f"- workers={w}: peak PSS while streaming {by_n[lo][key]:.0f} MiB at {lo:,} images, "
-                          f"{by_n[hi][key]:.0f} MiB at {hi:,} ({by_n[hi][key] - by_n[lo][key]:+.0f} MiB for "
-                          f"{hi / lo:.0f}x the images)")
+            parts = []
+            for key, what in (("peak_uss_early_mb", f"first {args.compare_at:,} images"),
+                              ("peak_uss_stream_mb", "whole epoch"), ("peak_rss_stream_mb", "whole epoch, RSS")):
+                a, b = by_n[lo].get(key, 0.0), by_n[hi].get(key, 0.0)
+                parts.append(f"{what}: {a:.0f} -> {b:.0f} MiB ({b - a:+.0f})")
+            growth.append(f"- workers={w}, {lo:,} -> {hi:,} images: " + "; ".join(parts))
     md = "\n".join([
         "# Streaming an image folder from disk: peak memory and images/s",
         "",
@@ -211,14 +224,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{scan_text}, on a few threads), then one epoch of the training split at {args.img_size} px with flip + "
         f"random-resized-crop, batch {args.batch_size}, `make_loader(..., workers=W)`.",
         "",
-        markdown_table(["folder", "workers", "images streamed", "scan s", "images/s", "peak PSS MiB, scan",
-                        "peak PSS MiB, streaming", "peak RSS MiB (tree, summed)", "main maxrss MiB",
-                        "largest worker maxrss MiB"], rows),
+        markdown_table(["folder", "workers", "images streamed", "scan s", "images/s", "USS scan",
+                        f"USS first {args.compare_at:,}", "USS epoch", "RSS epoch", "PSS epoch", "main maxrss",
+                        "largest worker maxrss"], rows),
         "",
-        "PSS (process tree: main process + workers) shares each page among the processes that map it, so "
-        "the tree's summed PSS is its real footprint, shown for the scan and for the epoch; summed RSS "
-        "counts the libraries a forked worker shares with its parent once per process. Memory is sampled "
-        "every 0.1 s.",
+        "Memory in MiB, peaks of the process tree (main process + DataLoader workers), sampled every 0.1 s. "
+        "USS: pages private to one process, summed (the tree's own memory; libraries shared with the parent "
+        "or with other programs excluded). RSS: resident pages summed over the tree (a library a worker "
+        "shares with its parent counts once per process). PSS: shared pages divided among every process "
+        "on the machine that maps them, so it moves with whatever else runs (other Python processes on "
+        "this shared machine map the same torch libraries). maxrss: getrusage of the main process and of "
+        "its largest reaped worker. A batch of 64 images at 224 px is 38.5 MB of float32, and up to "
+        "2 per worker (prefetch) plus one in use are alive at once: a longer epoch has more chances to "
+        "be sampled at the fullest moment, hence the equal-count column.",
         "",
         "Growth with the folder's size:",
         "",
