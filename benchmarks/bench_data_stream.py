@@ -62,11 +62,11 @@ def child(args) -> int:
 
     torch.set_num_threads(1)
     phase = Path(args.phase_file)
-    phase.write_text("scan")
+    _write(phase, "scan")
     t0 = time.perf_counter()
     data = open_task(f"imagefolder:{args.root}", seed=0, decode=args.decode)
     scan_s = time.perf_counter() - t0
-    phase.write_text("stream 0")
+    _write(phase, "stream")
     cfg = image_config(img_size=args.img_size)  # no backbone: timm's ImageNet mean/std
     loader = make_loader(data.dataset("train", cfg, augment="flip-crop", seed=0), args.batch_size, train=True,
                          workers=args.workers[0], seed=0)
@@ -75,7 +75,8 @@ def child(args) -> int:
     for x, y in loader:
         n += len(y)
         checksum += float(x[:, :, ::32, ::32].sum())  # touch the batch, as a model would
-        phase.write_text(f"stream {n}")  # the parent compares folders at the same number of images
+        if args.limit and n >= args.limit:
+            break
     stream_s = time.perf_counter() - t1
     del loader  # workers exit and are reaped: RUSAGE_CHILDREN then holds their peak
     print(json.dumps({
@@ -85,6 +86,12 @@ def child(args) -> int:
         "worker_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }))
     return 0
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # the sampler never reads a half-written file
 
 
 # ---- the parent: sample the child's process tree -----------------------------------------------
@@ -120,11 +127,12 @@ def _footprint(pids: list[int]) -> dict[str, float]:
     return {k: v / 1024 for k, v in kib.items()}
 
 
-def measure(root: Path, workers: int, args) -> dict:
+def measure(root: Path, workers: int, args, limit: int = 0) -> dict:
     phase_file = Path(args.data_dir) / ".phase"
-    phase_file.write_text("start")
+    _write(phase_file, "start")
     cmd = [sys.executable, __file__, "--child", "--root", str(root), "--workers", str(workers),
-           "--img-size", str(args.img_size), "--batch-size", str(args.batch_size), "--phase-file", str(phase_file)]
+           "--img-size", str(args.img_size), "--batch-size", str(args.batch_size), "--phase-file", str(phase_file),
+           "--limit", str(limit)]
     if args.decode is not None:
         cmd += ["--decode", str(args.decode)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -139,12 +147,9 @@ def measure(root: Path, workers: int, args) -> dict:
         while not done.is_set():
             pids = _tree(proc.pid)
             mem = _footprint(pids)
-            now = phase_file.read_text().split()
-            stage = now[0] if now else "start"
+            stage = phase_file.read_text().strip()
             for k, v in mem.items():
                 keep(f"{k}_{stage}", v)
-                if stage == "stream" and len(now) > 1 and int(now[1]) <= args.compare_at:
-                    keep(f"{k}_early", v)  # the first compare_at images of the epoch
             keep("procs", len(pids))
             done.wait(0.1)
 
@@ -156,7 +161,7 @@ def measure(root: Path, workers: int, args) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"error: child failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
     result = json.loads(out.strip().splitlines()[-1])
-    result.update(workers=workers, max_processes=peak.pop("procs"), compare_at=args.compare_at,
+    result.update(workers=workers, max_processes=peak.pop("procs"), limit=limit,
                   **{f"peak_{k}_mb": v for k, v in peak.items()})
     return result
 
@@ -170,11 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default="/tmp/weightgen_bench_stream", help="where the folders are generated")
     p.add_argument("--out", default=str(REPO / "docs"), help="where bench_data_stream.{md,json} go")
     p.add_argument("--compare-at", type=int, default=3000,
-                   help="also report peaks over the first this many images of the epoch (same for every folder)")
+                   help="also run each folder for only this many images: the same work whatever the folder's size")
     p.add_argument("--decode", type=int, choices=[0, 1], default=None,
                    help="bad-image scan: 1 full decode, 0 header check (default: full decode up to 5,000 images)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--phase-file", help=argparse.SUPPRESS)
+    p.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -186,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.data_dir) / f"n{n}"
         generated[n] = {"seconds": generate(root, n), "bytes": sum(f.stat().st_size for f in root.rglob("*.*"))}
         for w in args.workers:
-            r = measure(root, w, args)
-            r["folder_images"] = n
-            runs.append(r)
-            print(f"{n} images, workers {w}: {r['images_per_s']:.0f} img/s, "
-                  f"peak USS {r.get('peak_uss_stream_mb', 0):.0f} MiB", file=sys.stderr)
+            for limit in (args.compare_at, 0):
+                r = measure(root, w, args, limit)
+                r["folder_images"] = n
+                runs.append(r)
+                print(f"{n} images, workers {w}, {r['images']} streamed: {r['images_per_s']:.0f} img/s, "
+                      f"peak tree RSS {r.get('peak_rss_stream_mb', 0):.0f} MiB", file=sys.stderr)
     scan_text = {None: "full decode up to 5,000 images, header check above", 0: "header check",
                  1: "full decode"}[args.decode]
     info["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -198,20 +205,22 @@ def main(argv: list[str] | None = None) -> int:
         return f"{r.get(key, 0.0):.0f}"
 
     rows = [[f"{r['folder_images']:,}", r["workers"], f"{r['images']:,}", f"{r['scan_s']:.1f}",
-             f"{r['images_per_s']:.0f}", mb(r, "peak_uss_scan_mb"), mb(r, "peak_uss_early_mb"),
-             mb(r, "peak_uss_stream_mb"), mb(r, "peak_rss_stream_mb"), mb(r, "peak_pss_stream_mb"),
-             f"{r['main_maxrss_mb']:.0f}", f"{r['worker_maxrss_mb']:.0f}" if r["workers"] else "-"] for r in runs]
+             f"{r['images_per_s']:.0f}", mb(r, "peak_rss_scan_mb"), mb(r, "peak_rss_stream_mb"),
+             mb(r, "peak_pss_stream_mb"), f"{r['main_maxrss_mb']:.0f}",
+             f"{r['worker_maxrss_mb']:.0f}" if r["workers"] else "-"] for r in runs]
     growth = []
     for w in args.workers:
-        by_n = {r["folder_images"]: r for r in runs if r["workers"] == w}
-        if len(by_n) >= 2:
+        for limit, what in ((args.compare_at, f"the first {args.compare_at:,} images of an epoch"),
+                            (0, "a whole epoch")):
+            by_n = {r["folder_images"]: r for r in runs if r["workers"] == w and r["limit"] == limit}
+            if len(by_n) < 2:
+                continue
             lo, hi = min(by_n), max(by_n)
-            parts = []
-            for key, what in (("peak_uss_early_mb", f"first {args.compare_at:,} images"),
-                              ("peak_uss_stream_mb", "whole epoch"), ("peak_rss_stream_mb", "whole epoch, RSS")):
-                a, b = by_n[lo].get(key, 0.0), by_n[hi].get(key, 0.0)
-                parts.append(f"{what}: {a:.0f} -> {b:.0f} MiB ({b - a:+.0f})")
-            growth.append(f"- workers={w}, {lo:,} -> {hi:,} images: " + "; ".join(parts))
+            keys = [("peak_rss_stream_mb", "tree RSS"), ("main_maxrss_mb", "main maxrss")]
+            keys += [("worker_maxrss_mb", "largest worker maxrss")] if w else []
+            parts = [f"{name} {by_n[lo][k]:.0f} -> {by_n[hi][k]:.0f} MiB ({by_n[hi][k] - by_n[lo][k]:+.0f})"
+                     for k, name in keys]
+            growth.append(f"- workers={w}, {what}, {lo:,} -> {hi:,} images: " + "; ".join(parts))
     md = "\n".join([
         "# Streaming an image folder from disk: peak memory and images/s",
         "",
@@ -224,19 +233,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{scan_text}, on a few threads), then one epoch of the training split at {args.img_size} px with flip + "
         f"random-resized-crop, batch {args.batch_size}, `make_loader(..., workers=W)`.",
         "",
-        markdown_table(["folder", "workers", "images streamed", "scan s", "images/s", "USS scan",
-                        f"USS first {args.compare_at:,}", "USS epoch", "RSS epoch", "PSS epoch", "main maxrss",
-                        "largest worker maxrss"], rows),
+        markdown_table(["folder", "workers", "images streamed", "scan s", "images/s", "tree RSS, scan",
+                        "tree RSS, streaming", "tree PSS, streaming", "main maxrss", "largest worker maxrss"], rows),
         "",
-        "Memory in MiB, peaks of the process tree (main process + DataLoader workers), sampled every 0.1 s. "
-        "USS: pages private to one process, summed (the tree's own memory; libraries shared with the parent "
-        "or with other programs excluded). RSS: resident pages summed over the tree (a library a worker "
-        "shares with its parent counts once per process). PSS: shared pages divided among every process "
-        "on the machine that maps them, so it moves with whatever else runs (other Python processes on "
-        "this shared machine map the same torch libraries). maxrss: getrusage of the main process and of "
-        "its largest reaped worker. A batch of 64 images at 224 px is 38.5 MB of float32, and up to "
-        "2 per worker (prefetch) plus one in use are alive at once: a longer epoch has more chances to "
-        "be sampled at the fullest moment, hence the equal-count column.",
+        "Memory in MiB. Tree RSS/PSS: peaks of the process tree (main process + DataLoader workers), sampled "
+        "every 0.1 s from /proc/PID/smaps_rollup. RSS is summed over the tree, so a library a worker shares with "
+        "its parent counts once per process; PSS divides shared pages among every process on the machine that "
+        "maps them, so it also moves with whatever else runs (other Python processes on this shared machine map "
+        "the same torch libraries). maxrss: getrusage of the main process, and the largest of its reaped "
+        "workers. A batch of 64 images at 224 px is 38.5 MB of float32 and a few are alive at once (the one in "
+        f"use, up to 2 prefetched per worker), so peaks move by about a batch from run to run; each folder is "
+        f"therefore also run for only its first {args.compare_at:,} images (the same work at either size).",
         "",
         "Growth with the folder's size:",
         "",
