@@ -62,11 +62,11 @@ def child(args) -> int:
 
     torch.set_num_threads(1)
     phase = Path(args.phase_file)
-    phase.write_text("scan")
+    _write(phase, "scan")
     t0 = time.perf_counter()
     data = open_task(f"imagefolder:{args.root}", seed=0, decode=args.decode)
     scan_s = time.perf_counter() - t0
-    phase.write_text("stream")
+    _write(phase, "stream")
     cfg = image_config(img_size=args.img_size)  # no backbone: timm's ImageNet mean/std
     loader = make_loader(data.dataset("train", cfg, augment="flip-crop", seed=0), args.batch_size, train=True,
                          workers=args.workers[0], seed=0)
@@ -75,6 +75,8 @@ def child(args) -> int:
     for x, y in loader:
         n += len(y)
         checksum += float(x[:, :, ::32, ::32].sum())  # touch the batch, as a model would
+        if args.limit and n >= args.limit:
+            break
     stream_s = time.perf_counter() - t1
     del loader  # workers exit and are reaped: RUSAGE_CHILDREN then holds their peak
     print(json.dumps({
@@ -84,6 +86,12 @@ def child(args) -> int:
         "worker_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }))
     return 0
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # the sampler never reads a half-written file
 
 
 # ---- the parent: sample the child's process tree -----------------------------------------------
@@ -102,43 +110,47 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _footprint(pids: list[int]) -> tuple[float, float]:
-    """Summed RSS and PSS (MiB) of ``pids`` from /proc/PID/smaps_rollup."""
-    rss = pss = 0
+def _footprint(pids: list[int]) -> dict[str, float]:
+    """Summed RSS, PSS and USS (private pages) in MiB of ``pids``, from /proc/PID/smaps_rollup."""
+    kib = {"rss": 0, "pss": 0, "uss": 0}
     for p in pids:
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1])
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1])
+                    key = line.split(":", 1)[0]
+                    if key in ("Rss", "Pss"):
+                        kib[key.lower()] += int(line.split()[1])
+                    elif key in ("Private_Clean", "Private_Dirty"):
+                        kib["uss"] += int(line.split()[1])
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-    return rss / 1024, pss / 1024
+    return {k: v / 1024 for k, v in kib.items()}
 
 
-def measure(root: Path, workers: int, args) -> dict:
+def measure(root: Path, workers: int, args, limit: int = 0) -> dict:
     phase_file = Path(args.data_dir) / ".phase"
-    phase_file.write_text("start")
+    _write(phase_file, "start")
     cmd = [sys.executable, __file__, "--child", "--root", str(root), "--workers", str(workers),
-           "--img-size", str(args.img_size), "--batch-size", str(args.batch_size), "--phase-file", str(phase_file)]
+           "--img-size", str(args.img_size), "--batch-size", str(args.batch_size), "--phase-file", str(phase_file),
+           "--limit", str(limit)]
     if args.decode is not None:
         cmd += ["--decode", str(args.decode)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    peak = {"rss": 0.0, "pss": 0.0, "procs": 0, "pss_by_phase": {}}
+    peak: dict[str, float] = {"procs": 0}
+
+    def keep(name: str, value: float):
+        peak[name] = max(peak.get(name, 0.0), value)
     done = threading.Event()
 
     def sample():
         while not done.is_set():
             pids = _tree(proc.pid)
-            rss, pss = _footprint(pids)
-            now = phase_file.read_text().strip()
-            peak["pss_by_phase"][now] = max(peak["pss_by_phase"].get(now, 0.0), pss)
-            peak["pss"] = max(peak["pss"], pss)
-            peak["rss"] = max(peak["rss"], rss)
-            peak["procs"] = max(peak["procs"], len(pids))
+            mem = _footprint(pids)
+            stage = phase_file.read_text().strip()
+            for k, v in mem.items():
+                keep(f"{k}_{stage}", v)
+            keep("procs", len(pids))
             done.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -149,9 +161,8 @@ def measure(root: Path, workers: int, args) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"error: child failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
     result = json.loads(out.strip().splitlines()[-1])
-    result.update(workers=workers, peak_tree_rss_mb=peak["rss"], peak_tree_pss_mb=peak["pss"],
-                  peak_pss_scan_mb=peak["pss_by_phase"].get("scan", 0.0),
-                  peak_pss_stream_mb=peak["pss_by_phase"].get("stream", 0.0), max_processes=peak["procs"])
+    result.update(workers=workers, max_processes=peak.pop("procs"), limit=limit,
+                  **{f"peak_{k}_mb": v for k, v in peak.items()})
     return result
 
 
@@ -163,10 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data-dir", default="/tmp/weightgen_bench_stream", help="where the folders are generated")
     p.add_argument("--out", default=str(REPO / "docs"), help="where bench_data_stream.{md,json} go")
+    p.add_argument("--compare-at", type=int, default=3000,
+                   help="also run each folder for only this many images: the same work whatever the folder's size")
     p.add_argument("--decode", type=int, choices=[0, 1], default=None,
                    help="bad-image scan: 1 full decode, 0 header check (default: full decode up to 5,000 images)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--phase-file", help=argparse.SUPPRESS)
+    p.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -178,27 +192,35 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.data_dir) / f"n{n}"
         generated[n] = {"seconds": generate(root, n), "bytes": sum(f.stat().st_size for f in root.rglob("*.*"))}
         for w in args.workers:
-            r = measure(root, w, args)
-            r["folder_images"] = n
-            runs.append(r)
-            print(f"{n} images, workers {w}: {r['images_per_s']:.0f} img/s, peak PSS {r['peak_tree_pss_mb']:.0f} MiB",
-                  file=sys.stderr)
+            for limit in (args.compare_at, 0):
+                r = measure(root, w, args, limit)
+                r["folder_images"] = n
+                runs.append(r)
+                print(f"{n} images, workers {w}, {r['images']} streamed: {r['images_per_s']:.0f} img/s, "
+                      f"peak tree RSS {r.get('peak_rss_stream_mb', 0):.0f} MiB", file=sys.stderr)
     scan_text = {None: "full decode up to 5,000 images, header check above", 0: "header check",
                  1: "full decode"}[args.decode]
     info["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    def mb(r, key):
+        return f"{r.get(key, 0.0):.0f}"
+
     rows = [[f"{r['folder_images']:,}", r["workers"], f"{r['images']:,}", f"{r['scan_s']:.1f}",
-             f"{r['images_per_s']:.0f}", f"{r['peak_pss_scan_mb']:.0f}", f"{r['peak_pss_stream_mb']:.0f}",
-             f"{r['peak_tree_rss_mb']:.0f}",
-             f"{r['main_maxrss_mb']:.0f}", f"{r['worker_maxrss_mb']:.0f}" if r["workers"] else "-"] for r in runs]
+             f"{r['images_per_s']:.0f}", mb(r, "peak_rss_scan_mb"), mb(r, "peak_rss_stream_mb"),
+             mb(r, "peak_pss_stream_mb"), f"{r['main_maxrss_mb']:.0f}",
+             f"{r['worker_maxrss_mb']:.0f}" if r["workers"] else "-"] for r in runs]
     growth = []
     for w in args.workers:
-        by_n = {r["folder_images"]: r for r in runs if r["workers"] == w}
-        if len(by_n) >= 2:
+        for limit, what in ((args.compare_at, f"the first {args.compare_at:,} images of an epoch"),
+                            (0, "a whole epoch")):
+            by_n = {r["folder_images"]: r for r in runs if r["workers"] == w and r["limit"] == limit}
+            if len(by_n) < 2:
+                continue
             lo, hi = min(by_n), max(by_n)
-            key = "peak_pss_stream_mb"
-            growth.append(f"- workers={w}: peak PSS while streaming {by_n[lo][key]:.0f} MiB at {lo:,} images, "
-                          f"{by_n[hi][key]:.0f} MiB at {hi:,} ({by_n[hi][key] - by_n[lo][key]:+.0f} MiB for "
-                          f"{hi / lo:.0f}x the images)")
+            keys = [("peak_rss_stream_mb", "tree RSS"), ("main_maxrss_mb", "main maxrss")]
+            keys += [("worker_maxrss_mb", "largest worker maxrss")] if w else []
+            parts = [f"{name} {by_n[lo][k]:.0f} -> {by_n[hi][k]:.0f} MiB ({by_n[hi][k] - by_n[lo][k]:+.0f})"
+                     for k, name in keys]
+            growth.append(f"- workers={w}, {what}, {lo:,} -> {hi:,} images: " + "; ".join(parts))
     md = "\n".join([
         "# Streaming an image folder from disk: peak memory and images/s",
         "",
@@ -211,14 +233,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{scan_text}, on a few threads), then one epoch of the training split at {args.img_size} px with flip + "
         f"random-resized-crop, batch {args.batch_size}, `make_loader(..., workers=W)`.",
         "",
-        markdown_table(["folder", "workers", "images streamed", "scan s", "images/s", "peak PSS MiB, scan",
-                        "peak PSS MiB, streaming", "peak RSS MiB (tree, summed)", "main maxrss MiB",
-                        "largest worker maxrss MiB"], rows),
+        markdown_table(["folder", "workers", "images streamed", "scan s", "images/s", "tree RSS, scan",
+                        "tree RSS, streaming", "tree PSS, streaming", "main maxrss", "largest worker maxrss"], rows),
         "",
-        "PSS (process tree: main process + workers) shares each page among the processes that map it, so "
-        "the tree's summed PSS is its real footprint, shown for the scan and for the epoch; summed RSS "
-        "counts the libraries a forked worker shares with its parent once per process. Memory is sampled "
-        "every 0.1 s.",
+        "Memory in MiB. Tree RSS/PSS: peaks of the process tree (main process + DataLoader workers), sampled "
+        "every 0.1 s from /proc/PID/smaps_rollup. RSS is summed over the tree, so a library a worker shares with "
+        "its parent counts once per process; PSS divides shared pages among every process on the machine that "
+        "maps them, so it also moves with whatever else runs (other Python processes on this shared machine map "
+        "the same torch libraries). maxrss: getrusage of the main process, and the largest of its reaped "
+        "workers. A batch of 64 images at 224 px is 38.5 MB of float32 and a few are alive at once (the one in "
+        f"use, up to 2 prefetched per worker), so peaks move by about a batch from run to run; each folder is "
+        f"therefore also run for only its first {args.compare_at:,} images (the same work at either size).",
         "",
         "Growth with the folder's size:",
         "",
