@@ -279,6 +279,7 @@ def test_a_kind_the_vae_never_saw_is_kept(runs, tmp_path):
     ("bad_device", ["cuda"]),
     ("steps_encode", ["--steps", "--mode mimic"]),
     ("bad_task", ["unknown --probe-task", "nosuchtask", "digits"]),
+    ("colour_task", ["--probe-task hue", "colour task"]),
     ("bad_probe_size", ["--probe-size", ">= 2"]),
     ("bad_behaviour_weight", ["--behaviour-weight", ">= 0"]),
     ("foreign_out", ["not written by weightgen"]),
@@ -305,6 +306,8 @@ def test_bad_inputs_fail_cleanly(runs, case, expect, tmp_path, capsys):
         extra = ["--steps", "5"]
     elif case == "bad_task":
         extra = ["--probe-task", "nosuchtask"]
+    elif case == "colour_task":
+        extra = ["--probe-task", "hue"]
     elif case == "bad_probe_size":
         extra = ["--mode", "mimic", "--probe-size", "1"]
     elif case == "bad_behaviour_weight":

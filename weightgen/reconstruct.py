@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from .classifier import evaluate, reestimate_batchnorm
 from .data import TASKS, get_task, to_model_input
+from .data.photos import TASKS as COLOUR_TASKS
 from .io import WeightgenError, atomic_directory, check_checkpoint_path, check_output_dir, load_checkpoint, \
     save_tensors, write_json
 from .mimicry.fidelity import compare_features, cosine, record_features
@@ -115,6 +116,9 @@ def validate(opts: ReconstructOptions) -> None:
         if name not in TASKS and not (name.startswith("imagefolder:") and name.partition(":")[2]):
             raise WeightgenError(f"unknown --probe-task {opts.probe_task!r}; known: "
                                  f"{', '.join(t for t in TASKS if t != 'imagefolder:PATH')}, imagefolder:PATH")
+        if name in COLOUR_TASKS:  # the probe path feeds grayscale task tensors (to_model_input)
+            raise WeightgenError(f"--probe-task {name} is a colour task; reconstruct probes grayscale tasks "
+                                 f"(digits, mnist, ...) or imagefolder:PATH")
     if not opts.out:
         raise WeightgenError("name an output directory (--out DIR)")
     resolve_device(opts.device)
