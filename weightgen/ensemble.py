@@ -197,7 +197,7 @@ def train_single(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], conf
         with torch.no_grad():
             for k, p in params.items():
                 _update(p, grads[k], state[k], lr * f, weight_decay if decays[k] else None, config, step)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.zero_grad(set_to_none=True)
     return losses
 
