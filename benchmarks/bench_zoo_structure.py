@@ -134,9 +134,42 @@ def structure(zoo_dir: Path) -> dict:
         by_kind[kind] = {"layers": len(sel), **{f"{w}_pca16": round(statistics.fmean(r[f"{w}_pca16"] for r in sel), 4)
                                                 for w in ("raw", "delta", "init")}}
     spectra = {what: [round(float(e), 6) for e in (fit[2] / fit[2].sum())[:32]] for what, fit in fits.items()}
-    return {"index": index, "finals": finals, "train_models": len(train), "heldout_models": len(held),
+    return {"fits": fits, "index": index, "finals": finals, "train_models": len(train), "heldout_models": len(held),
             "heldout_layers": rows, "pca_summary": summary, "pca_by_kind": by_kind,
             "explained_variance_ratio": spectra, "pca_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _real_layers(path: Path):
+    """(record, weight) for every float 2-D/4-D tensor of a safetensors or .pt/.pth state dict."""
+    import torch
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
+                                                                               weights_only=True)
+    items = [(k, v.float()) for k, v in sd.items() if v.is_floating_point() and v.ndim in (2, 4)
+             and min(v.shape[:2]) > 0 and "embeddings" not in k]  # token/position tables are not layers
+    last = max(1, len(items) - 1)
+    for i, (k, v) in enumerate(items):
+        groups = v.shape[0] if v.ndim == 4 and v.shape[1] == 1 and v.shape[0] > 1 else 1
+        yield {"name": k, "groups": groups, "depth": i / last}, v
+
+
+def real_weights(paths: list[Path], fit) -> list[dict]:
+    """Per file: the zoo's raw PCA on its layers, and a PCA fitted on that file's own tokens (in-sample)."""
+    import statistics as st
+
+    out = []
+    for path in paths:
+        layers = list(_real_layers(path))
+        own = _pca([_tokens(w, rec)[0].values.float() for rec, w in layers], max(KS))
+        row = {"file": path.name, "layers": len(layers), "params": sum(w.numel() for _, w in layers)}
+        for k in KS:
+            zoo_cos = [_recon_cos(w, rec, fit[0], fit[1], k) for rec, w in layers]
+            own_cos = [_recon_cos(w, rec, own[0], own[1], k) for rec, w in layers]
+            row[f"zoo_pca{k}"] = round(st.fmean(zoo_cos), 4)
+            row[f"own_pca{k}"] = round(st.fmean(own_cos), 4)
+        out.append(row)
+    return out
 
 
 def vmap_speed(models: int = 4, steps: int = 20) -> list[dict]:
@@ -234,6 +267,13 @@ def report(res: dict, speed: list[dict] | None, zoo_dir: Path, command: str | No
               "Explained variance of the first 16 principal directions (raw tokens): "
               f"{sum(res['explained_variance_ratio']['raw'][:16]):.3f}; delta tokens: "
               f"{sum(res['explained_variance_ratio']['delta'][:16]):.3f} (iid noise: 0.25).", ""]
+    if res.get("real"):
+        lines += ["## Real pretrained weights (docs/real_weights.md) through the same PCA", "",
+                  "`zoo` = the PCA fitted on the structured zoo's training tokens; `own` = a PCA fitted on that "
+                  "file's own tokens (in-sample, an upper reference). Mean cosine over the file's 2-D/4-D weights.", "",
+                  markdown_table(["file", "layers", "params"] + [f"{w} PCA-{k}" for w in ("zoo", "own") for k in KS],
+                                 [[r["file"], r["layers"], f"{r['params']:,}"] + [_fmt(r[f"{w}_pca{k}"])
+                                  for w in ("zoo", "own") for k in KS] for r in res["real"]]), ""]
     if speed:
         lines += ["## Training loop: vmap ensemble against one model at a time", "",
                   "Same update rule (weightgen.ensemble.train_ensemble, use_vmap True/False), mnist, batch 64, "
@@ -256,6 +296,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", required=True, help="a zoo built with --preset structured")
     p.add_argument("--build-command", default=None, help="the command that built it (for the report)")
+    p.add_argument("--real", nargs="*", default=[], help="real pretrained state dicts (.safetensors/.pt/.pth)")
     p.add_argument("--no-speed", action="store_true", help="skip the vmap-vs-loop timing")
     p.add_argument("--out-dir", default=str(REPO / "docs"))
     p.add_argument("--stem", default="bench_zoo_structure")
@@ -265,13 +306,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     zoo_dir = Path(args.zoo)
     res = structure(zoo_dir)
+    res["real"] = real_weights([Path(r) for r in args.real], res["fits"]["raw"]) if args.real else []
     speed = None if args.no_speed else vmap_speed()
     md = report(res, speed, zoo_dir, args.build_command)
     md += f"\nMachine: {machine_info()['cpu']}, load average now {machine_info()['loadavg']}.\n"
     data = {"machine": machine_info(), "zoo": str(zoo_dir), "build_command": args.build_command,
             "zoo_index": res["index"], "pca_summary": res["pca_summary"], "pca_by_kind": res["pca_by_kind"],
             "explained_variance_ratio": res["explained_variance_ratio"], "heldout_layers": res["heldout_layers"],
-            "speed": speed, "pca_seconds": res["pca_seconds"],
+            "real_weights": res["real"], "speed": speed, "pca_seconds": res["pca_seconds"],
             "models": [{k: m.get(k) for k in ("model_id", "family", "task", "split", "optimizer", "lr",
                                                "weight_decay", "aug", "params", "test_accuracy", "val_accuracy",
                                                "cos_init_median")} | {"cos_init_layers": {
