@@ -92,6 +92,43 @@ def _recon_cos(weight, rec, mean, basis, k: int) -> float:
     return float(w @ o / (w.norm() * o.norm()).clamp_min(1e-30))
 
 
+RATE = 0.25  # numbers stored per weight for the two per-layer controls below
+
+
+def _cos(a, b) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def _svd_cos(weight) -> float | None:
+    """Cosine of the best rank-r approximation of the layer (out x fan_in) storing ~RATE numbers per weight."""
+    import torch
+
+    m = weight.reshape(weight.shape[0], -1).double()
+    r = int(RATE * m.numel() / sum(m.shape))
+    if r < 1 or r >= min(m.shape):
+        return None
+    u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+    return _cos((u[:, :r] * sv[:r]) @ vh[:r], m)
+
+
+def _kernels(weight):
+    """A conv weight's spatial kernels as rows (N, kh*kw), normalised per layer by its RMS; None for 1x1/linear."""
+    if weight.ndim != 4 or weight.shape[2] * weight.shape[3] == 1:
+        return None
+    k = weight.reshape(-1, weight.shape[2] * weight.shape[3]).double()
+    return k / k.pow(2).mean().sqrt().clamp_min(1e-30)
+
+
+def _kernel_cos(weight, fit) -> float | None:
+    k = _kernels(weight)
+    if k is None or k.shape[1] not in fit:
+        return None
+    mean, basis = fit[k.shape[1]]
+    r = (k - mean) @ basis @ basis.T + mean
+    return _cos(r, k)
+
+
 def structure(zoo_dir: Path) -> dict:
     index = json.loads((zoo_dir / "zoo.json").read_text())
     metas = [json.loads((zoo_dir / f"{m}.json").read_text()) for m in index["models"]]
@@ -108,12 +145,33 @@ def structure(zoo_dir: Path) -> dict:
             for rec, w, w0 in _layers(zoo_dir, meta, what == "delta"):
                 toks.append(_tokens(w - w0 if what == "delta" else w, rec)[0].values.float())
         fits[what] = _pca(toks, max(KS))
+    # kernel-aligned PCA: one per kernel size, on the training models' spatial kernels, keeping
+    # ceil(RATE * size) directions (3x3: 3 of 9; 7x7: 13 of 49)
+    import math
+
+    import torch
+
+    kern: dict[int, list] = {}
+    for meta in train:
+        for rec, w, _ in _layers(zoo_dir, meta, False):
+            k = _kernels(w)
+            if k is not None:
+                kern.setdefault(k.shape[1], []).append(k)
+    kfit = {}
+    for size, ks in kern.items():
+        x = torch.cat(ks)
+        mean = x.mean(0)
+        evals, evecs = torch.linalg.eigh((x - mean).T @ (x - mean) / len(x))
+        kfit[size] = (mean, evecs[:, evals.argsort(descending=True)[:math.ceil(RATE * size)]])
     rows = []  # one per held-out layer
     for meta in held:
         for rec, w, w0 in _layers(zoo_dir, meta, True):
             kind = _tokens(w, rec)[1]
             row = {"model_id": meta["model_id"], "family": meta.get("family"), "layer": rec["name"], "kind": kind,
                    "numel": w.numel(), "cos_init": rec.get("cos_init")}
+            for what, weight in (("raw", w), ("init", w0)):
+                row[f"{what}_svd"] = _svd_cos(weight)
+                row[f"{what}_kernel"] = _kernel_cos(weight, kfit)
             for what, weight in (("raw", w), ("delta", w - w0), ("init", w0)):
                 fit = fits["delta" if what == "delta" else "raw"]
                 for k in KS:
@@ -128,6 +186,11 @@ def structure(zoo_dir: Path) -> dict:
                 "mean": round(statistics.fmean(vals), 4), "median": round(statistics.median(vals), 4),
                 "param_weighted_mean": round(sum(v * n for v, n in zip(vals, weights)) / sum(weights), 4),
                 "frac_ge_0.9": round(sum(v >= 0.9 for v in vals) / len(vals), 4)}
+    for key in ("svd", "kernel"):
+        for what in ("raw", "init"):
+            vals = [r[f"{what}_{key}"] for r in rows if r[f"{what}_{key}"] is not None]
+            summary[f"{what}_{key}"] = {"layers": len(vals), "mean": round(statistics.fmean(vals), 4) if vals else None,
+                                        "frac_ge_0.9": round(sum(v >= 0.9 for v in vals) / len(vals), 4) if vals else None}
     by_kind = {}
     for kind in sorted({r["kind"] for r in rows}):
         sel = [r for r in rows if r["kind"] == kind]
@@ -168,6 +231,8 @@ def real_weights(paths: list[Path], fit) -> list[dict]:
             own_cos = [_recon_cos(w, rec, own[0], own[1], k) for rec, w in layers]
             row[f"zoo_pca{k}"] = round(st.fmean(zoo_cos), 4)
             row[f"own_pca{k}"] = round(st.fmean(own_cos), 4)
+        svd = [c for c in (_svd_cos(w) for _, w in layers) if c is not None]
+        row["svd"] = round(st.fmean(svd), 4) if svd else None
         out.append(row)
     return out
 
@@ -260,6 +325,15 @@ def report(res: dict, speed: list[dict] | None, zoo_dir: Path, command: str | No
                                _fmt(s[f"{w}_pca16"]["median"]), _fmt(s[f"{w}_pca16"]["param_weighted_mean"]),
                                _fmt(s[f"{w}_pca16"]["frac_ge_0.9"], 2), _fmt(s[f"{w}_pca32"]["mean"])]
                               for w in ("raw", "delta", "init")]), "",
+              f"Where the structure is: two per-layer codes at {RATE} numbers per weight on the same held-out layers "
+              "(trained against the same models' init). `SVD`: best rank-r approximation of each layer as an "
+              "(out x fan_in) matrix; `kernel PCA`: the spatial kernels of conv layers with kernels larger than 1x1 "
+              "(3x3, 7x7), each layer scaled to unit RMS, through a PCA fitted per kernel size on the training models' "
+              "kernels and keeping ceil(size/4) directions (3 of 9: 0.33 numbers per weight; 13 of 49: 0.27).", "",
+              markdown_table(["code", "layers", "trained mean", "trained frac >= 0.9", "init mean"],
+                             [[name, s[f"raw_{key}"]["layers"], _fmt(s[f"raw_{key}"]["mean"]),
+                               _fmt(s[f"raw_{key}"]["frac_ge_0.9"], 2), _fmt(s[f"init_{key}"]["mean"])]
+                              for name, key in (("per-layer SVD", "svd"), ("kernel PCA", "kernel"))]), "",
               "By layer kind (PCA-16 mean):", "",
               markdown_table(["kind", "layers", "raw", "delta", "init"],
                              [[k, v["layers"], _fmt(v["raw_pca16"]), _fmt(v["delta_pca16"]), _fmt(v["init_pca16"])]
@@ -270,10 +344,13 @@ def report(res: dict, speed: list[dict] | None, zoo_dir: Path, command: str | No
     if res.get("real"):
         lines += ["## Real pretrained weights (docs/real_weights.md) through the same PCA", "",
                   "`zoo` = the PCA fitted on the structured zoo's training tokens; `own` = a PCA fitted on that "
-                  "file's own tokens (in-sample, an upper reference). Mean cosine over the file's 2-D/4-D weights.", "",
-                  markdown_table(["file", "layers", "params"] + [f"{w} PCA-{k}" for w in ("zoo", "own") for k in KS],
+                  "file's own tokens (in-sample, an upper reference); `SVD` = per-layer SVD at "
+                  f"{RATE} numbers per weight. Mean cosine over the file's 2-D/4-D weights (embedding tables left out).",
+                  "",
+                  markdown_table(["file", "layers", "params"] + [f"{w} PCA-{k}" for w in ("zoo", "own") for k in KS]
+                                 + ["SVD"],
                                  [[r["file"], r["layers"], f"{r['params']:,}"] + [_fmt(r[f"{w}_pca{k}"])
-                                  for w in ("zoo", "own") for k in KS] for r in res["real"]]), ""]
+                                  for w in ("zoo", "own") for k in KS] + [_fmt(r["svd"])] for r in res["real"]]), ""]
     if speed:
         lines += ["## Training loop: vmap ensemble against one model at a time", "",
                   "Same update rule (weightgen.ensemble.train_ensemble, use_vmap True/False), mnist, batch 64, "
