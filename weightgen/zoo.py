@@ -1,8 +1,14 @@
 """Zoos of small timm models trained offline on CPU (minutes), at 32x32 with one input channel.
 
 Presets (``PRESETS``): ``default`` (16 models on scikit-learn's digits), ``quick`` (4 tiny models, for
-tests) and ``field`` (77 final models of 9 families on 4 tasks from ``weightgen.data``, each with two
-checkpoints, some seeds held out; see ``field_zoo_specs``).
+tests), ``field`` (77 final models of 9 families on 4 tasks from ``weightgen.data``, each with two
+checkpoints, some seeds held out; see ``field_zoo_specs``), ``structured`` (40 models of 3 families trained
+with SGD/AdamW, OneCycle and strong weight decay until little of their init is left; each records its
+cosine to its own init; see ``structured_zoo_specs``) and ``tiny_structured`` (4 tiny ones, for tests).
+
+The structured presets build through :func:`build_zoo_resumable`: sharded (``shard=(K, N)``, joined by
+:func:`merge_zoo_shards` into the bytes one run writes) and resumable (finished models wait in a staging
+folder; a stopped build run again trains only what is missing).
 
 Architectures in the zoos (timm entry point -> what it contributes); keep this list current, because
 benchmarks elsewhere must pick an architecture that is NOT in any zoo:
@@ -26,7 +32,8 @@ Not in any zoo (on purpose): ``resnet26``, ``resnet34``, ``resnet50``, any full-
 
 On-disk format (version 1), per model: ``<model_id>.safetensors`` (the ``state_dict``) and
 ``<model_id>.json`` (spec, accuracies, params and every Linear/Conv2d layer in model order);
-``zoo.json`` indexes the models. Field models also record ``family``, ``task``, ``split`` (``train`` or
+``zoo.json`` indexes the models. Structured models also record ``optimizer``, ``weight_decay``, ``aug``,
+``cos_init_median`` and, per layer, ``cos_init`` (cosine of the trained weight to its init). Field models also record ``family``, ``task``, ``split`` (``train`` or
 ``heldout``: new seeds of zoo configs, for evaluation only) and, for a checkpoint ``<id>-t<i>`` saved
 during the run of ``<id>``, ``checkpoint_of`` and ``step``; a model without ``split`` is ``train``.
 
