@@ -13,7 +13,8 @@ little of their init left; each records its cosine to init), tiny_structured (4 
 The structured presets, and any build given --shard, are resumable: finished models wait in a staging
 folder next to --out (.<name>.building); run the same command again after a stop and only the missing
 models train. The merged zoo equals one unsharded build (same model files byte for byte, same records
-but for timings).
+but for timings) when every piece runs the same torch build with one thread per model (--threads 1, or
+--jobs N, whose workers run one thread each).
 """
 from __future__ import annotations
 
