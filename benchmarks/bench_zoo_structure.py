@@ -286,7 +286,9 @@ def report(res: dict, speed: list[dict] | None, zoo_dir: Path, command: str | No
              f"Built with: `{command or 'python scripts/build_zoo.py --preset structured --out ' + str(zoo_dir) + ' --jobs 2'}`",
              "",
              f"Build cost (zoo.json): {index['cpu_seconds']:.0f} CPU-seconds of training (sum over models), "
-             f"{build.get('seconds', float('nan')):.0f} s wall with {build.get('jobs', '?')} jobs, load average "
+             f"{build.get('seconds', float('nan')):.0f} s wall with {build.get('jobs', '?')} jobs"
+             + (f" (the last run's wall time: it resumed {build['resumed_specs']} models that an earlier, stopped run "
+                f"had finished)" if build.get("resumed_specs") else "") + ", load average "
              f"{build.get('load_average_1min', '?')} at the end of the build (2 shared cores; other jobs ran "
              f"beside it). Device: {build.get('device', 'cpu')}.", "",
              "## Targets", "",
