@@ -462,8 +462,9 @@ def build_zoo(out_dir: str | os.PathLike, specs: list[ZooSpec], progress: bool =
 # The zoos above train 150-500 steps and end at cosine 0.7-0.99 to their own init: mostly init noise.
 # Here weight decay x lr x steps is large enough that little of the init survives (median cosine to init
 # is recorded per model), with varied width, depth, lr, weight decay, augmentation, seed and task.
-# Models train one by one (weightgen.ensemble.train_single): on 2 CPU cores a vmap ensemble of the same
-# CNN measured 2.2x slower per model (docs/bench_zoo_structure.md), so jobs are worker processes.
+# Models train one by one (weightgen.ensemble.train_single): on CPU a vmap ensemble of the same
+# architecture measured 1.5x the CPU time per model for the narrow ResNet and ConvNeXt and no gain for the
+# ViT (docs/bench_zoo_structure.md), so parallel work goes to worker processes (--jobs).
 
 STRUCTURED_TASKS = ("mnist", "greek", "latin", "digits")
 STRUCTURED_BATCH = 64
