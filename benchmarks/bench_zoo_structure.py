@@ -242,25 +242,24 @@ def vmap_speed(models: int = 4, steps: int = 20) -> list[dict]:
     import torch
 
     from weightgen.ensemble import EnsembleConfig, train_ensemble
-    from weightgen.zoo import STRUCTURED_FAMILIES, create_zoo_model, structured_data
-    from weightgen.digits import digits_model_kwargs
+    from weightgen.zoo import create_zoo_model, structured_data, structured_zoo_specs
 
     torch.set_num_threads(1)
     x, y = structured_data("mnist")["train"]
     out = []
-    picks = {"resnet": 0, "vit": 0, "convnext": 0}
-    for family, ci in picks.items():
-        name, arch, kw, opt, _, recipes = STRUCTURED_FAMILIES[family][ci]
-        kwargs = {**digits_model_kwargs(arch, 32, 1), **kw}
-        cfg = EnsembleConfig(steps=steps, batch_size=64, optimizer=opt)
-        row = {"family": family, "config": name, "models": models, "steps": steps}
+    firsts = {}  # each family's first spec: its architecture and recipe
+    for spec in structured_zoo_specs():
+        firsts.setdefault(spec.family, spec)
+    for family, spec in firsts.items():
+        cfg = EnsembleConfig(steps=steps, batch_size=64, optimizer=spec.optimizer)
+        row = {"family": family, "config": spec.model_id.split("-r")[0], "models": models, "steps": steps}
         for use_vmap in (True, False):
             ms = []
             for s in range(models):
                 torch.manual_seed(s)
-                ms.append(create_zoo_model(arch, kwargs))
+                ms.append(create_zoo_model(spec.arch, spec.model_kwargs))
             c0, t0 = time.process_time(), time.perf_counter()
-            train_ensemble(ms, [(x, y)] * models, cfg, [recipes[0][0]] * models, [recipes[0][1]] * models,
+            train_ensemble(ms, [(x, y)] * models, cfg, [spec.lr] * models, [spec.weight_decay] * models,
                            list(range(models)), use_vmap=use_vmap)
             key = "vmap" if use_vmap else "loop"
             row[f"{key}_cpu_s_per_model"] = round((time.process_time() - c0) / models, 2)
