@@ -105,7 +105,7 @@ def test_update_matches_torch_optimizers(optimizer):
 def test_vmap_ensemble_matches_the_loop():
     # Same update rule, BatchNorm stats included, whether the models train stacked under vmap or one by one.
     # (SGD: AdamW divides near-zero gradients by their own size, which amplifies float reordering.)
-    x, y = torch.randn(16, 1, 32, 32), torch.arange(16) % 10
+    x, y = torch.randn(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
     cfg = EnsembleConfig(steps=2, batch_size=8, optimizer="sgd")
     runs = []
     for use_vmap in (True, False):
@@ -116,8 +116,9 @@ def test_vmap_ensemble_matches_the_loop():
     (lv, sv), (ll, sl) = runs
     assert torch.allclose(torch.tensor(lv), torch.tensor(ll), atol=1e-4)
     for a, b in zip(sv, sl):
-        for k in a:
-            assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4, rtol=1e-3), k
+        for k in a:  # float reordering only (measured <= 1e-6 here); a wrong update or BN stat is >= 1e-2
+            assert torch.allclose(a[k].float(), b[k].float(), atol=1e-3, rtol=1e-3), k
+    assert sv[0]["bn1.running_mean"].abs().max() > 1e-3  # BatchNorm statistics did update under vmap
     fresh = _tiny_resnets(1)[0].state_dict()
     assert not torch.allclose(sv[0]["conv1.weight"], fresh["conv1.weight"])  # it did train
 
