@@ -1,8 +1,14 @@
 """Zoos of small timm models trained offline on CPU (minutes), at 32x32 with one input channel.
 
 Presets (``PRESETS``): ``default`` (16 models on scikit-learn's digits), ``quick`` (4 tiny models, for
-tests) and ``field`` (77 final models of 9 families on 4 tasks from ``weightgen.data``, each with two
-checkpoints, some seeds held out; see ``field_zoo_specs``).
+tests), ``field`` (77 final models of 9 families on 4 tasks from ``weightgen.data``, each with two
+checkpoints, some seeds held out; see ``field_zoo_specs``), ``structured`` (40 models of 3 families trained
+with SGD/AdamW, OneCycle and strong weight decay until little of their init is left; each records its
+cosine to its own init; see ``structured_zoo_specs``) and ``tiny_structured`` (4 tiny ones, for tests).
+
+The structured presets build through :func:`build_zoo_resumable`: sharded (``shard=(K, N)``, joined by
+:func:`merge_zoo_shards` into the bytes one run writes) and resumable (finished models wait in a staging
+folder; a stopped build run again trains only what is missing).
 
 Architectures in the zoos (timm entry point -> what it contributes); keep this list current, because
 benchmarks elsewhere must pick an architecture that is NOT in any zoo:
@@ -26,7 +32,8 @@ Not in any zoo (on purpose): ``resnet26``, ``resnet34``, ``resnet50``, any full-
 
 On-disk format (version 1), per model: ``<model_id>.safetensors`` (the ``state_dict``) and
 ``<model_id>.json`` (spec, accuracies, params and every Linear/Conv2d layer in model order);
-``zoo.json`` indexes the models. Field models also record ``family``, ``task``, ``split`` (``train`` or
+``zoo.json`` indexes the models. Structured models also record ``optimizer``, ``weight_decay``, ``aug``,
+``cos_init_median`` and, per layer, ``cos_init`` (cosine of the trained weight to its init). Field models also record ``family``, ``task``, ``split`` (``train`` or
 ``heldout``: new seeds of zoo configs, for evaluation only) and, for a checkpoint ``<id>-t<i>`` saved
 during the run of ``<id>``, ``checkpoint_of`` and ``step``; a model without ``split`` is ``train``.
 
@@ -43,6 +50,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +61,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from weightgen.classifier import evaluate, reestimate_batchnorm, train_classifier
-from weightgen.data import TensorSplits as DigitsData, model_splits
+from weightgen.data import TensorSplits, model_splits
 from weightgen.io import WeightgenError, atomic_directory
-from weightgen.models import small_input_kwargs as digits_model_kwargs
+from weightgen.models import small_input_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,10 @@ class ZooSpec:
     split: str | None = None  # "train" or "heldout"; None (default zoo): not recorded, i.e. train
     family: str | None = None
     checkpoints: tuple[int, ...] = ()  # steps after which the run is also saved as <id>-t1, -t2, ...
+    # Structured recipe (weightgen.ensemble): None keeps the legacy AdamW/cosine loop of the other presets.
+    optimizer: str | None = None  # "sgd" (momentum 0.9) or "adamw", under a OneCycle lr
+    weight_decay: float | None = None
+    aug: float = 0.0  # random-affine augmentation strength (0: none)
 
     def checkpoint_id(self, i: int) -> str:
         return f"{self.model_id}-t{i + 1}"
@@ -95,7 +107,7 @@ class ZooSpec:
 
 
 def _spec(model_id: str, arch: str, seed: int, steps: int, lr: float = 1e-3, **kw) -> ZooSpec:
-    kwargs = {**digits_model_kwargs(arch, ZOO_IMAGE_SIZE, 1), **kw}
+    kwargs = {**small_input_kwargs(arch, ZOO_IMAGE_SIZE, 1), **kw}
     return ZooSpec(f"{model_id}-s{seed}", arch, kwargs, seed, steps, lr)
 
 
@@ -198,7 +210,7 @@ def field_zoo_specs(seed: int = 0) -> list[ZooSpec]:
             runs = [(t, seed + k, "train") for t in tasks for k in (0, 1)]
             if c == 0:
                 runs.append((tasks[0], seed + 2, "heldout"))
-            kwargs = {**digits_model_kwargs(arch, ZOO_IMAGE_SIZE, 1), **kw}
+            kwargs = {**small_input_kwargs(arch, ZOO_IMAGE_SIZE, 1), **kw}
             for task, s, split in runs:
                 specs.append(ZooSpec(f"{name}-{task}-s{s}", arch, kwargs, s, steps, lr, task=task,
                                      split=split, family=family, checkpoints=(steps // 3, 2 * steps // 3)))
@@ -240,7 +252,7 @@ def load_zoo_model(zoo_dir: str | os.PathLike, model_id: str) -> tuple[nn.Module
 
 
 @functools.lru_cache(maxsize=8)
-def zoo_data(task: str | None, in_chans: int = 1) -> DigitsData:
+def zoo_data(task: str | None, in_chans: int = 1) -> TensorSplits:
     """The data a spec trains on: the ``weightgen.data`` task (None: ``digits``) split by
     ``ZOO_DATA_SEED``, as ``ZOO_IMAGE_SIZE`` model inputs. Cached: callers must not modify the tensors."""
     return model_splits(task or "digits", ZOO_DATA_SEED, ZOO_IMAGE_SIZE, in_chans)
@@ -250,7 +262,7 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, sort_keys=True, indent=2) + "\n")
 
 
-def _save_entry(model: nn.Module, data: DigitsData, spec: ZooSpec, losses: list[float], out_dir: Path,
+def _save_entry(model: nn.Module, data: TensorSplits, spec: ZooSpec, losses: list[float], out_dir: Path,
                 entry_id: str, step: int | None = None) -> dict:
     """BN re-estimation, accuracies and the two files of one zoo entry (``model`` is modified)."""
     # Exact BN stats for the saved weights: momentum-0.1 running stats lag badly on short runs.
@@ -275,7 +287,7 @@ def _save_entry(model: nn.Module, data: DigitsData, spec: ZooSpec, losses: list[
     return meta
 
 
-def _train_entries(spec: ZooSpec, data: DigitsData, out_dir: Path, progress: bool = False,
+def _train_entries(spec: ZooSpec, data: TensorSplits, out_dir: Path, progress: bool = False,
                    device: str | torch.device = "cpu") -> list[dict]:
     """Train one spec, write the final model and its checkpoints; return their metadata (final first)."""
     import copy
@@ -302,7 +314,7 @@ def _train_entries(spec: ZooSpec, data: DigitsData, out_dir: Path, progress: boo
     return [final] + checkpoints
 
 
-def train_zoo_model(spec: ZooSpec, data: DigitsData, out_dir: Path, progress: bool = False,
+def train_zoo_model(spec: ZooSpec, data: TensorSplits, out_dir: Path, progress: bool = False,
                     device: str | torch.device = "cpu") -> dict:
     """Train one spec on ``device``, write its safetensors + JSON (and its checkpoints') into out_dir,
     return the final model's metadata.
@@ -328,6 +340,13 @@ def _check_specs(specs: list[ZooSpec]) -> None:
             raise ZooError(f"{s.model_id}: checkpoints must be increasing steps in 1..{s.steps - 1}")
         if s.split is not None and s.split not in SPLITS:
             raise ZooError(f"{s.model_id}: split must be one of {SPLITS}, not {s.split!r}")
+        if s.optimizer is not None:
+            if s.optimizer not in ("sgd", "adamw"):
+                raise ZooError(f"{s.model_id}: optimizer must be sgd or adamw, not {s.optimizer!r}")
+            if s.weight_decay is None or s.weight_decay < 0 or s.lr <= 0 or s.aug < 0 or s.task is None:
+                raise ZooError(f"{s.model_id}: a structured spec needs a task, lr > 0, weight_decay >= 0, aug >= 0")
+            if s.checkpoints:
+                raise ZooError(f"{s.model_id}: structured specs save no checkpoints")
 
 
 def _run_spec(spec: ZooSpec, out_dir: Path, progress: bool, device) -> tuple[list[dict], float, float]:
@@ -427,4 +446,377 @@ def build_zoo(out_dir: str | os.PathLike, specs: list[ZooSpec], progress: bool =
         _write_json(tmp / "zoo.json", index)
     log.info("zoo of %d models (%d entries) written to %s in %.1fs", len(specs), len(records), out,
              index["seconds"])
+    return index
+
+
+# ---- the structured preset: trained to convergence with weight decay -------------------------------
+#
+# The zoos above train 150-500 steps and end at cosine 0.7-0.99 to their own init: mostly init noise.
+# Here weight decay x lr x steps is large enough that little of the init survives (median cosine to init
+# is recorded per model), with varied width, depth, lr, weight decay, augmentation, seed and task.
+# Models train one by one (weightgen.ensemble.train_single): on CPU a vmap ensemble of the same
+# architecture measured 1.5x the CPU time per model for the narrow ResNet and ConvNeXt and no gain for the
+# ViT (docs/bench_zoo_structure.md), so parallel work goes to worker processes (--jobs).
+
+STRUCTURED_TASKS = ("mnist", "greek", "latin", "digits")
+STRUCTURED_BATCH = 64
+# family -> configs (name, arch, extra kwargs, optimizer, steps, [(lr, weight decay, aug), ...]); each
+# (config, recipe) trains on two tasks with seeds 0 and 1 (split train), and with seed 2 on its first
+# task (split heldout: a new seed of a zoo config, for evaluation only).
+_VIT8 = dict(img_size=32, patch_size=8, num_heads=2, global_pool="avg")
+STRUCTURED_FAMILIES: dict[str, list[tuple[str, str, dict, str, int, list[tuple[float, float, float]]]]] = {
+    "resnet": [
+        ("resnet18-w8-d1", "resnet18", dict(layers=[1, 1, 1, 1], channels=[8, 16, 32, 64]), "sgd", 400,
+         [(0.1, 5e-2, 1.0), (0.05, 5e-2, 0.0)]),
+        ("resnet18-w12-d1", "resnet18", dict(layers=[1, 1, 1, 1], channels=[12, 24, 48, 96]), "sgd", 400,
+         [(0.1, 2e-2, 0.5)]),
+    ],
+    # ViTs need 800 steps: at 400 the e48 one reached 0.61-0.76 on greek, at 800 0.96 (same recipe)
+    "vit": [
+        ("vit-e48-d3-p8", _VIT, dict(_VIT8, embed_dim=48, depth=3), "adamw", 800,
+         [(3e-3, 1.0, 0.0), (2e-3, 2.0, 0.5)]),
+        ("vit-e32-d2-p8", _VIT, dict(_VIT8, embed_dim=32, depth=2), "adamw", 800, [(3e-3, 1.0, 0.5)]),
+    ],
+    # depthwise 7x7 convs + linear MLPs; mobilenetv3_small_050 cost 36 CPU-s for 400 steps and kept
+    # cosine 0.97 to its init at wd 5e-3, so the depthwise family is a narrow ConvNeXt
+    "convnext": [
+        ("convnext-w16", "test_convnext", dict(dims=[16, 24, 32, 48], depths=[1, 1, 2, 1]), "adamw", 300,
+         [(3e-3, 1.0, 0.0), (2e-3, 0.5, 1.0)]),
+    ],
+}
+
+
+def structured_zoo_specs(seed: int = 0) -> list[ZooSpec]:
+    """Small timm models of several families trained with SGD/AdamW, OneCycle and strong weight decay
+    (see ``STRUCTURED_FAMILIES``); every model records its cosine to its own init."""
+    specs = []
+    t = 0
+    for family, configs in STRUCTURED_FAMILIES.items():
+        for name, arch, kw, opt, steps, recipes in configs:
+            kwargs = {**small_input_kwargs(arch, ZOO_IMAGE_SIZE, 1), **kw}
+            for r, (lr, wd, aug) in enumerate(recipes):
+                # tasks rotate over configs and recipes, so each family sees every task
+                tasks = [STRUCTURED_TASKS[(t + k) % len(STRUCTURED_TASKS)] for k in (0, 1)]
+                t += 1
+                runs = [(task, seed + k, "train") for task in tasks for k in (0, 1)]
+                runs.append((tasks[0], seed + 2, "heldout"))
+                for task, s, split in runs:
+                    specs.append(ZooSpec(f"{name}-r{r}-{task}-s{s}", arch, kwargs, s, steps, lr,
+                                         batch_size=STRUCTURED_BATCH, task=task, split=split, family=family,
+                                         optimizer=opt, weight_decay=wd, aug=aug))
+    return specs
+
+
+def tiny_structured_specs(seed: int = 0) -> list[ZooSpec]:
+    """Four tiny structured models (seconds): for tests of sharding, merging and resuming."""
+    kw = {**small_input_kwargs("resnet18", ZOO_IMAGE_SIZE, 1), "layers": [1, 1, 1, 1], "channels": [4, 8, 8, 16]}
+    vit = {**small_input_kwargs(_VIT, ZOO_IMAGE_SIZE, 1), **_VIT8, "embed_dim": 16, "depth": 1}
+    return [
+        ZooSpec(f"tiny-resnet-s{seed}", "resnet18", kw, seed, 6, 0.1, batch_size=32, task="digits", split="train",
+                family="resnet", optimizer="sgd", weight_decay=5e-2, aug=1.0),
+        ZooSpec(f"tiny-resnet-s{seed + 1}", "resnet18", kw, seed + 1, 6, 0.1, batch_size=32, task="digits",
+                split="heldout", family="resnet", optimizer="sgd", weight_decay=5e-2),
+        ZooSpec(f"tiny-vit-s{seed}", _VIT, vit, seed, 6, 3e-3, batch_size=32, task="digits", split="train",
+                family="vit", optimizer="adamw", weight_decay=1.0),
+        ZooSpec(f"tiny-vit-s{seed + 1}", _VIT, vit, seed + 1, 6, 3e-3, batch_size=32, task="digits", split="train",
+                family="vit", optimizer="adamw", weight_decay=1.0, aug=0.5),
+    ]
+
+
+PRESETS.update(structured=structured_zoo_specs, tiny_structured=tiny_structured_specs)
+RESUMABLE_PRESETS = ("structured", "tiny_structured")  # built through build_zoo_resumable
+
+
+@functools.lru_cache(maxsize=6)
+def structured_data(task: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A ``weightgen.data`` task at ``ZOO_IMAGE_SIZE`` px, one channel, every training image (no cap),
+    split by ``ZOO_DATA_SEED``: {stage: (inputs, labels)}. Cached: callers must not modify the tensors."""
+    from weightgen.data import get_task, to_model_input
+
+    t = get_task(task, ZOO_DATA_SEED, max_train=None)
+    return {stage: (to_model_input(t.split(stage)[0], 1, ZOO_IMAGE_SIZE), t.split(stage)[1])
+            for stage in ("train", "val", "test")}
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    """Write a file whole or not at all (a temp sibling, then rename)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, sort_keys=True, indent=2) + "\n").encode()
+
+
+def _train_structured(spec: ZooSpec, out_dir: Path, device) -> dict:
+    """Train one structured spec; write ``<id>.safetensors`` then ``<id>.json`` (each atomically)."""
+    import statistics
+
+    from safetensors.torch import save as st_save
+
+    from weightgen.ensemble import EnsembleConfig, evaluate, reestimate_batchnorm, train_single, weight_cosines
+
+    data = structured_data(spec.task)
+    with torch.random.fork_rng(devices=[]):  # seeded init and in-model randomness; caller's RNG untouched
+        torch.manual_seed(spec.seed)
+        model = create_zoo_model(spec.arch, spec.model_kwargs)
+        init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.to(device)
+        cfg = EnsembleConfig(steps=spec.steps, batch_size=spec.batch_size, optimizer=spec.optimizer)
+        losses = train_single(model, data["train"], cfg, spec.lr, spec.weight_decay, spec.seed, spec.aug)
+        reestimate_batchnorm(model, data["train"][0])
+    cos = weight_cosines(model, init)
+    layers = [dict(rec, cos_init=round(cos[rec["name"]], 6)) for rec in layer_records(model)]
+    recent = losses[-10:]
+    meta = {
+        "model_id": spec.model_id, "arch": spec.arch, "model_kwargs": spec.model_kwargs, "seed": spec.seed,
+        "steps": spec.steps, "lr": spec.lr, "batch_size": spec.batch_size, "optimizer": spec.optimizer,
+        "weight_decay": spec.weight_decay, "aug": spec.aug, "schedule": "onecycle",
+        "task": spec.task, "split": spec.split, "family": spec.family,
+        "final_loss": sum(recent) / len(recent),
+        "val_accuracy": evaluate(model, *data["val"]), "test_accuracy": evaluate(model, *data["test"]),
+        "cos_init_median": round(statistics.median(cos.values()), 6),
+        "params": sum(p.numel() for p in model.parameters()), "layers": layers,
+    }
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    _atomic_bytes(out_dir / f"{spec.model_id}.safetensors", st_save(state, metadata={"format": "pt"}))
+    _atomic_bytes(out_dir / f"{spec.model_id}.json", _json_bytes(meta))
+    return meta
+
+
+# ---- sharded, resumable builds ----------------------------------------------------------------------
+
+BUILD_FILE = "build.json"  # the staging folder's marker: which build it holds
+_RECORD_KEYS = ("family", "task", "split", "checkpoint_of", "step", "optimizer", "lr", "weight_decay", "aug",
+                "val_accuracy", "cos_init_median")
+TIMING_KEYS = ("seconds", "cpu_seconds")  # the only record keys that differ between identical builds
+
+
+def specs_fingerprint(specs: list[ZooSpec]) -> str:
+    """A hash of the whole spec list (order included): shards and resumes must agree on it."""
+    import dataclasses
+    import hashlib
+
+    blob = json.dumps([dataclasses.asdict(s) for s in specs], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def shard_specs(specs: list[ZooSpec], index: int, count: int) -> list[ZooSpec]:
+    """The specs of shard ``index`` of ``count`` (0-based), in spec order: the largest-first greedy split
+    by estimated cost, so shards take about equal time. Depends only on the spec list."""
+    if count < 1 or not 0 <= index < count:
+        raise ZooError(f"shard must be K/N with 0 <= K < N, got {index}/{count}")
+    load = [0] * count
+    owner = {}
+    for i in sorted(range(len(specs)), key=lambda i: (-_cost_guess(specs[i]), i)):
+        k = min(range(count), key=lambda j: (load[j], j))
+        owner[i] = k
+        load[k] += _cost_guess(specs[i])
+    return [s for i, s in enumerate(specs) if owner[i] == index]
+
+
+def _run_resumable(spec: ZooSpec, out_dir: Path, device) -> tuple[list[dict], float, float]:
+    """Train one spec into the staging folder, then write its cost file: the mark that it is complete."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    if spec.optimizer is not None:
+        metas = [_train_structured(spec, out_dir, device)]
+    else:
+        metas = _train_entries(spec, zoo_data(spec.task, int(spec.model_kwargs.get("in_chans", 1))), out_dir,
+                               progress=False, device=device)
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    _atomic_bytes(out_dir / f"{spec.model_id}.cost.json",
+                  _json_bytes({"seconds": round(secs, 2), "cpu_seconds": round(cpu, 2)}))
+    return metas, secs, cpu
+
+
+def _complete(staging: Path, spec: ZooSpec) -> bool:
+    try:
+        json.loads((staging / f"{spec.model_id}.cost.json").read_text())
+        for eid in spec.entry_ids():
+            json.loads((staging / f"{eid}.json").read_text())
+            if not (staging / f"{eid}.safetensors").is_file():
+                return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def staging_dir(out_dir: str | os.PathLike) -> Path:
+    """Where a resumable build keeps its finished models until the whole shard is done."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.building"
+
+
+def _records(specs: list[ZooSpec], folder: Path) -> list[dict]:
+    records = []
+    for spec in specs:
+        cost = json.loads((folder / f"{spec.model_id}.cost.json").read_text())
+        for k, eid in enumerate(spec.entry_ids()):
+            meta = json.loads((folder / f"{eid}.json").read_text())
+            rec = {"model_id": eid, "arch": spec.arch, "params": meta["params"],
+                   "test_accuracy": meta["test_accuracy"]}
+            rec.update({key: meta[key] for key in _RECORD_KEYS if key in meta})
+            if k == 0:
+                rec.update(cost)
+            records.append(rec)
+    return records
+
+
+def _index(records: list[dict], fingerprint: str, build: dict, shard: tuple[int, int] | None,
+           all_models: list[str] | None) -> dict:
+    index = {
+        "format": "weightgen-zoo", "version": ZOO_FORMAT_VERSION, "fingerprint": fingerprint,
+        "models": [r["model_id"] for r in records], "total_params": sum(r["params"] for r in records),
+        "cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) for r in records), 2), "build": build,
+        "records": records,
+    }
+    if shard is not None and shard[1] > 1:
+        index.update(shard={"index": shard[0], "count": shard[1]}, all_models=all_models)
+    return index
+
+
+def build_zoo_resumable(out_dir: str | os.PathLike, specs: list[ZooSpec], shard: tuple[int, int] = (0, 1),
+                        progress: bool = True, overwrite: bool = False, device: str | torch.device = "cpu",
+                        jobs: int = 1, name: str | None = None) -> dict:
+    """Train shard ``shard`` = (K, N) of ``specs`` and write it to ``out_dir``; return its index.
+
+    Finished models go to a staging folder next to ``out_dir`` (:func:`staging_dir`), each file written
+    atomically and each spec marked complete by its cost file; a build stopped part-way and run again with
+    the same arguments trains only what is missing. When the shard is complete, ``out_dir`` is written
+    at once (:func:`weightgen.io.atomic_directory`) and the staging folder removed. With N > 1 the index
+    names the shard; :func:`merge_zoo_shards` joins the N outputs into the zoo one run would write (same
+    model files byte for byte, same records but for timings).
+    """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    from weightgen.io import check_output_dir
+
+    _check_specs(specs)
+    if jobs < 1:
+        raise ZooError(f"jobs must be at least 1, got {jobs}")
+    k, n = shard
+    mine = shard_specs(specs, k, n)
+    fingerprint = specs_fingerprint(specs)
+    out = Path(out_dir)
+    check_output_dir(out, overwrite, ZOO_KIND)  # refuse before any training
+    staging = staging_dir(out)
+    marker = {"format": "weightgen-zoo-build", "fingerprint": fingerprint, "shard": [k, n], "preset": name}
+    if staging.exists():
+        try:
+            found = json.loads((staging / BUILD_FILE).read_text())
+        except (OSError, ValueError):
+            raise ZooError(f"{staging} exists but holds no weightgen zoo build; move it away first") from None
+        if found != marker:
+            raise ZooError(f"{staging} holds another build (preset {found.get('preset')}, shard "
+                           f"{found.get('shard')}); run that build again to finish it, or remove the folder")
+    else:
+        staging.mkdir(parents=True)
+        _atomic_bytes(staging / BUILD_FILE, _json_bytes(marker))
+    todo = [s for s in mine if not _complete(staging, s)]
+    log.info("shard %d/%d: %d of %d specs to train (%d already done in %s)", k, n, len(todo), len(mine),
+             len(mine) - len(todo), staging)
+    t_start, c_start = time.perf_counter(), time.process_time()
+    bar = tqdm(total=len(todo), desc="zoo", disable=not progress)
+
+    def done(spec, result) -> None:
+        metas, secs, cpu = result
+        log.info("%s: %d params, test acc %.4f, cos to init %s, %.1fs (%.1f cpu-s)", spec.model_id,
+                 metas[0]["params"], metas[0]["test_accuracy"], metas[0].get("cos_init_median", "-"), secs, cpu)
+        bar.update(1)
+
+    jobs = max(1, min(jobs, len(todo)))
+    if jobs == 1:
+        for spec in todo:
+            done(spec, _run_resumable(spec, staging, device))
+    elif todo:
+        ctx = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init)
+        try:
+            futures = {pool.submit(_run_resumable, s, staging, device): s
+                       for s in sorted(todo, key=_cost_guess, reverse=True)}
+            for fut in as_completed(futures):
+                done(futures[fut], fut.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    bar.close()
+    records = _records(mine, staging)
+    build = {"preset": name, "jobs": jobs, "torch_threads": 1 if jobs > 1 else torch.get_num_threads(),
+             "device": str(device), "seconds": round(time.perf_counter() - t_start, 2),
+             "process_cpu_seconds": round(time.process_time() - c_start, 2),
+             "load_average_1min": round(os.getloadavg()[0], 2), "resumed_specs": len(mine) - len(todo)}
+    index = _index(records, fingerprint, build, (k, n), [i for s in specs for i in s.entry_ids()])
+    files = [f"{eid}{ext}" for s in mine for eid in s.entry_ids() for ext in (".safetensors", ".json")]
+    with atomic_directory(out, overwrite, kind=ZOO_KIND) as tmp:
+        for f in files:
+            shutil.copyfile(staging / f, tmp / f)
+        _write_json(tmp / "zoo.json", index)
+    _remove_staging(staging, mine)
+    log.info("zoo shard %d/%d of %d models written to %s", k, n, len(mine), out)
+    return index
+
+
+def _remove_staging(staging: Path, specs: list[ZooSpec]) -> None:
+    """Delete only what a build wrote there; a folder that still holds other files stays."""
+    ours = {BUILD_FILE} | {f"{s.model_id}.cost.json" for s in specs}
+    ours |= {f"{eid}{ext}" for s in specs for eid in s.entry_ids() for ext in (".safetensors", ".json")}
+    for entry in os.scandir(staging):
+        if entry.is_file(follow_symlinks=False) and (entry.name in ours or (
+                entry.name.startswith(".") and entry.name.endswith(".tmp"))):
+            os.remove(entry.path)
+    try:
+        staging.rmdir()
+    except OSError:
+        log.warning("left %s in place: it holds files this build did not write", staging)
+
+
+def merge_zoo_shards(out_dir: str | os.PathLike, shard_dirs: list[str | os.PathLike],
+                     overwrite: bool = False) -> dict:
+    """Join the N shard outputs of one sharded build into one zoo at ``out_dir`` (files copied byte for
+    byte, records in spec order); refuses shards of different builds, missing or repeated shards."""
+    if not shard_dirs:
+        raise ZooError("no shard folders given to merge")
+    indexes = []
+    for d in shard_dirs:
+        try:
+            idx = json.loads((Path(d) / "zoo.json").read_text())
+        except (OSError, ValueError):
+            raise ZooError(f"{d} is not a zoo (no readable zoo.json)") from None
+        if "fingerprint" not in idx:
+            raise ZooError(f"{d} was not built by a sharded build (no fingerprint in its zoo.json)")
+        indexes.append(idx)
+    fingerprints = {i["fingerprint"] for i in indexes}
+    if len(fingerprints) != 1:
+        raise ZooError(f"the shards come from different builds (fingerprints {sorted(fingerprints)})")
+    shards = [i.get("shard", {"index": 0, "count": 1}) for i in indexes]
+    count = shards[0]["count"]
+    got = sorted(s["index"] for s in shards)
+    if any(s["count"] != count for s in shards) or got != list(range(count)):
+        raise ZooError(f"need each of the {count} shards exactly once, got shards {got}")
+    all_models = indexes[0].get("all_models") or indexes[0]["models"]
+    by_id = {r["model_id"]: (r, Path(d)) for i, d in zip(indexes, shard_dirs) for r in i["records"]}
+    if sorted(by_id) != sorted(all_models):
+        raise ZooError("the shards' models do not add up to the build's model list")
+    records = [by_id[m][0] for m in all_models]
+    build = {"merged_from": [dict(i["build"], shard=s["index"]) for i, s in zip(indexes, shards)],
+             "seconds": max(i["build"]["seconds"] for i in indexes),  # wall time if shards ran side by side
+             "preset": indexes[0]["build"].get("preset")}
+    index = _index(records, fingerprints.pop(), build, None, None)
+    with atomic_directory(Path(out_dir), overwrite, kind=ZOO_KIND) as tmp:
+        for m in all_models:
+            src = by_id[m][1]
+            for ext in (".safetensors", ".json"):
+                shutil.copyfile(src / f"{m}{ext}", tmp / f"{m}{ext}")
+        _write_json(tmp / "zoo.json", index)
+    log.info("merged %d shards (%d models) into %s", count, len(records), out_dir)
     return index
