@@ -167,3 +167,24 @@ def test_ppca_save_load_round_trip(tmp_path, meta):
         load_ppca(tmp_path / "p")
     with pytest.raises(ValueError, match="not a PPCA"):
         load_ppca(tmp_path)
+
+
+def test_fit_ppca_on_zoo_leaves_held_out_models_out(tmp_path):
+    from safetensors.torch import save_file
+
+    from weightgen.studies.controls import fit_ppca_on_zoo
+
+    tokens = {}
+    for model_id, split, seed in (("a", "train", 1), ("a-t1", "train", 2), ("b", "heldout", 3)):
+        model = _model("test_vit", seed=seed)
+        layers = [{"name": l["name"], "shape": list(l["shape"]), "depth": l["depth"], "kind": l["kind"]}
+                  for l in weight_layers(model)]
+        save_file({f"{l['name']}.weight": model.get_submodule(l["name"]).weight.detach().clone() for l in layers},
+                  str(tmp_path / f"{model_id}.safetensors"))
+        (tmp_path / f"{model_id}.json").write_text(json.dumps({"arch": "test_vit", "layers": layers, "split": split}))
+        tokens[model_id] = sum(min(512, tokenize(model.get_submodule(l["name"]).weight, l["kind"], l["depth"]).values.shape[0])
+                               for l in layers if l["kind"] == "linear")
+    ppca = fit_ppca_on_zoo(tmp_path, latent_dim=8)
+    assert ppca.info["train_models"] == ["a", "a-t1"]
+    assert ppca.kinds() == {"linear", "conv"}  # test_vit: its patch embedding is a conv
+    assert ppca.cells["linear"][-1].tokens == tokens["a"] + tokens["a-t1"]

@@ -216,13 +216,19 @@ def zoo_token_records(models: list[dict], token_size: int = TOKEN_SIZE, max_toke
 
 def fit_ppca_on_zoo(zoo, latent_dim: int, token_size: int = TOKEN_SIZE, seed: int = 0,
                     max_tokens_per_layer: int = 512, max_tokens_per_cell: int = 200_000) -> PPCAPrior:
-    """PPCA fitted on the train split of a zoo (:func:`weightgen.vae.data.split_by_model`: held-out
-    models and their checkpoints are left out, as the VAE's training leaves them)."""
+    """PPCA fitted on the train split of a zoo: models marked ``split: heldout`` (and their
+    checkpoints) are left out, as the VAE's training leaves them; a zoo without marks is split by
+    :func:`weightgen.vae.data.split_by_model`."""
     from ..vae.data import list_zoo, split_by_model
 
     models = list_zoo(zoo)
-    train, _ = split_by_model(models)
-    chosen = [m for m in models if m["model_id"] in set(train)]
+    if all("split" in m for m in models):  # a field zoo, or part of one: the marks decide
+        train = {m["model_id"] for m in models if m["split"] != "heldout"}
+    else:
+        train = set(split_by_model(models)[0])
+    chosen = [m for m in models if m["model_id"] in train]
+    if not chosen:
+        raise ValueError(f"no train models in {zoo}")
     info = {"zoo": str(zoo), "train_models": sorted(m["model_id"] for m in chosen), "seed": seed,
             "max_tokens_per_layer": max_tokens_per_layer, "max_tokens_per_cell": max_tokens_per_cell}
     return fit_ppca(zoo_token_records(chosen, token_size, max_tokens_per_layer, seed), latent_dim, token_size,
