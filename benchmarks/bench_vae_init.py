@@ -280,8 +280,13 @@ def report(results, labels, budgets, inits, args, summary, info, seconds, vae_di
                      "depthwise CNN among them), so no criterion here can be met in full.")
     ppca_note = ""
     if "ppca" in inits:
-        ppca_note = (f" PPCA prior: `{ppca_dir}` (fitted on the zoo's train split, tokens of 64 per layer kind and "
-                     f"depth quarter, latent size {args.latent_dim}, the VAE's scale model).")
+        fitted = set(args.ppca_info.get("train_models", []))
+        vae_train = set(args.vae_meta.get("training", {}).get("train_models", []))
+        of_vae = (f", {len(fitted & vae_train)} of the VAE's {len(vae_train)} training entries"
+                  + (f" and {len(fitted - vae_train)} it did not see" if fitted - vae_train else "")) if vae_train else ""
+        ppca_note = (f" PPCA prior: `{ppca_dir}`, one PPCA of the 64-value tokens per layer kind and depth quarter, "
+                     f"latent size {args.latent_dim}, the VAE's scale model; fitted on {len(fitted)} train entries "
+                     f"(final models and checkpoints) of `{args.ppca_info.get('zoo')}`{of_vae}.")
     return "\n".join([
         "# VAE-prior init vs timm init and two controls, on architectures absent from the zoo",
         "",
@@ -432,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.archs:
         raise WeightgenError("every architecture given is in the VAE's training zoo; this benchmark needs unseen ones")
     ppca = load_or_fit_ppca(args.ppca, args.zoo, args.latent_dim) if "ppca" in inits else None
+    args.ppca_info, args.vae_meta = (ppca.info if ppca else {}), vae_bundle[1]
     vae_root = Path(args.vae) if args.vae else default_vae_dir()
     vae_dir = args.vae or str(default_vae_dir().relative_to(Path(__file__).resolve().parents[1]))
     keys = {"vae": files_key(vae_root, ("vae.json", "vae.safetensors")),
