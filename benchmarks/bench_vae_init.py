@@ -393,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="seeds run from this one (default 0)")
     p.add_argument("--steps", "--budgets", dest="steps", type=int, nargs="+", default=[0, 50, 150],
                    help="training budgets (default 0 50 150)")
-    p.add_argument("--early", type=int, nargs="+", default=None,
-                   help="budget(s) of the early criterion (default: 20 and 50 where run, else 50)")
+    p.add_argument("--early", type=int, nargs="*", default=None,
+                   help="budget(s) of the early criterion (default: 20 and 50 where run, else 50; none: no early "
+                        "criterion)")
     p.add_argument("--late", type=int, default=None, help="budget of the late criterion (default: the largest)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--task", choices=TASKS, default="digits", help="training task (default digits)")
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         raise WeightgenError("--inits ppca needs --ppca DIR (and --zoo to fit it)")
     if args.seeds < 1 or args.first_seed < 0 or any(b < 0 for b in budgets):
         raise WeightgenError("--seeds must be >= 1, --first-seed and --steps >= 0")
-    early = args.early or ([b for b in (20, 50) if b in budgets] or [50])
+    early = args.early if args.early is not None else ([b for b in (20, 50) if b in budgets] or [50])
     late = args.late if args.late is not None else budgets[-1]
     if any(e not in budgets for e in early) or late not in budgets:
         raise WeightgenError(f"--early {early} and --late {late} must be among --steps {budgets}")
