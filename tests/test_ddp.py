@@ -87,3 +87,29 @@ def test_adapt_refuses_a_batch_that_does_not_split_over_the_devices(backbone, tm
                         "--devices", "2"], capsys)
     assert code == 2 and "error: --batch-size 33 does not split evenly over --devices 2" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_train_vae_on_a_rank_other_than_zero_neither_exports_nor_prints(tmp_path, capsys, monkeypatch):
+    """The rank-zero guard of train_vae.py --devices N: a process that is not rank 0 trains, then
+    returns without fitting priors, exporting or printing (rank 0 does that, once)."""
+    import pytorch_lightning as pl
+
+    from test_train_vae import make_patterned_zoo
+
+    make_patterned_zoo(tmp_path / "zoo", n_models=3)
+    train_vae = load_script("scripts/train_vae.py")
+    ranks = []
+
+    def global_rank(self):
+        ranks.append(self.state.finished)  # read after fit, when the guard decides
+        return 1
+
+    monkeypatch.setattr(pl.Trainer, "global_rank", property(global_rank))
+    code = run_cli(lambda: train_vae.main(["--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "vae"),
+                                           "--max-epochs", "1", "--batch-size", "64", "--hidden", "16",
+                                           "--latent-dim", "2"]))
+    out, _ = capsys.readouterr()
+    assert code == 0 and True in ranks
+    # (the progress bar is there: Lightning itself still sees rank 0)
+    assert "wrote" not in out and "vae_mean_cosine" not in out and not (tmp_path / "vae").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["zoo"]
