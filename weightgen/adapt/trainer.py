@@ -127,6 +127,8 @@ class LitTask(pl.LightningModule):
         self._val_sums = torch.zeros(3, dtype=torch.float64)  # correct, seen, summed loss
         self.step_seconds = 0.0  # forward + backward + optimizer step only (no validation, no loading)
         self._step_start = 0.0
+        self.step_starts: list[float] = []  # perf_counter at each step's start: the loop's pace, loading included
+        self.last_step_end = 0.0
 
     def forward(self, x):
         return self._forward(self._input(x))
@@ -167,11 +169,13 @@ class LitTask(pl.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx):
         self._step_start = time.perf_counter()
+        self.step_starts.append(self._step_start)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.step_seconds += time.perf_counter() - self._step_start
+        self.last_step_end = time.perf_counter()
+        self.step_seconds += self.last_step_end - self._step_start
 
     def on_validation_epoch_start(self):
         self._val_sums = torch.zeros(3, dtype=torch.float64)
@@ -319,7 +323,9 @@ def train_task(model: nn.Module, train: Data, val: Data, config: TrainConfig, se
     model.eval()
     return {"val_acc": module.best_acc, "best_epoch": module.best_epoch, "steps": trainer.global_step,
             "train_seconds": seconds, "seconds_per_step": module.step_seconds / max(1, trainer.global_step),
-            "history": module.history, "rank": trainer.global_rank, "world_size": trainer.world_size}
+            "history": module.history, "rank": trainer.global_rank, "world_size": trainer.world_size,
+            # perf_counter at every step's start and the last step's end (benchmarks: the loop's own pace)
+            "step_clock": {"starts": module.step_starts, "end": module.last_step_end}}
 
 
 def _cuda_devices(config: TrainConfig) -> list[int]:
