@@ -189,15 +189,15 @@ class LitTask(pl.LightningModule):
         if world > 1:  # sample j of this rank is sample rank + j * world of the padded split
             local = batch_idx * self._val_batch_size + torch.arange(len(y), device=y.device)
             keep = self.trainer.global_rank + local * world < self._val_size
-        loss = F.cross_entropy(logits[keep], y[keep], reduction="sum") if keep.any() else logits.new_zeros(())
-        self._val_sums += torch.tensor([(logits.argmax(1) == y)[keep].sum().item(), keep.sum().item(),
-                                        loss.item()], dtype=torch.float64)
+        loss = F.cross_entropy(logits[keep], y[keep], reduction="sum")  # 0 when nothing is kept
+        sums = torch.stack([(logits.argmax(1) == y)[keep].sum().double(), keep.sum().double(), loss.double()])
+        self._val_sums = self._val_sums.to(sums.device) + sums  # on the device: no sync per batch
 
     def on_validation_epoch_end(self):
         if self.trainer.sanity_checking:
             return
         # counts summed over the ranks: every rank gets the same accuracy, so keeps the same epoch
-        sums = self.trainer.strategy.reduce(self._val_sums.to(self.device), reduce_op="sum").cpu()
+        sums = self.trainer.strategy.reduce(self._val_sums.to(self.device), reduce_op="sum").cpu()  # one sync
         correct, seen, loss_sum = sums.tolist()
         if not seen:
             return
