@@ -292,13 +292,18 @@ def train_task(model: nn.Module, train: Data, val: Data, config: TrainConfig, se
     trainer = pl.Trainer(
         max_epochs=config.epochs, max_steps=config.max_steps if capped else -1,
         # a step cap shorter than an epoch ends that epoch early, so the run still ends with a validation
-        limit_train_batches=config.max_steps if capped else 1.0,
+        **({"limit_train_batches": config.max_steps} if capped else {}),
         accelerator=config.accelerator, devices=config.devices, strategy=config.strategy,
         precision=config.precision, use_distributed_sampler=False,  # LitTask shards its own loaders
         gradient_clip_val=config.grad_clip, logger=logger, enable_checkpointing=False,
         enable_progress_bar=config.progress, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, len(train_loader))),
     )
+    from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
+    if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        # e.g. "auto" in a notebook picks ddp_notebook: its workers would keep the best state to themselves
+        raise WeightgenError(f"Lightning chose {type(trainer.strategy).__name__} with a spawning launcher, whose processes "
+                             "keep the best state to themselves; run several devices from a script (strategy ddp)")
     model.train()  # Lightning keeps each submodule's mode; BatchNorm must update its statistics
     start = time.perf_counter()
     try:
