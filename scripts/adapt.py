@@ -16,6 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pytorch_lightning.utilities import rank_zero_only
+
 from weightgen.adapt import METHODS
 from weightgen.adapt.incremental import RUN_FILE, check_run, evaluate_results, open_backbone, run_sequence
 from weightgen.adapt.report import (EVALUATE_COLUMNS, RESULT_COLUMNS, figure, matrix_markdown, matrix_rows,
@@ -43,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="reload every task file of RESULTS_DIR onto --backbone; write RESULTS_DIR/evaluate.csv")
     p.add_argument("--logdir", help="TensorBoard scalars per task: LOGDIR/<method>/<task>-s<seed>/")
     p.add_argument("--epochs", type=int, default=3, help="epochs per task" + d)
-    p.add_argument("--batch-size", type=int, default=64, help="training batch size" + d)
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size, over all --devices together" + d)
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate; StepLR x0.1 at 1/3 and 2/3" + d)
     p.add_argument("--img-size", type=int, default=None,
                    help="input side (default: the size the backbone was trained at, from its artifact; "
@@ -53,7 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda: where evaluation runs, and training unless "
                                                    "--accelerator says otherwise" + d)
     p.add_argument("--accelerator", default=None, help="Lightning accelerator (default: from --device)")
-    p.add_argument("--devices", default="1", help="Lightning devices" + d)
+    p.add_argument("--devices", default="1", help="Lightning devices; several run DDP, one process each, "
+                                                   "rank 0 writes the results" + d)
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp" + d)
+    p.add_argument("--precision", default="32-true",
+                   help="Lightning precision: 32-true, bf16-mixed, 16-mixed (CUDA only)" + d)
+    p.add_argument("--channels-last", action="store_true", help="CNNs: model and inputs in channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slower start, faster steps)")
     p.add_argument("--overwrite", action="store_true", help="replace a results directory weightgen wrote")
     return p.parse_args(argv)
 
@@ -90,10 +98,15 @@ def adapt(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          accelerator=accelerator_for(args.device, args.accelerator),
                          devices=int(args.devices) if args.devices.isdigit() else args.devices,
-                         progress=True, logdir=args.logdir)
+                         progress=True, logdir=args.logdir, strategy=args.strategy, precision=args.precision,
+                         channels_last=args.channels_last, compile=args.compile)
     config.validate()
     backbone = open_backbone(args.backbone, args.img_size)
     check_run(backbone, args.method, tasks, seeds, args.max_train, args.max_eval)  # before anything is written
+    if rank_zero_only.rank != 0:  # a process Lightning's DDP launched for another device: it trains, rank 0 writes
+        run_sequence(backbone, args.method, tasks, seeds, config, args.out, device=args.device,
+                     max_train=args.max_train, max_eval=args.max_eval)
+        return 0
     with atomic_directory(args.out, args.overwrite, kind=KIND) as tmp:
         result = run_sequence(backbone, args.method, tasks, seeds, config, tmp, device=args.device,
                               max_train=args.max_train, max_eval=args.max_eval)

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer_kwargs={"accelerator": args.accelerator, "devices": args.devices, "strategy": args.strategy,
                         "num_nodes": args.num_nodes, "max_steps": args.max_steps,
                         **({"max_time": {"minutes": args.max_minutes}} if args.max_minutes else {})})
+    if summary.get("rank", 0) != 0:  # another DDP process: rank 0 exports and reports
+        return 0
     print(json.dumps(summary["reconstruction"], indent=2))
     print(f"wrote {out} in {summary['seconds']:.0f}s")
     if summary["warning"]:  # logged in full above; repeated short at the end, where it is seen

@@ -197,6 +197,8 @@ def run_sequence(backbone: Backbone, method_name: str, tasks: list[str], seeds: 
                      seed, task.name, i + 1, len(task_list), trainable, trainable_head)
             summary = train_task(model, inputs[i]["train"], inputs[i]["val"], config, seed=seed,
                                  run_name=method_name, version=f"{Path(task_filename(task.name, seed)).stem}")
+            if summary.get("rank", 0) != 0:  # another DDP process: it trains beside rank 0, which alone writes
+                continue
             model.to(device)
             path = out_dir / task_filename(task.name, seed)
             nbytes = save_task(model, path, name=task.name, overwrite=False)

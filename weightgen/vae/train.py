@@ -137,7 +137,10 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
               max_tokens_per_layer: int | None = 4096, seed: int = 0, overwrite: bool = False,
               resume: str | None = None, trainer_kwargs: dict | None = None, progress: bool = True,
               permute_rows: bool = False) -> tuple[Path, dict]:
-    """Train, fit priors, evaluate against PCA and export; returns (out dir, summary)."""
+    """Train, fit priors, evaluate against PCA and export; returns (out dir, summary).
+
+    Under DDP only rank 0 exports; the other ranks return ``{"rank": r}`` (r > 0) as their summary.
+    """
     # deferred: pytorch_lightning takes seconds to import, and this module's other helpers need none of it
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
@@ -174,6 +177,10 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
                              enable_checkpointing=bool(logdir), enable_progress_bar=progress,
                              enable_model_summary=False, **(trainer_kwargs or {}))
         trainer.fit(module, datamodule=data, ckpt_path=resume)
+    if trainer.global_rank != 0:
+        # another DDP process (Lightning re-runs the script once per extra device): it trained beside
+        # rank 0, which alone fits the priors, evaluates, exports and reports
+        return Path(out), {"rank": trainer.global_rank}
     vae = module.vae.cpu().eval()
     train_models = [models[i] for i in data.train_ids]
     held_out = [models[i] for i in data.val_ids]
@@ -199,8 +206,7 @@ def train_vae(zoo: str | Path, out: str | Path, *, logdir: str | Path | None = N
     extra = {"scale_model": scale_model, "latent_density": density, "training": summary,
              "trainer": {"lr": lr, "batch_size": batch_size, "max_tokens_per_layer": max_tokens_per_layer,
                          "seed": seed, "permute_rows": permute_rows}}
-    if trainer.is_global_zero:
-        save_vae(vae, out, extra=extra, overwrite=overwrite)
+    save_vae(vae, out, extra=extra, overwrite=overwrite)
     log.info("VAE trained in %.0fs: held-out cosine VAE %.4f vs PCA %.4f", summary["seconds"],
              recon["summary"]["vae_mean_cosine"], recon["summary"]["pca_mean_cosine"])
     if summary["warning"]:
