@@ -13,7 +13,7 @@ import weightgen as wg
 from weightgen.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--epochs", "1", "--max-train", "64", "--max-eval", "32", "--batch-size", "32"]
+SMALL = ["--epochs", "1", "--steps", "0", "--img-size", "32", "--max-train", "64", "--max-eval", "32", "--batch-size", "32"]
 
 
 def load_script(name: str):
