@@ -149,10 +149,12 @@ def recorded_img_size(report: dict, model_kwargs: dict) -> int | None:
 
 
 def recorded_norm(report: dict) -> tuple[Sequence[float] | None, Sequence[float] | None]:
-    """(mean, std) that pretrain.py recorded; a pretrain record without them used 0.5/0.5."""
+    """(mean, std) that pretrain.py recorded (a record without them used 0.5/0.5), else the
+    pretrained_cfg generate_weights.py recorded for hub weights or a --pretrained-file."""
     pre = report.get("pretrain")
     if not isinstance(pre, dict):
-        return None, None
+        cfg = report.get("pretrained_cfg") or {}
+        return cfg.get("mean"), cfg.get("std")
     if "mean" in pre and "std" in pre:
         return pre["mean"], pre["std"]
     return LEGACY_PRETRAIN_NORM
@@ -179,7 +181,7 @@ def open_backbone(path: str | Path, img_size: int | None = None, *, mean: Sequen
     kwargs = dict(config.get("model_kwargs") or {})
     model = load(path)  # validates the artifact; reused below only for its input shape and cfg
     rec_mean, rec_std = recorded_norm(report)
-    pre = report.get("pretrain") if isinstance(report.get("pretrain"), dict) else {}
+    pre = report.get("pretrain") if isinstance(report.get("pretrain"), dict) else (report.get("pretrained_cfg") or {})
     data = image_config(model, img_size=img_size or recorded_img_size(report, kwargs),
                         mean=mean if mean is not None else rec_mean, std=std if std is not None else rec_std,
                         interpolation=pre.get("interpolation"), crop_pct=pre.get("crop_pct"))
