@@ -122,6 +122,9 @@ def main() -> int:
     p.add_argument("--seeds", default="42,1998,3142592,7,11")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--lrs", default=",".join(map(str, LRS)))
+    p.add_argument("--resume", help="a .partial.json of an interrupted run with the same settings: its rows are reused")
+    p.add_argument("--max-lr", action="append", default=[], metavar="METHOD=LR",
+                   help="skip lrs above LR for METHOD in the sweep (e.g. full=0.01: AdamW on every weight)")
     p.add_argument("--probe-methods", default="linear,recast", help="methods also run with the LP-FT probe head")
     args = p.parse_args()
     import torch
@@ -137,16 +140,25 @@ def main() -> int:
             "sweep": [], "final": [], "logreg": []}
     partial = Path(args.cache) / f"{args.stem}.partial.json"
     partial.parent.mkdir(parents=True, exist_ok=True)
+    done = json.loads(Path(args.resume).read_text())["sweep"] if args.resume else []
+    caps = {k: float(v) for k, v in (x.split("=") for x in args.max_lr)}
+    data["sweep_skipped"] = {m: [lr for lr in lrs if lr > caps[m]] for m in caps}
     for method in methods:
         for lr in lrs:
+            if lr > caps.get(method, float("inf")):
+                continue
+            old = [r for r in done if r["method"] == method and r["lr"] == lr and r["seed"] in sweep_seeds]
+            if old:
+                data["sweep"] += old
+                continue
             data["sweep"] += run(bb, method, lr, sweep_seeds, args)
             partial.write_text(json.dumps(data, indent=1))
             print(f"[{time.perf_counter() - start:.0f}s] sweep {method} lr {lr:g}", flush=True)
     chosen = {}
     for method in methods:
         val = {lr: statistics.fmean(r["val_acc"] for r in data["sweep"] if r["method"] == method and r["lr"] == lr)
-               for lr in lrs}
-        chosen[method] = max(lrs, key=lambda lr: (val[lr], -lr))  # ties: the smaller lr
+               for lr in lrs if any(r["method"] == method and r["lr"] == lr for r in data["sweep"])}
+        chosen[method] = max(val, key=lambda lr: (val[lr], -lr))  # ties: the smaller lr
     data["chosen"] = chosen
     for method in methods:
         for head in ("random", "probe") if method in args.probe_methods.split(",") else ("random",):
@@ -176,6 +188,9 @@ def markdown(data: dict) -> str:
         row = [m]
         for lr in lrs:
             v = [r["val_acc"] for r in data["sweep"] if r["method"] == m and r["lr"] == lr]
+            if not v:
+                row.append("(skipped)")
+                continue
             cell = f"{statistics.fmean(v):.3f}"
             row.append(f"**{cell}**" if data["chosen"][m] == lr else cell)
         rows.append(row)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from ..artifact import CONFIG_FILE, RECAST_FILE, REPORT_FILE, load
 from ..data import MAX_EVAL, MAX_TRAIN
-from ..data.images import AUGMENTS, ImageConfig, image_config, make_loader, make_loaders, open_task
+from ..data.images import AUGMENTS, ImageConfig, image_config, make_loader, open_task
 from ..io import WeightgenError, read_json
 from ..models import fixed_input_size
 from ..recasting import head_names, merge_and_unload
@@ -247,9 +247,17 @@ def open_tasks(names: list[str], seed: int, options: DataOptions):
 
 def task_loaders(task, cfg: ImageConfig, batch_size: int, seed: int, options: DataOptions,
                  device: str | torch.device = "cpu") -> dict[str, DataLoader]:
-    """train (shuffled by ``seed``, augmented as asked), val and test loaders (deterministic)."""
-    return make_loaders(task, cfg, batch_size, augment=options.augment, workers=options.workers, seed=seed,
-                        device=device, eval_batch_size=options.eval_batch_size)
+    """train (shuffled by ``seed``, augmented as asked), val and test loaders (deterministic).
+
+    A last training batch of one image is dropped: BatchNorm cannot train on it."""
+    loaders = {}
+    for stage in ("train", "val", "test"):
+        train = stage == "train"
+        data = task.dataset(stage, cfg, options.augment if train else "none", seed)
+        size = batch_size if train else options.eval_batch_size
+        loaders[stage] = make_loader(data, size, train=train, workers=options.workers, seed=seed, device=device,
+                                     drop_last=train and len(data) > size and len(data) % size == 1)
+    return loaders
 
 
 def plain_train_loader(task, cfg: ImageConfig, seed: int, options: DataOptions,
