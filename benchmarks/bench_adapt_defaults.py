@@ -125,6 +125,7 @@ def main() -> int:
     p.add_argument("--resume", help="a .partial.json of an interrupted run with the same settings: its rows are reused")
     p.add_argument("--max-lr", action="append", default=[], metavar="METHOD=LR",
                    help="skip lrs above LR for METHOD in the sweep (e.g. full=0.01: AdamW on every weight)")
+    p.add_argument("--final-methods", default=None, help="methods of stage 2 (default: all of --methods)")
     p.add_argument("--probe-methods", default="linear,recast", help="methods also run with the LP-FT probe head")
     args = p.parse_args()
     import torch
@@ -160,7 +161,7 @@ def main() -> int:
                for lr in lrs if any(r["method"] == method and r["lr"] == lr for r in data["sweep"])}
         chosen[method] = max(val, key=lambda lr: (val[lr], -lr))  # ties: the smaller lr
     data["chosen"] = chosen
-    for method in methods:
+    for method in (args.final_methods.split(",") if args.final_methods else methods):
         for head in ("random", "probe") if method in args.probe_methods.split(",") else ("random",):
             data["final"] += run(bb, method, chosen[method], seeds, args, head)
             partial.write_text(json.dumps(data, indent=1))
@@ -200,7 +201,7 @@ def markdown(data: dict) -> str:
               "mean +- 95% t interval over seeds)", ""]
     rows = []
     finals = {}
-    for m in methods:
+    for m in dict.fromkeys(r["method"] for r in data["final"]):
         for head in ("random", "probe"):
             sel = [r for r in data["final"] if r["method"] == m and r["head_init"] == head]
             if not sel:
