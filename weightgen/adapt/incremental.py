@@ -260,6 +260,13 @@ def task_loaders(task, cfg: ImageConfig, batch_size: int, seed: int, options: Da
     return loaders
 
 
+def model_batch(name: str, backbone: Backbone, seed: int = 0, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` training images of task ``name`` as the backbone takes them (timing benchmarks)."""
+    task = open_task(name, seed, max_train=size, max_eval=8)
+    loader = make_loader(task.dataset("train", backbone.data), size, train=False)
+    return next(iter(loader))
+
+
 def plain_train_loader(task, cfg: ImageConfig, seed: int, options: DataOptions,
                        device: str | torch.device = "cpu") -> DataLoader:
     """The training split with the evaluation transform, in order (for the probe's features)."""
