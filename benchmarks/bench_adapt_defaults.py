@@ -127,7 +127,15 @@ def main() -> int:
                    help="skip lrs above LR for METHOD in the sweep (e.g. full=0.01: AdamW on every weight)")
     p.add_argument("--final-methods", default=None, help="methods of stage 2 (default: all of --methods)")
     p.add_argument("--probe-methods", default="linear,recast", help="methods also run with the LP-FT probe head")
+    p.add_argument("--render", metavar="PARTIAL_JSON",
+                   help="only write the docs from an interrupted run's .partial.json (marked as partial)")
     args = p.parse_args()
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        data["chosen"] = choose(data["sweep"])
+        data["partial"] = True
+        write_outputs(args.out, args.stem, markdown(data), data)
+        return 0
     import torch
 
     torch.set_num_threads(1)
@@ -155,12 +163,7 @@ def main() -> int:
             data["sweep"] += run(bb, method, lr, sweep_seeds, args)
             partial.write_text(json.dumps(data, indent=1))
             print(f"[{time.perf_counter() - start:.0f}s] sweep {method} lr {lr:g}", flush=True)
-    chosen = {}
-    for method in methods:
-        val = {lr: statistics.fmean(r["val_acc"] for r in data["sweep"] if r["method"] == method and r["lr"] == lr)
-               for lr in lrs if any(r["method"] == method and r["lr"] == lr for r in data["sweep"])}
-        chosen[method] = max(val, key=lambda lr: (val[lr], -lr))  # ties: the smaller lr
-    data["chosen"] = chosen
+    data["chosen"] = chosen = choose(data["sweep"])
     for method in (args.final_methods.split(",") if args.final_methods else methods):
         for head in ("random", "probe") if method in args.probe_methods.split(",") else ("random",):
             data["final"] += run(bb, method, chosen[method], seeds, args, head)
@@ -173,6 +176,16 @@ def main() -> int:
     return 0
 
 
+def choose(sweep: list[dict]) -> dict[str, float]:
+    """Per method, the lr with the best mean validation accuracy (ties: the smaller lr)."""
+    chosen = {}
+    for method in dict.fromkeys(r["method"] for r in sweep):
+        lrs = sorted({r["lr"] for r in sweep if r["method"] == method})
+        val = {lr: statistics.fmean(r["val_acc"] for r in sweep if r["method"] == method and r["lr"] == lr) for lr in lrs}
+        chosen[method] = max(val, key=lambda lr: (val[lr], -lr))
+    return chosen
+
+
 def markdown(data: dict) -> str:
     s = data["settings"]
     lines = ["# Per-method defaults for adapt.py", "",
@@ -180,7 +193,10 @@ def markdown(data: dict) -> str:
              f"task ({s['pretrain_epochs']} epochs, 32 px, grayscale), banks by closed form (preset recast-resnet). "
              f"Tasks {', '.join(data['tasks'])}, {s['max_train']} training / {s['max_eval']} validation and test "
              f"images each, batch {s['batch_size']}, a {s['steps']}-step budget. "
-             f"Command: `python benchmarks/bench_adapt_defaults.py` ({data['seconds'] / 60:.0f} min, 1 thread).", "",
+             f"Command: `python benchmarks/bench_adapt_defaults.py` "
+             + (f"({data['seconds'] / 60:.0f} min, 1 thread)." if "seconds" in data else
+                "(**partial**: interrupted at the deadline on a shared, overloaded 2-core machine; rendered with "
+                "--render from its .partial.json; the missing rows were not run).") + f" Settings: {s}", "",
              f"## 1. Selection: mean VALIDATION accuracy over tasks and seeds {s['sweep_seeds']}", ""]
     lrs = sorted({r["lr"] for r in data["sweep"]})
     methods = list(dict.fromkeys(r["method"] for r in data["sweep"]))
@@ -214,12 +230,13 @@ def markdown(data: dict) -> str:
                          *(f"{by_task[t]:.3f}" for t in data["tasks"]),
                          f"{statistics.fmean(r['train_seconds'] for r in sel):.1f}",
                          f"{statistics.fmean(r['task_file_bytes'] for r in sel):,.0f}"])
-    per = per_seed_mean(data["logreg"], "test_acc")
-    finals[("logreg", "-")] = per
-    mean, half = ci95(list(per.values()))
-    by_task = {t: statistics.fmean(r["test_acc"] for r in data["logreg"] if r["task"] == t) for t in data["tasks"]}
-    rows.append(["logreg (sklearn, frozen features, C on val)", "-", "-", f"{mean:.3f} +- {half:.3f}",
-                 *(f"{by_task[t]:.3f}" for t in data["tasks"]), "-", "-"])
+    if data.get("logreg"):
+        per = per_seed_mean(data["logreg"], "test_acc")
+        finals[("logreg", "-")] = per
+        mean, half = ci95(list(per.values()))
+        by_task = {t: statistics.fmean(r["test_acc"] for r in data["logreg"] if r["task"] == t) for t in data["tasks"]}
+        rows.append(["logreg (sklearn, frozen features, C on val)", "-", "-", f"{mean:.3f} +- {half:.3f}",
+                     *(f"{by_task[t]:.3f}" for t in data["tasks"]), "-", "-"])
     lines += [markdown_table(["method", "lr", "head", "test acc", *data["tasks"], "train s / task", "task bytes"],
                              rows), "", "## 3. Targets (paired over seeds: the difference's mean +- 95% t interval)", ""]
 
