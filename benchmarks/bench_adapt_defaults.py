@@ -133,7 +133,7 @@ def main() -> int:
     if args.render:
         data = json.loads(Path(args.render).read_text())
         data["chosen"] = choose(data["sweep"])
-        data["partial"] = True
+        data["partial"] = "seconds" not in data
         write_outputs(args.out, args.stem, markdown(data), data)
         return 0
     import torch
@@ -254,7 +254,17 @@ def markdown(data: dict) -> str:
             m, h = diff(a, b)
             lines.append(f"- {label}: {m:+.3f} +- {h:.3f}")
     lines += ["", "Targets: `linear` within 3 points of the logistic regression (its difference > -0.03); "
-              "`recast` above `linear` by more than the seed-to-seed spread (interval above 0).", ""]
+              "`recast` above `linear` by more than the seed-to-seed spread (interval above 0).", "",
+              "## Notes", "",
+              "- The sweep has one seed per lr; differences between neighbouring lrs below ~0.01 are within "
+              "seed noise. `full` and `lora` were swept only up to 3e-3 and 1e-2 (AdamW on every weight: higher "
+              "lrs were skipped for time), so their chosen lr sits at the edge of what was tried.",
+              "- On this backbone every RECAST bank holds one template, so each coefficient only rescales one "
+              "conv's weight, and the BatchNorm after it (batch statistics in training) cancels a rescale: the "
+              "coefficients' gradients are ~1e-8, and `recast` trains only its head, like `linear` (same "
+              "accuracy to the last digit at low lr). This is a property of the banks, not of the lr: "
+              "banks with more than one template (shared templates, `--templates`, extra templates) or "
+              "`recast-norm` (which trains the norms) are what give coefficient-only adaptation room.", ""]
     return "\n".join(lines) + "\n"
 
 
