@@ -41,8 +41,8 @@ def colour_task(task: ImageTask, seed: int) -> ImageTask:
         rng = np.random.default_rng([seed, stage, 0xC010])
         ink = torch.from_numpy(rng.uniform(0, 1, (len(y), 3, 1, 1)).astype(np.float32))
         paper = torch.from_numpy(rng.uniform(0, 1, (len(y), 3, 1, 1)).astype(np.float32))
-        far = (ink - paper).abs().sum(1, keepdim=True) < 0.6  # keep the glyph visible: push the paper away
-        paper = torch.where(far, 1 - ink, paper)
+        near = (ink - paper).abs().sum(1, keepdim=True) < 0.6  # keep the glyph visible: move the paper
+        paper = torch.where(near, (ink + 0.5) % 1.0, paper)  # every channel 0.5 away (1 - ink fails near grey)
         return x * ink + (1 - x) * paper, y.clone()
 
     return ImageTask(task.name + "-colour", list(task.classes), tint(task.train, 0), tint(task.val, 1),
