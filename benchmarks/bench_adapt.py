@@ -151,7 +151,7 @@ def step_cost(model, x, y, steps: int) -> dict:
 
 def run_job(job: dict, settings: dict) -> dict:
     from weightgen.adapt import extend_banks, get_method
-    from weightgen.adapt.incremental import model_inputs, open_backbone, prepare_model, run_sequence
+    from weightgen.adapt.incremental import model_batch, open_backbone, prepare_model, run_sequence
     from weightgen.adapt.trainer import TrainConfig
     from weightgen.data import get_task
 
@@ -173,7 +173,7 @@ def run_job(job: dict, settings: dict) -> dict:
            "exact_switch": result["exact_switch"], "seconds": time.perf_counter() - start}
     if bank == "source":
         task = get_task(settings["tasks"][0], settings["seeds"][0], max_train=settings["batch_size"], max_eval=8)
-        x, y = model_inputs(task, backbone)["train"]
+        x, y = model_batch(settings["tasks"][0], backbone, settings["seeds"][0], settings["batch_size"])
         model = prepare_model(backbone, get_method(job["method"]), task.num_classes, 0)
         out["step"] = step_cost(model, x[:settings["batch_size"]], y[:settings["batch_size"]], settings["step_steps"])
     return out

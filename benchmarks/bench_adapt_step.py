@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
 
     from weightgen.adapt import get_method
-    from weightgen.adapt.incremental import model_inputs, open_backbone, prepare_model
+    from weightgen.adapt.incremental import model_batch, open_backbone, prepare_model
     from weightgen.data import get_task
 
     torch.set_num_threads(1)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = list(reference["settings"]["methods"][name])
         backbone = open_backbone(artifacts["source"], 32)
         task = get_task("digits", 0, max_train=args.batch, max_eval=8)
-        x, y = model_inputs(task, backbone)["train"]
+        x, y = model_batch("digits", backbone, 0, args.batch)
         x, y = x[:args.batch], y[:args.batch]
         steps = {}
         for method in methods:

@@ -19,12 +19,14 @@ from pathlib import Path
 from pytorch_lightning.utilities import rank_zero_only
 
 from weightgen.adapt import METHODS
-from weightgen.adapt.incremental import RUN_FILE, check_run, evaluate_results, open_backbone, run_sequence
+from weightgen.adapt.incremental import (DEFAULT_EPOCHS, DEFAULT_STEPS, METHOD_DEFAULTS, RUN_FILE, DataOptions,
+                                         check_run, evaluate_results, method_defaults, open_backbone, run_sequence)
 from weightgen.adapt.report import (EVALUATE_COLUMNS, RESULT_COLUMNS, figure, matrix_markdown, matrix_rows,
                                     results_markdown, to_csv)
 from weightgen.adapt.trainer import TrainConfig
 from weightgen.cli import accelerator_for, run_cli
-from weightgen.data import TASKS
+from weightgen.data import MAX_EVAL, MAX_TRAIN, TASKS
+from weightgen.data.images import AUGMENTS
 from weightgen.io import WeightgenError, add_output_file, atomic_directory, write_json
 
 DEFAULT_SEEDS = "42,1998,3142592"
@@ -43,15 +45,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="results directory (required unless --evaluate)")
     p.add_argument("--evaluate", metavar="RESULTS_DIR",
                    help="reload every task file of RESULTS_DIR onto --backbone; write RESULTS_DIR/evaluate.csv")
-    p.add_argument("--logdir", help="TensorBoard scalars per task: LOGDIR/<method>/<task>-s<seed>/")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per task" + d)
+    p.add_argument("--logdir", help="TensorBoard scalars per task: LOGDIR/<backbone>-<sha8>/<method>/<task>-s<seed>/")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="at least this many epochs per task" + d)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help="training budget in optimizer steps: each task trains max(--epochs, ceil(steps / batches "
+                        "per epoch)) epochs, so a small task still gets enough updates; 0: --epochs only" + d)
     p.add_argument("--batch-size", type=int, default=64, help="training batch size, over all --devices together" + d)
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate; StepLR x0.1 at 1/3 and 2/3" + d)
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate; StepLR x0.1 at 1/3 and 2/3 (default: the method's own, "
+                        + ", ".join(f"{m} {v['lr']:g}" for m, v in METHOD_DEFAULTS.items())
+                        + "; see docs/adapt_defaults.md)")
+    p.add_argument("--head-init", choices=("random", "probe"), default=None,
+                   help="the task head's start: random, or a logistic-regression probe on the frozen features "
+                        "(LP-FT) (default: the method's own)")
     p.add_argument("--img-size", type=int, default=None,
-                   help="input side (default: the size the backbone was trained at, from its artifact; "
-                        "else its model's input size, capped at 32)")
-    p.add_argument("--max-train", type=int, default=None, help="cap on training images per task (default: 2000)")
-    p.add_argument("--max-eval", type=int, default=None, help="cap on val and test images per task (default: 1000)")
+                   help="input side (default: the backbone's: what pretrain.py recorded, else its model's "
+                        "pretrained_cfg, e.g. 224 for an ImageNet backbone)")
+    p.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="input normalisation mean, 1 or per-channel values (default: the backbone's, from "
+                        "pretrain.py's record or its pretrained_cfg)")
+    p.add_argument("--std", type=float, nargs="+", default=None, help="input normalisation std (as --mean)")
+    p.add_argument("--augment", choices=AUGMENTS, default="none",
+                   help="training augmentation: none, flip-crop (random-resized-crop + flip), timm (its full "
+                        "recipe: RandAugment, random erasing)" + d)
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader worker processes decoding images (pin_memory and persistent workers on CUDA)" + d)
+    p.add_argument("--max-train", type=int, default=None,
+                   help=f"cap on training images per task (default: {MAX_TRAIN} for a built-in task, none for "
+                        "imagefolder:/csv: data)")
+    p.add_argument("--max-eval", type=int, default=None,
+                   help=f"cap on val and test images per task (default: {MAX_EVAL} for a built-in task, none for "
+                        "imagefolder:/csv: data)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="drop unreadable images (counted in results) instead of stopping with an error")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where evaluation runs, and training unless "
                                                    "--accelerator says otherwise" + d)
     p.add_argument("--accelerator", default=None, help="Lightning accelerator (default: from --device)")
@@ -85,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 def adapt(args: argparse.Namespace) -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # after its import, which sets INFO
     if args.evaluate:
-        rows = evaluate_results(args.backbone, args.evaluate, device=args.device)
+        rows = evaluate_results(args.backbone, args.evaluate, device=args.device, workers=args.workers)
         # into the results directory weightgen wrote (its manifest lists the new file), atomically
         path = add_output_file(Path(args.evaluate), "evaluate.csv", to_csv(rows, EVALUATE_COLUMNS), kind=KIND)
         for r in rows:
@@ -95,21 +121,40 @@ def adapt(args: argparse.Namespace) -> int:
     if not args.out:
         raise WeightgenError("pass --out DIR (or --evaluate RESULTS_DIR)")
     tasks, seeds = split(args.tasks, "tasks"), split(args.seeds, "seeds", int)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         accelerator=accelerator_for(args.device, args.accelerator),
-                         devices=int(args.devices) if args.devices.isdigit() else args.devices,
-                         progress=True, logdir=args.logdir, strategy=args.strategy, precision=args.precision,
-                         channels_last=args.channels_last, compile=args.compile)
+    if args.steps < 0:
+        raise WeightgenError("--steps must be >= 0")
+    defaults = method_defaults(args.method)
+    train_kw = dict(epochs=args.epochs, batch_size=args.batch_size,
+                    lr=args.lr if args.lr is not None else defaults["lr"],
+                    accelerator=accelerator_for(args.device, args.accelerator),
+                    devices=int(args.devices) if args.devices.isdigit() else args.devices,
+                    progress=True, logdir=args.logdir)
+    # speed/many-device options: fields of TrainConfig (trainer.py); passed only when asked
+    extra = {"strategy": args.strategy, "precision": args.precision,
+             "channels_last": args.channels_last or None, "compile": args.compile or None}
+    fields = set(TrainConfig.__dataclass_fields__)
+    for key, value in extra.items():
+        if value is None:
+            continue
+        if key not in fields:
+            raise WeightgenError(f"--{key.replace('_', '-')} is not supported by this trainer")
+        train_kw[key] = value
+    config = TrainConfig(**train_kw)
     config.validate()
-    backbone = open_backbone(args.backbone, args.img_size)
-    check_run(backbone, args.method, tasks, seeds, args.max_train, args.max_eval)  # before anything is written
+    options = DataOptions(max_train=args.max_train, max_eval=args.max_eval, augment=args.augment,
+                          workers=args.workers, skip_bad=args.skip_bad_images)
+    options.validate()
+    head_init = args.head_init or defaults.get("head_init", "random")
+    backbone = open_backbone(args.backbone, args.img_size, mean=args.mean, std=args.std)
+    opened = check_run(backbone, args.method, tasks, seeds, options)  # before anything is written
     if rank_zero_only.rank != 0:  # a process Lightning's DDP launched for another device: it trains, rank 0 writes
-        run_sequence(backbone, args.method, tasks, seeds, config, args.out, device=args.device,
-                     max_train=args.max_train, max_eval=args.max_eval)
+        run_sequence(backbone, args.method, tasks, seeds, config, args.out, device=args.device, options=options,
+                     steps=args.steps or None, head_init=head_init, opened=opened)
         return 0
     with atomic_directory(args.out, args.overwrite, kind=KIND) as tmp:
         result = run_sequence(backbone, args.method, tasks, seeds, config, tmp, device=args.device,
-                              max_train=args.max_train, max_eval=args.max_eval)
+                              options=options, steps=args.steps or None, head_init=head_init,
+                              opened=opened)
         (tmp / "results.csv").write_text(to_csv(result["rows"], RESULT_COLUMNS))
         (tmp / "results.md").write_text(results_markdown(result))
         (tmp / "accuracy_matrix.csv").write_text(to_csv(matrix_rows(result), ["seed", "after_task", *tasks]))

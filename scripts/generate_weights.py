@@ -19,7 +19,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="weights to mimic: .safetensors/.pt/.pth/.bin (default: sample "
                                           "the weights from the VAE prior)")
-    src.add_argument("--pretrained", action="store_true", help="mimic timm's hub weights (needs a network)")
+    src.add_argument("--pretrained", action="store_true",
+                     help="mimic timm's hub weights (needs a network, or HF_HUB_OFFLINE=1 with them in the local cache)")
+    src.add_argument("--pretrained-file", metavar="FILE",
+                     help="mimic your own weights file for --arch, loaded through timm's pretrained mechanism "
+                          "(pretrained_cfg_overlay file=FILE): the backbone keeps the arch's pretrained_cfg "
+                          "(mean, std, input size) for adaptation")
     p.add_argument("--vae", help="VAE directory for prior generation / --method decoder "
                                  "(default: the VAE shipped in weightgen/assets/vae)")
     p.add_argument("--model-kwargs", nargs="*", metavar="K=V",
@@ -60,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     opts = GenerateOptions(
         arch=args.arch, checkpoint=args.checkpoint, pretrained=args.pretrained, vae=args.vae,
+        pretrained_file=args.pretrained_file,
         model_kwargs=parse_kwargs(args.model_kwargs), preset=args.preset, target=args.target,
         layers_per_group=args.layers_per_group, templates=args.templates, coef_sets=args.coef_sets,
         method=args.method, steps=args.steps, lr=args.lr, seed=args.seed, out=args.out,
@@ -78,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 def next_steps(args: argparse.Namespace, out) -> str:
     """Commands worth trying next, built from this run's own arguments."""
     argv = ["python", "scripts/generate_weights.py", "--arch", args.arch]
-    argv += ["--checkpoint", args.checkpoint] if args.checkpoint else ["--pretrained"] if args.pretrained else []
+    argv += (["--checkpoint", args.checkpoint] if args.checkpoint else ["--pretrained-file", args.pretrained_file]
+             if args.pretrained_file else ["--pretrained"] if args.pretrained else [])
     argv += ["--model-kwargs", *args.model_kwargs] if args.model_kwargs else []  # the suggestions must run as shown
     for flag, value in (("--preset", args.preset), ("--target", args.target), ("--layers-per-group", args.layers_per_group)):
         argv += [flag, str(value)] if value is not None else []

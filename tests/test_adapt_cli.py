@@ -16,7 +16,7 @@ from weightgen.cli import run_cli
 from _plots import count_colour, plot_pixels
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--epochs", "1", "--max-train", "64", "--max-eval", "32", "--batch-size", "32"]
+SMALL = ["--epochs", "1", "--steps", "0", "--img-size", "32", "--max-train", "64", "--max-eval", "32", "--batch-size", "32"]
 
 
 def load_script(name: str):
@@ -181,3 +181,49 @@ def test_pretrain_is_cached_and_its_input_size_reaches_adaptation(tmp_path, caps
                                            model_kwargs=info["model_kwargs"], out=str(tmp_path / "artifact")))
     backbone = open_backbone(artifact)
     assert (backbone.img_size, backbone.channels) == (24, 1)
+
+
+def make_folder(root: Path, per_class: int = 12) -> Path:
+    """Two colour classes (reddish / bluish PNGs) in class folders, 20x20."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            noise = rng.integers(-30, 30, (20, 20, 3))
+            Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype("uint8"), "RGB").save(root / label / f"{i}.png")
+    return root
+
+
+def test_folder_bad_image_is_an_error_or_skipped_and_counted(tmp_path, capsys):
+    """imagefolder: streamed, uncapped by default; a truncated image is one error line before training,
+    or with --skip-bad-images dropped and counted in results.csv."""
+    folder = make_folder(tmp_path / "photos")
+    (folder / "red" / "broken.png").write_bytes((folder / "red" / "0.png").read_bytes()[:60])
+    backbone = make_backbone(tmp_path / "bb")
+    small = ["--epochs", "1", "--steps", "0", "--img-size", "16", "--batch-size", "8", "--seeds", "0"]
+    out = tmp_path / "o"
+    expect_error(["--backbone", backbone, "--tasks", f"imagefolder:{folder}", "--out", out, *small], capsys,
+                 "broken.png", out)
+    code, _, err = run(["--backbone", backbone, "--tasks", f"imagefolder:{folder}", "--out", out,
+                        "--skip-bad-images", "--workers", "1", *small], capsys)
+    assert code == 0, err
+    row = read(out / "results.csv")[0]
+    assert row["skipped_images"] == "1"
+    sizes = int(row["train_images"])
+    assert sizes >= 14  # 24 good images, none capped: ~70% of them train
+    assert "skipped" in (out / "results.md").read_text()
+
+
+def test_logdir_names_the_backbone_and_the_run(results, tmp_path, capsys):
+    _, backbone, _ = results
+    logdir = tmp_path / "tb"
+    code, _, err = run(["--backbone", backbone, "--tasks", "digits", "--seeds", "0", "--out", tmp_path / "o",
+                        "--logdir", logdir, *SMALL], capsys)
+    assert code == 0, err
+    from weightgen.adapt.incremental import open_backbone
+    label = open_backbone(backbone, 32).label
+    assert label.startswith("backbone-") and len(label) == len("backbone-") + 8
+    assert (logdir / label / "recast" / "digits-s0").is_dir()

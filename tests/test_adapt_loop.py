@@ -71,7 +71,9 @@ def test_coefficient_only_training_lowers_the_loss(root):
 @pytest.mark.parametrize("arch", ["test_resnet", "test_vit"])
 def test_switching_back_is_exact_after_three_tasks(root, arch):
     """Each earlier task file reproduces its logits bit for bit after later tasks trained (BN: train mode)."""
-    backbone = open_backbone(backbone_dir(root, arch))
+    default = open_backbone(backbone_dir(root, arch))  # the model's own size: its pretrained_cfg / img_size
+    assert default.img_size == {"test_resnet": 160, "test_vit": 32}[arch] and default.channels == 1
+    backbone = open_backbone(backbone_dir(root, arch), 32)
     assert backbone.img_size == 32 and backbone.channels == 1
     config = TrainConfig(epochs=1, batch_size=32)
     result = run_sequence(backbone, "recast", ["digits", "mnist", "latin"], [0], config, root / f"run-{arch}", **SMALL)
@@ -87,7 +89,7 @@ def test_switching_back_is_exact_after_three_tasks(root, arch):
 
 def test_same_seed_same_result_and_tasks_start_from_the_backbone(root):
     """Deterministic in the seed; the second task's result does not depend on the first task."""
-    backbone = open_backbone(backbone_dir(root, "test_resnet"))
+    backbone = open_backbone(backbone_dir(root, "test_resnet"), 32)
     config = TrainConfig(epochs=1, batch_size=32)
     a = run_sequence(backbone, "recast", ["digits", "mnist"], [3], config, root / "det-a", **SMALL)
     b = run_sequence(backbone, "recast", ["mnist"], [3], config, root / "det-b", **SMALL)
@@ -98,7 +100,7 @@ def test_same_seed_same_result_and_tasks_start_from_the_backbone(root):
 
 
 def test_full_fine_tuning_runs_on_the_dense_model_and_counts_every_parameter(root):
-    backbone = open_backbone(backbone_dir(root, "test_resnet"))
+    backbone = open_backbone(backbone_dir(root, "test_resnet"), 32)
     result = run_sequence(backbone, "full", ["digits"], [0], TrainConfig(epochs=1, batch_size=32),
                           root / "full", **SMALL)
     dense = timm.create_model("test_resnet", num_classes=10, **KWARGS["test_resnet"])

@@ -17,7 +17,7 @@ from .config import PRESETS, RecastConfig, default_preset, preset_config
 from .io import WeightgenError, check_checkpoint_path, check_output_dir, load_checkpoint, read_json
 from .mimicry import METHODS, fit
 from .mimicry.fidelity import compare_features, record_features
-from .models import check_arch, create_model, example_batch, model_from_state, resolve_device
+from .models import check_arch, create_model, data_cfg, example_batch, model_from_state, resolve_device
 from .recasting import head_names, inject, parameter_counts
 from .tensorboard_log import log_fit
 from .vae.prior import activation_ranges, default_vae_dir, load_vae_bundle, sample_weights
@@ -30,6 +30,7 @@ class GenerateOptions:
     arch: str
     checkpoint: str | None = None
     pretrained: bool = False
+    pretrained_file: str | None = None  # local weights loaded through timm (keeps the pretrained_cfg)
     model_kwargs: dict = field(default_factory=dict)
     preset: str | None = None
     target: str | None = None  # regex on module names, instead of a preset
@@ -54,7 +55,8 @@ class GenerateOptions:
         the checkpoint's file stem), so runs from different sources do not collide."""
         if self.out:
             return Path(self.out)
-        source = Path(self.checkpoint).stem if self.checkpoint else "pretrained" if self.pretrained else "prior"
+        source = (Path(self.checkpoint).stem if self.checkpoint else Path(self.pretrained_file).stem
+                  if self.pretrained_file else "pretrained" if self.pretrained else "prior")
         return Path("outputs") / f"{self.arch}-{source}-{self.method.replace('+', '_')}-s{self.seed}"
 
 
@@ -64,8 +66,8 @@ def validate(opts: GenerateOptions) -> None:
         raise WeightgenError("pass either --preset or --target, not both")
     if opts.preset and opts.preset not in PRESETS:
         raise WeightgenError(f"unknown preset {opts.preset!r}; choose from {', '.join(PRESETS)}")
-    if opts.checkpoint and opts.pretrained:
-        raise WeightgenError("pass either --checkpoint or --pretrained, not both")
+    if sum(map(bool, (opts.checkpoint, opts.pretrained, opts.pretrained_file))) > 1:
+        raise WeightgenError("pass one of --checkpoint, --pretrained, --pretrained-file")
     if opts.method not in METHODS:
         raise WeightgenError(f"unknown method {opts.method!r}; choose from {', '.join(METHODS)}")
     if opts.steps is not None and opts.steps < 0:
@@ -74,7 +76,7 @@ def validate(opts: GenerateOptions) -> None:
         raise WeightgenError("--lr must be > 0")
     if opts.method == "closed_form" and opts.steps:
         raise WeightgenError("--steps has no effect with --method closed_form; use closed_form+gradient")
-    if opts.method == "decoder" and not (opts.checkpoint or opts.pretrained):
+    if opts.method == "decoder" and not (opts.checkpoint or opts.pretrained or opts.pretrained_file):
         raise WeightgenError("--method decoder fits a given model: pass --checkpoint FILE or --pretrained")
     if opts.extra_templates < 0:
         raise WeightgenError("--extra-templates must be >= 0")
@@ -103,7 +105,7 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
     validate(opts)
     device = resolve_device(opts.device)
     start = time.perf_counter()
-    from_prior = not (opts.checkpoint or opts.pretrained)
+    from_prior = not (opts.checkpoint or opts.pretrained or opts.pretrained_file)
     vae = load_vae_bundle(opts.vae) if from_prior or opts.method == "decoder" else None
     extra: dict = {}
     if opts.checkpoint:
@@ -118,7 +120,10 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
         # timm's init draws from the global RNG: seed it inside a fork, leaving the caller's RNG as it was
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opts.seed)
-            model = create_model(opts.arch, opts.model_kwargs, pretrained=opts.pretrained)
+            model = create_model(opts.arch, opts.model_kwargs, pretrained=opts.pretrained,
+                                 pretrained_file=opts.pretrained_file)
+        if opts.pretrained or opts.pretrained_file:  # adaptation feeds the backbone what its cfg says
+            extra["pretrained_cfg"] = data_cfg(model)
     model = model.to(device)
     if not from_prior:
         state = model.state_dict()  # the fit target, on the device (the same tensors on the CPU)
@@ -150,7 +155,8 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
         report["extra_templates"] = {"count": opts.extra_templates, "source": opts.extra_source, "banks": extend_banks(
             model, opts.extra_templates, opts.extra_source, seed=opts.seed, vae=vae or opts.vae)}
         report["params"] = parameter_counts(model)  # the extended banks' counts
-    source = "checkpoint" if opts.checkpoint else "pretrained" if opts.pretrained else "vae_prior"
+    source = ("checkpoint" if opts.checkpoint else "pretrained_file" if opts.pretrained_file
+              else "pretrained" if opts.pretrained else "vae_prior")
     report.update(arch=opts.arch, model_kwargs=opts.model_kwargs, source=source, **extra)
     if opts.logdir:
         log_fit(opts.logdir, model, report)

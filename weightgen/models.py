@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import difflib
 import logging
 import socket
 import textwrap
+from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
@@ -37,12 +39,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def create_model(arch: str, model_kwargs: dict | None = None, pretrained: bool = False) -> nn.Module:
-    """``timm.create_model`` with one-line errors for unknown names and bad kwargs."""
+def create_model(arch: str, model_kwargs: dict | None = None, pretrained: bool = False,
+                 pretrained_file: str | os.PathLike | None = None) -> nn.Module:
+    """``timm.create_model`` with one-line errors for unknown names and bad kwargs.
+
+    ``pretrained_file``: a local weights file (.safetensors, or .pth/.bin read with
+    ``weights_only``) loaded through timm's own mechanism (``pretrained_cfg_overlay=dict(file=...)``),
+    so the model keeps its ``pretrained_cfg`` (mean, std, input size) and timm adapts ``in_chans``
+    and a different ``num_classes`` as it does for hub weights. ``pretrained``: timm's hub weights;
+    with ``HF_HUB_OFFLINE=1`` (or the hub unreachable) only the local cache is used.
+    """
     model_kwargs = dict(model_kwargs or {})
     check_arch(arch)
+    if pretrained_file is not None:
+        return _from_pretrained_file(arch, model_kwargs, Path(pretrained_file))
     host = _weights_host(arch) if pretrained else None
-    offline = host is not None and not reachable(host)
+    forced = host is not None and _env_offline()
+    offline = host is not None and (forced or not reachable(host))
     try:
         # unreachable host: cached weights still load; anything else fails at once instead of
         # retrying for a minute
@@ -51,7 +64,9 @@ def create_model(arch: str, model_kwargs: dict | None = None, pretrained: bool =
     except (OSError, RuntimeError) as err:
         if not pretrained:
             raise
-        if offline:
+        if forced:
+            why = "HF_HUB_OFFLINE is set and they are not in the local cache"
+        elif offline:
             why = f"{host} cannot be reached (no network?) and they are not in the local cache"
         else:
             why = textwrap.shorten(" ".join(str(err).split()), 200, placeholder=" ...").rstrip(".")
@@ -60,6 +75,33 @@ def create_model(arch: str, model_kwargs: dict | None = None, pretrained: bool =
     except (TypeError, ValueError, KeyError, AssertionError) as err:  # unknown keyword, or a value timm rejects
         raise WeightgenError(f"bad --model-kwargs for {arch}: {type(err).__name__} {err}".rstrip()) from None
     return model.eval()
+
+
+def _env_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _from_pretrained_file(arch: str, model_kwargs: dict, path: Path) -> nn.Module:
+    if not path.is_file():
+        raise WeightgenError(f"pretrained file {path} does not exist")
+    try:
+        overlay = dict(file=str(path))
+        if "num_classes" in model_kwargs:  # the file's head is kept (timm drops a head whose cfg class count differs)
+            overlay["num_classes"] = model_kwargs["num_classes"]
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
+    except (TypeError, ValueError, KeyError, AssertionError) as err:
+        raise WeightgenError(f"bad --model-kwargs for {arch}: {type(err).__name__} {err}".rstrip()) from None
+    except Exception as err:  # a foreign or pickled file, mismatched shapes: one line naming the file
+        why = textwrap.shorten(" ".join(str(err).split()), 300, placeholder=" ...")
+        raise WeightgenError(f"cannot load pretrained file {path} into {arch}: {type(err).__name__}: {why}") from None
+    return model.eval()
+
+
+def data_cfg(model: nn.Module) -> dict:
+    """What a model's ``pretrained_cfg`` says its inputs are (for an artifact's record)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+    return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in keys if cfg.get(k) is not None}
 
 
 def check_arch(arch: str) -> None:

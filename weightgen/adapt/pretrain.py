@@ -1,8 +1,11 @@
 """A source backbone trained here, offline: any timm arch on a many-class glyph task.
 
 RECAST adapts a *pretrained* backbone; with no hub reachable, one is trained on ``source_task``
-(Cyrillic letters and symbols), which shares no class with the downstream tasks. The output
-directory holds ``model.safetensors`` and ``pretrain.json`` (arch, model kwargs, input size,
+(Cyrillic letters and symbols), which shares no class with the downstream tasks: in grayscale
+(``source='glyphs'``), or in colour (``'glyphs-colour'``: each glyph in a random ink colour on a
+random background, an RGB backbone whose first layers have seen colour). Training goes through the
+same image pipeline as adaptation (:mod:`weightgen.data.images`). The output directory holds
+``model.safetensors`` and ``pretrain.json`` (arch, model kwargs, channels, input size, mean/std,
 source accuracy); the same arguments reuse an existing output instead of training again.
 """
 from __future__ import annotations
@@ -12,23 +15,44 @@ import shlex
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import PRESETS
-from ..data import source_task, to_model_input
-from ..models import small_input_kwargs
+from ..data import ImageTask, source_task
+from ..data.images import AUGMENTS, MemoryImages, image_config, make_loaders
 from ..io import WeightgenError, atomic_directory, check_output_dir, read_json, save_tensors, write_json
-from ..models import create_model
-from .trainer import TrainConfig, accuracy, predict, train_task
+from ..models import create_model, small_input_kwargs
+from .trainer import TrainConfig, train_task
 
 log = logging.getLogger(__name__)
 CHECKPOINT, INFO = "model.safetensors", "pretrain.json"
 KIND = "backbone"
 
 
-def source_model_kwargs(arch: str, img_size: int, num_classes: int, model_kwargs: dict | None = None) -> dict:
-    """One grey channel, the source task's classes; ViT-likes also get ``img_size``/``patch_size``."""
-    kwargs = small_input_kwargs(arch, img_size, in_chans=1)
+SOURCES = {"glyphs": 1, "glyphs-colour": 3}  # source -> input channels
+
+
+def colour_task(task: ImageTask, seed: int) -> ImageTask:
+    """``task``'s grayscale glyphs as RGB: ink and background colours drawn per image (seeded), so
+    colour varies within every class and the shapes carry the labels."""
+    def tint(split, stage: int):
+        x, y = split
+        rng = np.random.default_rng([seed, stage, 0xC010])
+        ink = torch.from_numpy(rng.uniform(0, 1, (len(y), 3, 1, 1)).astype(np.float32))
+        paper = torch.from_numpy(rng.uniform(0, 1, (len(y), 3, 1, 1)).astype(np.float32))
+        near = (ink - paper).abs().sum(1, keepdim=True) < 0.6  # keep the glyph visible: move the paper
+        paper = torch.where(near, (ink + 0.5) % 1.0, paper)  # every channel 0.5 away (1 - ink fails near grey)
+        return x * ink + (1 - x) * paper, y.clone()
+
+    return ImageTask(task.name + "-colour", list(task.classes), tint(task.train, 0), tint(task.val, 1),
+                     tint(task.test, 2), task.image_size, task.description + ", in random colours", task.groups)
+
+
+def source_model_kwargs(arch: str, img_size: int, num_classes: int, model_kwargs: dict | None = None,
+                        in_chans: int = 1) -> dict:
+    """The source's channels, its classes; ViT-likes also get ``img_size``/``patch_size``."""
+    kwargs = small_input_kwargs(arch, img_size, in_chans=in_chans)
     kwargs["num_classes"] = num_classes
     kwargs.update(model_kwargs or {})  # the user's word wins (e.g. in_chans=3, patch_size=4)
     return kwargs
@@ -52,36 +76,50 @@ def pretrain(arch: str, out: str | Path, *, epochs: int = 10, img_size: int = 32
              model_kwargs: dict | None = None, batch_size: int = 128, lr: float = 2e-3,
              weight_decay: float = 1e-4, max_train: int | None = 6000, max_eval: int | None = 1500, accelerator: str = "cpu",
              devices: int | str = 1, logdir: str | None = None, progress: bool = False,
-             overwrite: bool = False) -> tuple[Path, dict, bool]:
+             overwrite: bool = False, source: str = "glyphs", mean=None, std=None, augment: str = "none",
+             workers: int = 0) -> tuple[Path, dict, bool]:
     """Train ``arch`` on the source task; returns (out dir, info, reused).
 
+    Inputs are normalised with ``mean``/``std`` (default: the model's ``pretrained_cfg``'s), resized
+    to ``img_size`` with no crop; all of it is recorded, so adaptation feeds the backbone the same way.
     An existing output written with the same arguments is reused (``reused=True``), not retrained.
     """
     out = Path(out)
     if img_size < 8:
         raise WeightgenError("img_size must be >= 8", cli="--img-size must be >= 8")
+    if source not in SOURCES:
+        raise WeightgenError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
+    if augment not in AUGMENTS:
+        raise WeightgenError(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTS)}")
     args = {"arch": arch, "epochs": epochs, "img_size": img_size, "seed": seed, "model_kwargs": dict(model_kwargs or {}),
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "max_train": max_train,
-            "max_eval": max_eval}
+            "max_eval": max_eval, "source": source, "mean": mean, "std": std, "augment": augment,
+            "pipeline": "images/1"}
     if (out / INFO).is_file() and (out / CHECKPOINT).is_file() and not overwrite:
         info = read_json(out / INFO)
         if info.get("args") == args:
             return out, info, True
     check_output_dir(out, overwrite, kind=KIND)
     task = source_task(seed, max_train=max_train, max_eval=max_eval)
-    kwargs = source_model_kwargs(arch, img_size, task.num_classes, model_kwargs)
+    if source == "glyphs-colour":
+        task = colour_task(task, seed)
+    kwargs = source_model_kwargs(arch, img_size, task.num_classes, model_kwargs, in_chans=SOURCES[source])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the init is part of the run's seed
         model = create_model(arch, kwargs)
-    channels = next((m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), 1)
-    data = {s: (to_model_input(task.split(s)[0], channels, img_size), task.split(s)[1]) for s in ("train", "val", "test")}
+    cfg = image_config(model, img_size=img_size, mean=mean, std=std, crop_pct=1.0)
+    loaders = make_loaders(MemoryImages(task), cfg, batch_size, augment=augment, workers=workers, seed=seed,
+                           eval_batch_size=max(batch_size, 256))
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          accelerator=accelerator, devices=devices, progress=progress, logdir=logdir)
     start = time.perf_counter()
-    summary = train_task(model, data["train"], data["val"], config, seed=seed, run_name="pretrain", version=out.name)
+    summary = train_task(model, loaders["train"], loaders["val"], config, seed=seed, run_name="pretrain",
+                         version=out.name)
     model.cpu()
-    test_acc = accuracy(predict(model, data["test"][0]), data["test"][1])
-    info = {"arch": arch, "model_kwargs": kwargs, "img_size": img_size, "channels": channels,
+    test_acc = _accuracy(model, loaders["test"])
+    info = {"arch": arch, "model_kwargs": kwargs, "img_size": img_size, "channels": cfg.channels,
+            "mean": list(cfg.mean), "std": list(cfg.std), "interpolation": cfg.interpolation,
+            "crop_pct": cfg.crop_pct,
             "source_task": {"name": task.name, "classes": task.num_classes, "sizes": task.sizes(),
                             "description": task.description},
             "val_acc": summary["val_acc"], "test_acc": test_acc, "best_epoch": summary["best_epoch"],
@@ -93,3 +131,13 @@ def pretrain(arch: str, out: str | Path, *, epochs: int = 10, img_size: int = 32
         write_json(tmp / INFO, info)
     log.info("pretrained %s on %s: test accuracy %.3f in %.0fs", arch, task.name, test_acc, info["seconds"])
     return out, info, False
+
+
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module, loader) -> float:
+    model.eval()
+    correct = seen = 0
+    for x, y in loader:
+        correct += (model(x).argmax(1) == y).sum().item()
+        seen += len(y)
+    return correct / max(1, seen)

@@ -6,8 +6,8 @@ import io
 import statistics
 
 RESULT_COLUMNS = ["task", "method", "seed", "val_acc", "test_acc", "trainable", "trainable_with_head",
-                  "task_file_bytes", "train_seconds", "seconds_per_step", "steps", "best_epoch", "exact_switch",
-                  "task_file"]
+                  "task_file_bytes", "train_seconds", "seconds_per_step", "steps", "epochs", "best_epoch",
+                  "exact_switch", "train_images", "skipped_images", "task_file"]
 EVALUATE_COLUMNS = ["task", "method", "seed", "test_acc"]
 
 
@@ -69,8 +69,12 @@ def results_markdown(result: dict) -> str:
     run, rows = result["run"], result["rows"]
     lines = [f"# Adaptation: {run['method']} on {run['arch']} ({run['backbone']})", "",
              f"Input {run['img_size']}px x {run['channels']} channel(s); seeds {', '.join(map(str, run['seeds']))}; "
-             f"{run['train']['epochs']} epochs, batch {run['train']['batch_size']}, lr {run['train']['lr']}. "
-             f"Checkpoint chosen on a validation split carved from the training data; test reported once.",
+             f"at least {run['train']['epochs']} epochs" + (f" or {run['steps']} steps" if run.get("steps") else "")
+             + f", batch {run['train']['batch_size']}, lr {run['train']['lr']}"
+             + (f", head from a linear probe" if run.get("head_init") == "probe" else "")
+             + (f", augmentation {run['data']['augment']}" if (run.get("data") or {}).get("augment", "none") != "none" else "")
+             + ". Checkpoint chosen on a validation split carved from the training data; test reported once.",
+             *_norm_line(run), *_skipped_line(run),
              f"Exact task switching (bit-identical logits after every later task): "
              f"{'yes' if result['exact_switch'] else 'NO'}.", "", "## Per task (mean +- std over seeds)", ""]
     lines.append(_table(
@@ -87,6 +91,22 @@ def results_markdown(result: dict) -> str:
                           f"{r['train_seconds']:.1f}"] for r in rows]))
     lines += ["", matrix_markdown(result)]
     return "\n".join(lines) + "\n"
+
+
+def _norm_line(run: dict) -> list[str]:
+    cfg = run.get("data_config")
+    if not cfg:
+        return []
+    fmt = lambda v: "/".join(f"{x:.3g}" for x in v)  # noqa: E731
+    return [f"Inputs normalised with mean {fmt(cfg['mean'])}, std {fmt(cfg['std'])} "
+            f"({cfg['interpolation']} resize, crop {cfg['crop_pct']:.3g})."]
+
+
+def _skipped_line(run: dict) -> list[str]:
+    skipped = {t: n for t, n in (run.get("skipped_images") or {}).items() if n}
+    if not skipped:
+        return []
+    return ["Unreadable images skipped (--skip-bad-images): " + ", ".join(f"{t}: {n}" for t, n in skipped.items()) + "."]
 
 
 def matrix_markdown(result: dict) -> str:
