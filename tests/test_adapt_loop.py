@@ -123,7 +123,7 @@ def test_every_method_through_the_loop(root, arch, method):
     trains (plus BatchNorm statistics), training moved every trained body tensor, switching back is exact, and
     a fresh backbone copy with the file alone reproduces the recorded accuracy."""
     from weightgen.adapt.base import Wrapper
-    from weightgen.adapt.incremental import load_tasks, model_inputs, prepare_model
+    from weightgen.adapt.incremental import DataOptions, open_tasks, predict_loader, prepare_model, task_loaders
     from weightgen.adapt.trainer import accuracy
     from weightgen.recasting import head_names
     from weightgen.tasks import load_task
@@ -161,7 +161,8 @@ def test_every_method_through_the_loop(root, arch, method):
         moved = {k for k in body if not torch.equal(saved[k], init[k])}
         assert moved == body, (row["task"], sorted(body - moved))
     # the first task's file on a fresh copy of the backbone: the accuracy the loop recorded
-    task = load_tasks(["digits"], 0, 64, 32, backbone.img_size)[0]
-    x, y = model_inputs(task, backbone)["test"]
+    options = DataOptions(max_train=64, max_eval=32)
+    task = open_tasks(["digits"], 0, options)[0]
+    test = task_loaders(task, backbone.data, 32, 0, options)["test"]
     load_task(fresh, out / rows[0]["task_file"])
-    assert accuracy(predict(fresh, x), y) == rows[0]["test_acc"]
+    assert accuracy(*predict_loader(fresh, test)) == rows[0]["test_acc"]
