@@ -166,3 +166,20 @@ def test_every_method_through_the_loop(root, arch, method):
     test = task_loaders(task, backbone.data, 32, 0, options)["test"]
     load_task(fresh, out / rows[0]["task_file"])
     assert accuracy(*predict_loader(fresh, test)) == rows[0]["test_acc"]
+
+
+def test_single_template_banks_are_flagged():
+    """One template per bank: a coefficient only rescales its layer, and the BatchNorm after it undoes that."""
+    import weightgen
+    from weightgen.adapt.incremental import single_template_banks
+
+    def recast_with(templates: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model("resnet18", num_classes=10, channels=[8, 8, 8, 8])
+        weightgen.recast(model, weightgen.preset_config("recast-resnet", templates=templates), init="empty")
+        return model
+
+    assert single_template_banks(recast_with(1))
+    assert not single_template_banks(recast_with(2))
+    assert not single_template_banks(timm.create_model("test_resnet"))

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..artifact import CONFIG_FILE, RECAST_FILE, REPORT_FILE, load
+from ..bank import BANKS_ATTR, banks_of
 from ..data import MAX_EVAL, MAX_TRAIN
 from ..data.images import AUGMENTS, ImageConfig, image_config, make_loader, open_task
 from ..io import WeightgenError, read_json
@@ -352,6 +353,15 @@ def epochs_for(config: TrainConfig, batches: int, steps: int | None) -> int:
     return max(config.epochs, math.ceil(steps / max(1, batches)))
 
 
+def single_template_banks(model: nn.Module) -> bool:
+    """True when every bank of a recast ``model`` holds one template: each coefficient can then only
+    rescale its layer, which a following BatchNorm undoes, so coefficient-only training learns ~nothing."""
+    if model.__dict__.get(BANKS_ATTR) is None:
+        return False
+    counts = [bank.num_templates for bank in banks_of(model).values()]
+    return bool(counts) and max(counts) == 1
+
+
 def check_run(backbone: Backbone, method_name: str, tasks: list[str], seeds: list[int],
               options: DataOptions | None = None):
     """Every check that needs no training: the method exists and fits the backbone, the tasks load
@@ -365,7 +375,13 @@ def check_run(backbone: Backbone, method_name: str, tasks: list[str], seeds: lis
     options = options or DataOptions()
     options.validate()
     method = get_method(method_name)
-    method.check(backbone.model(recast_model=method.needs_recast))
+    model = backbone.model(recast_model=method.needs_recast)
+    method.check(model)
+    if method.needs_recast and single_template_banks(model):
+        log.warning("every bank of %s holds 1 template: its coefficients can only rescale layers, which the "
+                    "BatchNorm after them undoes; method %s will learn little beyond what it adds. Fit the "
+                    "backbone with more templates per bank (generate_weights.py --templates 2) or use "
+                    "recast-norm", backbone.path, method_name)
     return open_tasks(tasks, seeds[0], options)
 
 
