@@ -27,7 +27,7 @@ METHODS = ["linear", "recast", "recast-norm", "full", "lora", "recast+melo", "re
 TASKS = ["hue", "photo-patches"]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default=str(REPO / "outputs" / "bench_adapt_colour_cache"))
     p.add_argument("--out", default=str(REPO / "docs"))
@@ -38,7 +38,7 @@ def main() -> int:
     p.add_argument("--max-eval", type=int, default=500)
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--pretrain-max-train", type=int, default=4000)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)

@@ -109,7 +109,7 @@ def per_seed_mean(rows: list[dict], key: str) -> dict[int, float]:
     return {s: statistics.fmean(v) for s, v in out.items()}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default=str(REPO / "outputs" / "bench_adapt_defaults_cache"))
     p.add_argument("--out", default=str(REPO / "docs"))
@@ -130,7 +130,7 @@ def main() -> int:
     p.add_argument("--probe-methods", default="linear,recast", help="methods also run with the LP-FT probe head")
     p.add_argument("--render", metavar="PARTIAL_JSON",
                    help="only write the docs from an interrupted run's .partial.json (marked as partial)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.render:
         data = json.loads(Path(args.render).read_text())
         data["chosen"] = choose(data["sweep"])
