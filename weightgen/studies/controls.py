@@ -92,13 +92,17 @@ def rms_matched_init(model: nn.Module, meta: dict, skip: set[str] | None = None,
         factor = target / max(rms(init), 1e-12)
         weight = init.detach() * factor
         stats.append(_stat(layer, target, init, weight))
-        if in_place:
-            init.copy_(weight)
-            weights[f"{name}.weight"] = init
-        else:
-            weights[f"{name}.weight"] = weight
+        weights[f"{name}.weight"] = _place(init, weight, in_place)
     _warn_fallback(layers, fallback, kinds, "VAE")
     return weights, stats, fallback
+
+
+def _place(init: torch.Tensor, weight: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``weight`` written into the model's own tensor (in place: no second copy), or as it is."""
+    if not in_place:
+        return weight
+    init.copy_(weight)
+    return init
 
 
 # ---- PPCA prior ---------------------------------------------------------------------------------
@@ -271,11 +275,7 @@ def ppca_sample_weights(model: nn.Module, ppca: PPCAPrior, meta: dict, seed: int
         target = predict_scale(meta["scale_model"], kind, shape, depth)
         weight.mul_(target / max(rms(weight), 1e-12))
         stats.append(_stat(layer, target, init, weight))
-        if in_place:
-            init.copy_(weight)
-            weights[f"{name}.weight"] = init
-        else:
-            weights[f"{name}.weight"] = weight
+        weights[f"{name}.weight"] = _place(init, weight, in_place)
     _warn_fallback(layers, fallback, kinds, "VAE/PPCA")
     return weights, stats, fallback
 
