@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 
-import weightgen as wg
 from weightgen.cli import run_cli
 
 from _scripts import load_script
@@ -41,11 +41,14 @@ def run(argv: list, capsys) -> tuple[int, str, str]:
 
 
 def make_backbone(path: Path) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", in_chans=1)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    wg.recast(model)
-    wg.save(model, path, wg.fit(model, state), arch="test_resnet", model_kwargs={"in_chans": 1})
+    """A recast test_resnet artifact, made the way a user makes one: a checkpoint through generate_weights.py."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        checkpoint = path.parent / "test_resnet.safetensors"
+        save_file(timm.create_model("test_resnet", in_chans=1).state_dict(), str(checkpoint))
+    generate = load_script("scripts/generate_weights.py")
+    assert generate.main(["--arch", "test_resnet", "--checkpoint", str(checkpoint), "--model-kwargs", "in_chans=1",
+                          "--out", str(path)]) == 0
     return path
 
 

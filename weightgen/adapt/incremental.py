@@ -277,32 +277,30 @@ def plain_train_loader(task, cfg: ImageConfig, seed: int, options: DataOptions,
 
 
 @torch.no_grad()
-def predict_loader(model: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits on the CPU, labels) over ``loader``, the model in eval mode on its own device."""
+def _over_loader(fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module,
+                 loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``fn(inputs)`` over ``loader`` on the CPU as float, labels), the model in eval mode on its device."""
     model.eval()
     device = next(model.parameters()).device
-    logits, labels = [], []
+    outs, labels = [], []
     for x, y in loader:
-        logits.append(model(x.to(device, non_blocking=True)).float().cpu())
+        outs.append(fn(x.to(device, non_blocking=True)).float().flatten(1).cpu())
         labels.append(y)
-    return torch.cat(logits), torch.cat(labels)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def predict_loader(model: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits on the CPU, labels) over ``loader``, the model in eval mode on its own device."""
+    return _over_loader(model, model, loader)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).sum().item() / max(1, len(labels))
 
 
-@torch.no_grad()
 def features(model: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-logit features (timm's ``forward_head(pre_logits=True)``) and labels, in eval mode."""
-    model.eval()
-    device = next(model.parameters()).device
-    feats, labels = [], []
-    for x, y in loader:
-        f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)
-        feats.append(f.float().flatten(1).cpu())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    return _over_loader(lambda x: model.forward_head(model.forward_features(x), pre_logits=True), model, loader)
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-3,
