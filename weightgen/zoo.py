@@ -61,8 +61,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from weightgen.classifier import evaluate, reestimate_batchnorm, train_classifier
-from weightgen.data import TensorSplits, model_splits
-from weightgen.io import WeightgenError, atomic_directory
+from weightgen.data import TensorSplits, get_task, model_splits, to_model_input
+from weightgen.ensemble import EnsembleConfig, train_single, weight_cosines
+from weightgen.ensemble import evaluate as ensemble_evaluate
+from weightgen.ensemble import reestimate_batchnorm as ensemble_reestimate_batchnorm
+from weightgen.io import WeightgenError, atomic_directory, check_output_dir
 from weightgen.models import small_input_kwargs
 
 log = logging.getLogger(__name__)
@@ -531,7 +534,6 @@ RESUMABLE_PRESETS = ("structured", "tiny_structured")  # built through build_zoo
 def structured_data(task: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A ``weightgen.data`` task at ``ZOO_IMAGE_SIZE`` px, one channel, every training image (no cap),
     split by ``ZOO_DATA_SEED``: {stage: (inputs, labels)}. Cached: callers must not modify the tensors."""
-    from weightgen.data import get_task, to_model_input
 
     t = get_task(task, ZOO_DATA_SEED, max_train=None)
     return {stage: (to_model_input(t.split(stage)[0], 1, ZOO_IMAGE_SIZE), t.split(stage)[1])
@@ -562,8 +564,6 @@ def _train_structured(spec: ZooSpec, out_dir: Path, device) -> dict:
 
     from safetensors.torch import save as st_save
 
-    from weightgen.ensemble import EnsembleConfig, evaluate, reestimate_batchnorm, train_single, weight_cosines
-
     data = structured_data(spec.task)
     with torch.random.fork_rng(devices=[]):  # seeded init and in-model randomness; caller's RNG untouched
         torch.manual_seed(spec.seed)
@@ -572,7 +572,7 @@ def _train_structured(spec: ZooSpec, out_dir: Path, device) -> dict:
         model.to(device)
         cfg = EnsembleConfig(steps=spec.steps, batch_size=spec.batch_size, optimizer=spec.optimizer)
         losses = train_single(model, data["train"], cfg, spec.lr, spec.weight_decay, spec.seed, spec.aug)
-        reestimate_batchnorm(model, data["train"][0])
+        ensemble_reestimate_batchnorm(model, data["train"][0])
     cos = weight_cosines(model, init)
     layers = [dict(rec, cos_init=round(cos[rec["name"]], 6)) for rec in layer_records(model)]
     recent = losses[-10:]
@@ -582,7 +582,8 @@ def _train_structured(spec: ZooSpec, out_dir: Path, device) -> dict:
         "weight_decay": spec.weight_decay, "aug": spec.aug, "schedule": "onecycle",
         "task": spec.task, "split": spec.split, "family": spec.family,
         "final_loss": sum(recent) / len(recent),
-        "val_accuracy": evaluate(model, *data["val"]), "test_accuracy": evaluate(model, *data["test"]),
+        "val_accuracy": ensemble_evaluate(model, *data["val"]),
+        "test_accuracy": ensemble_evaluate(model, *data["test"]),
         "cos_init_median": round(statistics.median(cos.values()), 6),
         "params": sum(p.numel() for p in model.parameters()), "layers": layers,
     }
@@ -700,7 +701,6 @@ def build_zoo_resumable(out_dir: str | os.PathLike, specs: list[ZooSpec], shard:
 
     from tqdm.auto import tqdm
 
-    from weightgen.io import check_output_dir
 
     _check_specs(specs)
     if jobs < 1:

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..io import atomic_directory, check_output_dir
 from ..vae.codec import DEPTH_BUCKETS, depth_bucket, rms, weight_layers
 from ..vae.prior import trained_kinds
 from ..vae.store import predict_scale
@@ -208,7 +209,7 @@ def zoo_token_records(models: list[dict], token_size: int = TOKEN_SIZE, max_toke
     tokens per layer (a seeded subset, as the VAE's latent density uses), so big layers do not
     swamp a cell.
     """
-    from ..vae.train import iter_layers
+    from ..vae.train import iter_layers  # deferred: vae.train imports pytorch_lightning (seconds)
 
     gen = torch.Generator().manual_seed(seed)
     for _, layer, kind, weight in iter_layers(models):
@@ -223,7 +224,7 @@ def fit_ppca_on_zoo(zoo, latent_dim: int, token_size: int = TOKEN_SIZE, seed: in
     """PPCA fitted on the train split of a zoo: models marked ``split: heldout`` (and their
     checkpoints) are left out, as the VAE's training leaves them; a zoo without marks is split by
     :func:`weightgen.vae.data.split_by_model`."""
-    from ..vae.data import list_zoo, split_by_model
+    from ..vae.data import list_zoo, split_by_model  # deferred: imports pytorch_lightning (seconds)
 
     models = list_zoo(zoo)
     if all("split" in m for m in models):  # a field zoo, or part of one: the marks decide
@@ -282,7 +283,6 @@ def ppca_sample_weights(model: nn.Module, ppca: PPCAPrior, meta: dict, seed: int
 
 def save_ppca(ppca: PPCAPrior, out_dir, overwrite: bool = False) -> Path:
     """Write ``out_dir/ppca.safetensors`` + ``out_dir/ppca.json`` atomically (never pickle)."""
-    from ..io import atomic_directory, check_output_dir
 
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite, kind=PPCA_KIND)
