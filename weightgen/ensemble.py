@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
+from .metrics import cosine
+
 __all__ = ["EnsembleConfig", "onecycle_factor", "augment", "train_ensemble", "train_single",
            "reestimate_batchnorm", "evaluate", "weight_cosines"]
 
@@ -240,7 +242,5 @@ def weight_cosines(model: nn.Module, init: dict[str, torch.Tensor]) -> dict[str,
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            a = mod.weight.detach().double().flatten().cpu()
-            b = init[f"{name}.weight"].double().flatten().cpu()
-            out[name] = float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
+            out[name] = cosine(mod.weight.cpu(), init[f"{name}.weight"].cpu())
     return out

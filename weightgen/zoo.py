@@ -701,7 +701,6 @@ def build_zoo_resumable(out_dir: str | os.PathLike, specs: list[ZooSpec], shard:
 
     from tqdm.auto import tqdm
 
-
     _check_specs(specs)
     if jobs < 1:
         raise ZooError(f"jobs must be at least 1, got {jobs}")
