@@ -143,3 +143,21 @@ def test_row_permutations_follow_the_epoch_in_persistent_workers(tmp_path, worke
         assert torch.equal(values, want), f"epoch {epoch}"
         seen.append(values)
     assert not torch.equal(seen[0], seen[1])
+
+
+def test_row_permutations_follow_the_epoch_under_ddp_sampler_wrapping(tmp_path):
+    """Under DDP Lightning wraps the sampler (whose set_epoch stops at the wrapper before Lightning 2.6):
+    the module's own set_epoch, called by the LightningModule each epoch, reaches it on any version."""
+    from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+    from torch.utils.data import DataLoader
+
+    make_fake_zoo(tmp_path / "zoo", n_models=4)
+    dm = ZooDataModule(tmp_path / "zoo", batch_size=8, window=4, permute_rows=True, seed=3)
+    dm.setup()
+    plain = dm.train_dataloader()
+    wrapped = DataLoader(plain.dataset, batch_size=8,
+                         sampler=DistributedSamplerWrapper(plain.sampler, num_replicas=1, rank=0, shuffle=False))
+    first = torch.cat([b["values"] for b in wrapped])
+    dm.set_epoch(1)
+    assert {int(e) for e, _ in wrapped.sampler} == {1}
+    assert not torch.equal(torch.cat([b["values"] for b in wrapped]), first)

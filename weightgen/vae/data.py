@@ -299,6 +299,7 @@ class ZooDataModule(pl.LightningDataModule):
         self.val_ids: list[str] = []
         self.train_set: ZooTokenDataset | None = None
         self.val_set: ZooTokenDataset | None = None
+        self._epoch_sampler: EpochSampler | None = None  # the train loader's, for set_epoch
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -319,13 +320,23 @@ class ZooDataModule(pl.LightningDataModule):
     def _loader(self, ds: ZooTokenDataset, shuffle: bool) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
         order = RandomSampler(ds, generator=gen) if shuffle else SequentialSampler(ds)
+        if ds.permute_rows:
+            order = self._epoch_sampler = EpochSampler(order)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            sampler=EpochSampler(order) if ds.permute_rows else order,
+            sampler=order,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the row permutations, set on this module's own sampler: under DDP Lightning
+        wraps it in a DistributedSamplerWrapper, whose ``set_epoch`` reaches it only from Lightning 2.6."""
+        if self._epoch_sampler is not None:
+            self._epoch_sampler.set_epoch(epoch)
+        if self.train_set is not None:
+            self.train_set.set_epoch(epoch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

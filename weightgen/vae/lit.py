@@ -102,10 +102,10 @@ class LitWeightVAE(pl.LightningModule):
         return out["loss"]
 
     def on_train_epoch_start(self) -> None:
-        # fresh row permutations (augmentation) for the windowed zoo dataset
-        dataset = getattr(getattr(self.trainer, "datamodule", None), "train_set", None)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.current_epoch)
+        # fresh row permutations (augmentation) for the windowed zoo dataset, DDP's wrapped sampler too
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
 
     def training_step(self, batch, batch_idx):
         return self._common_step(batch, "train")
