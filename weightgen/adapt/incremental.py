@@ -378,8 +378,8 @@ def check_run(backbone: Backbone, method_name: str, tasks: list[str], seeds: lis
     if method.needs_recast and single_template_banks(model):
         log.warning("every bank of %s holds 1 template: its coefficients can only rescale layers, which the "
                     "BatchNorm after them undoes; method %s will learn little beyond what it adds. Fit the "
-                    "backbone with more templates per bank (generate_weights.py --templates 2) or use "
-                    "recast-norm", backbone.path, method_name)
+                    "backbone with more templates per bank (generate_weights.py --templates 2; a backbone fitted "
+                    "with the recast-resnet preset today gets at least 2) or use recast-norm", backbone.path, method_name)
     return open_tasks(tasks, seeds[0], options)
 
 
