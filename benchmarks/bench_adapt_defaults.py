@@ -273,9 +273,19 @@ def notes(data: dict, finals: dict, diff) -> list[str]:
     for m, head in finals:
         if m.startswith("recast") and head == "random" and ("linear", "random") in finals:
             mean, half = diff((m, "random"), ("linear", "random"))
-            verdict = ("above 0: met" if mean - half > 0 else "below 0" if mean + half < 0 else "includes 0: not met")
+            verdict = "is above 0" if mean - half > 0 else "is below 0" if mean + half < 0 else "includes 0"
+            target = (": the target is " + ("met" if mean - half > 0 else "not met")) if m == "recast" else ""
             out.append(f"- `{m}` - `linear`: {100 * mean:+.1f} +- {100 * half:.1f} points over "
-                       f"{len(finals[(m, head)])} seeds; the interval {verdict}.")
+                       f"{len(finals[(m, head)])} seeds; the interval {verdict}{target}.")
+    tested = {m for m, _ in finals}
+    for m in dict.fromkeys(r["method"] for r in data["sweep"]):
+        if m not in tested:
+            val = statistics.fmean(r["val_acc"] for r in data["sweep"] if r["method"] == m and r["lr"] == data["chosen"][m])
+            out.append(f"- `{m}`: swept only (best validation {val:.3f} at lr {data['chosen'][m]:g}); not carried "
+                       "to the test stage.")
+    if len(data.get("parts", [])) > 1:
+        out.append("- The parts ran in parallel on a shared machine: training seconds are not comparable between "
+                   "methods.")
     if ("linear", "random") in finals and ("logreg", "-") in finals:
         mean, half = diff(("linear", "random"), ("logreg", "-"))
         out.append(f"- `linear` - logistic regression: {100 * mean:+.1f} +- {100 * half:.1f} points; "
