@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -243,12 +244,12 @@ def commands(data: dict) -> str:
     out = ["Merged with `--render` from runs made in parallel on this backbone (1 thread each):", ""]
     for part in data["parts"]:
         secs = f" ({part['seconds'] / 60:.0f} min)" if part.get("seconds") else " (partial)"
-        out.append(f"- `python benchmarks/bench_adapt_defaults.py {' '.join(part['argv'])}`{secs}" if part.get("argv")
+        out.append(f"- `python benchmarks/bench_adapt_defaults.py {shlex.join(part['argv'])}`{secs}" if part.get("argv")
                    else f"- a run with settings {part['settings']}{secs}")
         if part.get("resumed"):
             r = part["resumed"]
             out.append(f"  - its sweep rows reused from a run with "
-                       + (f"`{' '.join(r['argv'])}`" if r.get("argv") else f"settings {r.get('settings')}"))
+                       + (f"`{shlex.join(r['argv'])}`" if r.get("argv") else f"settings {r.get('settings')}"))
     return "\n".join(out)
 
 
