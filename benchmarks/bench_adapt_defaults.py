@@ -214,7 +214,8 @@ def merge(runs: list[dict]) -> dict:
     logistic regression from the first run that has it, seconds summed (CPU time of the parts).
 
     Runs on other banks of the same source are merged only when every fit is exact (the same dense
-    model); their methods are then named with their bank layout, e.g. 'recast [8/2, ...]'."""
+    model); their methods are then named with their bank layout, e.g. 'recast [8/2, ...]', and runs with
+    another step budget with it, e.g. 'recast [450 steps]'."""
     if len({(r["arch"], json.dumps(r["kwargs"]), r["settings"]["pretrain_epochs"]) for r in runs}) > 1:
         raise ValueError("the runs were made on different backbones")
     first = runs[0].get("banks")
@@ -222,10 +223,12 @@ def merge(runs: list[dict]) -> dict:
         raise ValueError("the runs were made on different banks, not all exact fits")
     data = dict(runs[0])
     data["parts"] = [{k: r.get(k) for k in ("argv", "settings", "resumed", "seconds", "banks")} for r in runs]
-    for r in runs:
-        if r.get("banks") != first:
-            for row in r["sweep"] + r["final"]:
-                row["method"] = f"{row['method']} [{r['banks'].split(', ')[0]}, ...]"
+    steps = runs[0]["settings"]["steps"]
+    for r in runs:  # a variant's rows are named by what differs: its banks, its step budget
+        label = [f"{r['banks'].split(', ')[0]}, ..."] if r.get("banks") != first else []
+        label += [f"{r['settings']['steps']} steps"] if r["settings"]["steps"] != steps else []
+        for row in (r["sweep"] + r["final"]) if label else []:
+            row["method"] = f"{row['method']} [{'; '.join(label)}]"
     for key in ("sweep", "final"):
         data[key] = [row for r in runs for row in r[key]]
         ids = [(row["method"], row["lr"], row["seed"], row["task"], row.get("head_init")) for row in data[key]]
