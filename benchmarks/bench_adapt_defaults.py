@@ -9,6 +9,7 @@ as a user's small folder): the step budget (``--steps``) must give enough update
 
     python benchmarks/bench_adapt_defaults.py   # docs/adapt_defaults.{md,json} (~15 min, 1 thread)
     python benchmarks/bench_adapt_defaults.py --render docs/adapt_defaults.json  # only re-write the Markdown
+    python benchmarks/bench_adapt_defaults.py --render A.json B.json  # merge runs made in parallel
 
 Stage 1 (selection): every method x lr, ``--sweep-seeds`` seeds, mean VALIDATION accuracy over the
 tasks; the best lr per method is its default. Stage 2 (report): the chosen lr per method with
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -35,19 +37,31 @@ LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 TASKS = ["latin", "mnist"]
 
 
-def backbone(cache: Path, pre_epochs: int) -> Path:
+def backbone(cache: Path, pre_epochs: int, templates: int | None = None, coef_sets: int = 2) -> Path:
     from weightgen.adapt.pretrain import pretrain
+    from weightgen.config import preset_config
     from weightgen.generate import GenerateOptions, generate
 
     key = hashlib.sha256(json.dumps([ARCH, KWARGS, pre_epochs, "images/1"]).encode()).hexdigest()[:8]
     root = cache / f"{ARCH}-w16-{key}"
     src, info, _ = pretrain(ARCH, root / "src", epochs=pre_epochs, img_size=32, seed=0, model_kwargs=KWARGS,
                             max_train=4000, max_eval=1000)
-    art = root / "art"
+    # the banks' config in the name: a change of preset or --templates never reuses older banks
+    config = preset_config(PRESET, templates=templates, coef_sets=coef_sets).to_dict()
+    art = root / f"art-{hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]}"
     if not (art / "report.json").is_file():
         generate(GenerateOptions(arch=ARCH, checkpoint=str(src / "model.safetensors"), model_kwargs=info["model_kwargs"],
-                                 preset=PRESET, out=str(art), overwrite=True))
+                                 preset=PRESET, templates=templates, coef_sets=coef_sets, out=str(art), overwrite=True))
     return art
+
+
+def bank_layout(art: Path) -> str:
+    """'templates/layers' per bank, from the artifact's report."""
+    report = json.loads((art / "report.json").read_text())
+    layers: dict[str, int] = {}
+    for row in report["layers"]:
+        layers[row["group"]] = layers.get(row["group"], 0) + 1
+    return ", ".join(f"{report['templates_per_bank'][g]}/{n}" for g, n in layers.items())
 
 
 def run(bb, method: str, lr: float, seeds: list[int], args, head_init: str = "random") -> list[dict]:
@@ -119,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--pretrain-epochs", type=int, default=4)
+    p.add_argument("--templates", type=int, help="templates per bank (default: the preset's rule)")
+    p.add_argument("--coef-sets", type=int, default=2, help="K coefficient sets per layer")
     p.add_argument("--sweep-seeds", default="0")
     p.add_argument("--seeds", default="42,1998,3142592")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -126,15 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", help="a .partial.json of an interrupted run with the same settings: its rows are reused")
     p.add_argument("--max-lr", action="append", default=["full=0.003", "lora=0.01", "recast-norm=0.03"], metavar="METHOD=LR",
                    help="skip lrs above LR for METHOD in the sweep (e.g. full=0.01: AdamW on every weight)")
-    p.add_argument("--final-methods", default="linear,recast", help="methods of stage 2 (default: all of --methods)")
+    p.add_argument("--final-methods", default="linear,recast",
+                   help="methods of stage 2 ('' = all of --methods; 'none' = the sweep only, no logistic regression)")
     p.add_argument("--probe-methods", default="linear,recast", help="methods also run with the LP-FT probe head")
-    p.add_argument("--render", metavar="PARTIAL_JSON",
-                   help="only write the docs from an interrupted run's .partial.json (marked as partial)")
+    p.add_argument("--render", metavar="JSON", nargs="+",
+                   help="only write the docs from finished runs' .json files (merged: e.g. one per method, run in "
+                        "parallel on the same backbone) or an interrupted run's .partial.json (marked as partial)")
     args = p.parse_args(argv)
     if args.render:
-        data = json.loads(Path(args.render).read_text())
-        data["chosen"] = choose(data["sweep"])
-        data["partial"] = "seconds" not in data
+        try:
+            data = merge([json.loads(Path(f).read_text()) for f in args.render])
+        except (OSError, ValueError, KeyError) as err:
+            print(f"error: --render: {err}", file=sys.stderr)
+            return 2
         write_outputs(args.out, args.stem, markdown(data), data)
         return 0
     import torch
@@ -143,14 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     from weightgen.adapt.incremental import open_backbone
 
     start = time.perf_counter()
-    bb = open_backbone(backbone(Path(args.cache), args.pretrain_epochs))
+    art = backbone(Path(args.cache), args.pretrain_epochs, args.templates, args.coef_sets)
+    bb = open_backbone(art)
     methods, lrs = args.methods.split(","), [float(x) for x in args.lrs.split(",")]
     sweep_seeds, seeds = [int(s) for s in args.sweep_seeds.split(",")], [int(s) for s in args.seeds.split(",")]
     data = {"settings": vars(args), "arch": ARCH, "kwargs": KWARGS, "tasks": TASKS, "machine": machine_info(),
+            "banks": bank_layout(art), "argv": list(sys.argv[1:] if argv is None else argv),
             "sweep": [], "final": [], "logreg": []}
     partial = Path(args.cache) / f"{args.stem}.partial.json"
     partial.parent.mkdir(parents=True, exist_ok=True)
-    done = json.loads(Path(args.resume).read_text())["sweep"] if args.resume else []
+    resumed = json.loads(Path(args.resume).read_text()) if args.resume else {}
+    done = resumed.get("sweep", [])
+    if resumed:  # where the reused rows came from
+        data["resumed"] = {"file": args.resume, "argv": resumed.get("argv"), "settings": resumed.get("settings")}
     caps = {k: float(v) for k, v in (x.split("=") for x in args.max_lr)}
     data["sweep_skipped"] = {m: [lr for lr in lrs if lr > caps[m]] for m in caps}
     for method in methods:
@@ -165,16 +190,112 @@ def main(argv: list[str] | None = None) -> int:
             partial.write_text(json.dumps(data, indent=1))
             print(f"[{time.perf_counter() - start:.0f}s] sweep {method} lr {lr:g}", flush=True)
     data["chosen"] = chosen = choose(data["sweep"])
-    for method in (args.final_methods.split(",") if args.final_methods else methods):
+    finals = [] if args.final_methods == "none" else args.final_methods.split(",") if args.final_methods else methods
+    for method in finals:
         for head in ("random", "probe") if method in args.probe_methods.split(",") else ("random",):
             data["final"] += run(bb, method, chosen[method], seeds, args, head)
             partial.write_text(json.dumps(data, indent=1))
             print(f"[{time.perf_counter() - start:.0f}s] final {method} {head}", flush=True)
-    data["logreg"] = logistic_baseline(bb, seeds, args)
+    data["logreg"] = logistic_baseline(bb, seeds, args) if finals else []
     data["seconds"] = time.perf_counter() - start
     write_outputs(args.out, args.stem, markdown(data), data)
     partial.unlink(missing_ok=True)
     return 0
+
+
+def exact(banks: str | None) -> bool:
+    """Whether every bank of a layout 't/l, t/l, ...' has at least as many templates as layers: the
+    closed-form fit is then exact, and the dense model (what linear, lora and full train) the source's."""
+    return bool(banks) and all(int(t) >= int(n) for t, n in (b.split("/") for b in banks.split(", ")))
+
+
+def merge(runs: list[dict]) -> dict:
+    """One record from runs on the same backbone: rows concatenated (a row twice is an error), the
+    logistic regression from the first run that has it, seconds summed (CPU time of the parts).
+
+    Runs on other banks of the same source are merged only when every fit is exact (the same dense
+    model); their methods are then named with their bank layout, e.g. 'recast [8/2, ...]', and runs with
+    another step budget with it, e.g. 'recast [450 steps]'."""
+    if len({(r["arch"], json.dumps(r["kwargs"]), r["settings"]["pretrain_epochs"]) for r in runs}) > 1:
+        raise ValueError("the runs were made on different backbones")
+    first = runs[0].get("banks")
+    if any(r.get("banks") != first for r in runs) and not all(exact(r.get("banks")) for r in runs):
+        raise ValueError("the runs were made on different banks, not all exact fits")
+    data = dict(runs[0])
+    data["parts"] = [{k: r.get(k) for k in ("argv", "settings", "resumed", "seconds", "banks")} for r in runs]
+    steps = runs[0]["settings"]["steps"]
+    for r in runs:  # a variant's rows are named by what differs: its banks, its step budget
+        label = [f"{r['banks'].split(', ')[0]}, ..."] if r.get("banks") != first else []
+        label += [f"{r['settings']['steps']} steps"] if r["settings"]["steps"] != steps else []
+        for row in (r["sweep"] + r["final"]) if label else []:
+            row["method"] = f"{row['method']} [{'; '.join(label)}]"
+    for key in ("sweep", "final"):
+        data[key] = [row for r in runs for row in r[key]]
+        ids = [(row["method"], row["lr"], row["seed"], row["task"], row.get("head_init")) for row in data[key]]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a {key} row appears in two runs")
+    data["logreg"] = next((r["logreg"] for r in runs if r.get("logreg")), [])
+    data["chosen"] = choose(data["sweep"])
+    data["partial"] = any("seconds" not in r for r in runs)
+    if not data["partial"]:
+        data["seconds"] = sum(r["seconds"] for r in runs)
+    return data
+
+
+def commands(data: dict) -> str:
+    """The commands of a merged record: each part, and the run its sweep rows were reused from."""
+    out = ["Merged with `--render` from runs made in parallel on this backbone (1 thread each):", ""]
+    for part in data["parts"]:
+        secs = f" ({part['seconds'] / 60:.0f} min)" if part.get("seconds") else " (partial)"
+        out.append(f"- `python benchmarks/bench_adapt_defaults.py {shlex.join(part['argv'])}`{secs}" if part.get("argv")
+                   else f"- a run with settings {part['settings']}{secs}")
+        if part.get("resumed"):
+            r = part["resumed"]
+            out.append(f"  - its sweep rows reused from a run with "
+                       + (f"`{shlex.join(r['argv'])}`" if r.get("argv") else f"settings {r.get('settings')}"))
+    return "\n".join(out)
+
+
+def notes(data: dict, finals: dict, diff) -> list[str]:
+    """What the tables say, in sentences computed from them (the bank mechanics are tested in
+    tests/test_presets.py)."""
+    swept = {r["method"] for r in data["sweep"]}
+    out = ["- The sweep has one seed per lr; differences between neighbouring lrs below ~0.01 are within seed noise."]
+    missing = [m for m in METHODS if m not in swept]
+    if missing:
+        out.append(f"- Not swept in this record: {', '.join(missing)}. Their adapt.py defaults were chosen by an "
+                   "earlier run of this benchmark on the same source checkpoint fitted with 1 template per bank "
+                   "(a compressed fit, so a slightly different dense model); see this file's git history.")
+    if exact(data.get("banks")):
+        out.append("- Banks: `recast-resnet` gives every bank of >= 2 layers at least 2 templates (`min_templates=2`). "
+                   "Before, each ResNet-18 bank (2 layers) held 1 template: a coefficient could only rescale its "
+                   "conv, which the BatchNorm after it undoes (relative coefficient gradients ~1e-5), and `recast` "
+                   "equalled `linear` to the last digit. With 2 templates for 2 layers the fit is exact and a "
+                   "coefficient can turn its conv's weight within the plane of its block's two fitted convs; "
+                   "BatchNorm still removes the scale, so each layer has about one useful direction per "
+                   "coefficient set average (8 layers here).")
+    for m, head in finals:
+        if m.startswith("recast") and head == "random" and ("linear", "random") in finals:
+            mean, half = diff((m, "random"), ("linear", "random"))
+            verdict = "is above 0" if mean - half > 0 else "is below 0" if mean + half < 0 else "includes 0"
+            target = (": the target is " + ("met" if mean - half > 0 else "not met")) if m == "recast" else ""
+            out.append(f"- `{m}` - `linear`: {100 * mean:+.1f} +- {100 * half:.1f} points over "
+                       f"{len(finals[(m, head)])} seeds; the interval {verdict}{target}.")
+    tested = {m for m, _ in finals}
+    for m in dict.fromkeys(r["method"] for r in data["sweep"]):
+        if m not in tested:
+            val = statistics.fmean(r["val_acc"] for r in data["sweep"] if r["method"] == m and r["lr"] == data["chosen"][m])
+            out.append(f"- `{m}`: swept only (best validation {val:.3f} at lr {data['chosen'][m]:g}); not carried "
+                       "to the test stage.")
+    if len(data.get("parts", [])) > 1:
+        out.append("- The parts ran in parallel on a shared machine: training seconds are not comparable between "
+                   "methods.")
+    if ("linear", "random") in finals and ("logreg", "-") in finals:
+        mean, half = diff(("linear", "random"), ("logreg", "-"))
+        out.append(f"- `linear` - logistic regression: {100 * mean:+.1f} +- {100 * half:.1f} points; "
+                   + ("within 3 points on the mean" if mean > -0.03 else "more than 3 points below on the mean")
+                   + ("." if mean - half > -0.03 else ", and the interval reaches below -3."))
+    return out
 
 
 def choose(sweep: list[dict]) -> dict[str, float]:
@@ -191,13 +312,16 @@ def markdown(data: dict) -> str:
     s = data["settings"]
     lines = ["# Per-method defaults for adapt.py", "",
              f"Backbone: {data['arch']} {data['kwargs']} pretrained by weightgen.adapt.pretrain on the source glyph "
-             f"task ({s['pretrain_epochs']} epochs, 32 px, grayscale), banks by closed form (preset recast-resnet). "
+             f"task ({s['pretrain_epochs']} epochs, 32 px, grayscale), banks by closed form (preset recast-resnet, "
+             f"templates/layers per bank: {data.get('banks', '1/2 each (before min_templates)')}, "
+             f"K={s.get('coef_sets', 2)}). "
              f"Tasks {', '.join(data['tasks'])}, {s['max_train']} training / {s['max_eval']} validation and test "
              f"images each, batch {s['batch_size']}, a {s['steps']}-step budget. "
-             f"Command: `python benchmarks/bench_adapt_defaults.py` "
-             + (f"({data['seconds'] / 60:.0f} min, 1 thread)." if "seconds" in data else
-                "(**partial**: interrupted at the deadline on a shared, overloaded 2-core machine; rendered with "
-                "--render from its .partial.json; the missing rows were not run).") + f" Settings: {s}", "",
+             + (commands(data) if len(data.get("parts", [])) > 1 else
+                f"Command: `python benchmarks/bench_adapt_defaults.py` "
+                + (f"({data['seconds'] / 60:.0f} min, 1 thread)." if "seconds" in data else
+                   "(**partial**: interrupted at the deadline on a shared, overloaded 2-core machine; rendered with "
+                   "--render from its .partial.json; the missing rows were not run).") + f" Settings: {s}"), "",
              f"## 1. Selection: mean VALIDATION accuracy over tasks and seeds {s['sweep_seeds']}", ""]
     lrs = sorted({r["lr"] for r in data["sweep"]})
     methods = list(dict.fromkeys(r["method"] for r in data["sweep"]))
@@ -250,22 +374,15 @@ def markdown(data: dict) -> str:
                         ("recast - linear (random heads)", ("recast", "random"), ("linear", "random")),
                         ("recast - linear (probe heads)", ("recast", "probe"), ("linear", "probe")),
                         ("recast: probe - random head", ("recast", "probe"), ("recast", "random")),
-                        ("full: probe - random head", ("full", "probe"), ("full", "random"))]:
+                        ("full: probe - random head", ("full", "probe"), ("full", "random"))] + [
+            (f"{m} - linear (random heads)", (m, "random"), ("linear", "random"))
+            for m, _ in finals if m.startswith("recast") and m != "recast"]:
         if a in finals and b in finals:
             m, h = diff(a, b)
             lines.append(f"- {label}: {m:+.3f} +- {h:.3f}")
     lines += ["", "Targets: `linear` within 3 points of the logistic regression (its difference > -0.03); "
               "`recast` above `linear` by more than the seed-to-seed spread (interval above 0).", "",
-              "## Notes", "",
-              "- The sweep has one seed per lr; differences between neighbouring lrs below ~0.01 are within "
-              "seed noise. `full` and `lora` were swept only up to 3e-3 and 1e-2 (AdamW on every weight: higher "
-              "lrs were skipped for time), so their chosen lr sits at the edge of what was tried.",
-              "- On this backbone every RECAST bank holds one template, so each coefficient only rescales one "
-              "conv's weight, and the BatchNorm after it (batch statistics in training) cancels a rescale: the "
-              "coefficients' gradients are ~1e-8, and `recast` trains only its head, like `linear` (same "
-              "accuracy to the last digit at low lr). This is a property of the banks, not of the lr: "
-              "banks with more than one template (shared templates, `--templates`, extra templates) or "
-              "`recast-norm` (which trains the norms) are what give coefficient-only adaptation room.", ""]
+              "## Notes", "", *notes(data, finals, diff), ""]
     return "\n".join(lines) + "\n"
 
 

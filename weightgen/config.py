@@ -31,9 +31,12 @@ PRESETS: dict[str, dict] = {
     },
     # RECAST-resnet (the seed's): the first block of each stage stays dense; conv1/conv2 of the other
     # blocks of a stage share one bank (same shape in a BasicBlock stage) of half as many templates as
-    # layers: 2*(blocks-1) layers -> blocks-1 templates. ResNet-34, K=2: 4*(2*2)+6*(2*3)+10*(2*5)+4*(2*2)
-    # = 168 coefficients per task (stages of 3, 4, 6, 3 blocks); ResNet-18: 16.
-    "recast-resnet": {"target_modules": LATER_BLOCK_CONV12, "layer_types": ("conv",), "template_ratio": 0.5},
+    # layers, at least 2: 2*(blocks-1) layers -> max(2, blocks-1) templates. One template would let a
+    # coefficient only rescale its conv, which the BatchNorm after it undoes. ResNet-34, K=2:
+    # 4*(2*2)+6*(2*3)+10*(2*5)+4*(2*2) = 168 coefficients per task (stages of 3, 4, 6, 3 blocks);
+    # ResNet-18 (stages of 2 blocks: banks of 2 layers, 2 templates): 4*(2*2*2) = 32.
+    "recast-resnet": {"target_modules": LATER_BLOCK_CONV12, "layer_types": ("conv",), "template_ratio": 0.5,
+                      "min_templates": 2},
     # every Linear/Conv2d except the classifier head (excluded at match time)
     "all": {"target_modules": None, "layer_types": ("linear", "conv")},
 }
@@ -54,8 +57,12 @@ class RecastConfig:
     exclude_head: bool = True  # keep the classifier head dense (it changes per task)
     layers_per_group: int | None = None  # cap on consecutive same-shape layers per bank; None = all
     templates: int | None = None  # templates per bank; None = layers in the group (exact fit)
-    # templates per bank as a share of its layers: n = max(1, ceil(ratio * layers)); exclusive with templates
+    # templates per bank as a share of its layers: n = max(ceil(ratio * layers), min(min_templates, layers));
+    # exclusive with templates
     template_ratio: float | None = None
+    # floor of the template_ratio rule, capped at the bank's layer count. Default 1 (what artifacts written
+    # before this field was recorded were fitted with); recast-resnet uses 2 (see PRESETS)
+    min_templates: int = 1
     # templates appended after fitting (weightgen.adapt.extend_banks; their coefficients start at zero);
     # recorded so that loading rebuilds banks of the right size
     extra_templates: int = 0
@@ -72,6 +79,10 @@ class RecastConfig:
             raise ValueError(f"template_ratio must be > 0, got {self.template_ratio}")
         if self.template_ratio is not None and self.templates is not None:
             raise ValueError("pass either templates or template_ratio, not both")
+        if self.min_templates < 1:
+            raise ValueError(f"min_templates must be >= 1, got {self.min_templates}")
+        if self.min_templates > 1 and self.template_ratio is None:
+            raise ValueError("min_templates is the floor of template_ratio; pass template_ratio with it")
         if self.extra_templates < 0:
             raise ValueError(f"extra_templates must be >= 0, got {self.extra_templates}")
         if self.layers_per_group is not None and self.layers_per_group < 1:
@@ -101,7 +112,7 @@ class RecastConfig:
         if self.templates is not None:
             fitted = self.templates
         elif self.template_ratio is not None:
-            fitted = max(1, math.ceil(self.template_ratio * layers - 1e-9))
+            fitted = max(math.ceil(self.template_ratio * layers - 1e-9), min(self.min_templates, layers), 1)
         else:
             fitted = layers
         return fitted + self.extra_templates
@@ -132,7 +143,9 @@ def preset_config(name: str, **overrides) -> RecastConfig:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     settings = {**PRESETS[name], **overrides, "preset": name}
     if overrides.get("templates") is not None and "template_ratio" not in overrides:
-        settings.pop("template_ratio", None)  # an explicit template count wins over the preset's ratio
+        # an explicit template count wins over the preset's ratio (and its floor)
+        settings.pop("template_ratio", None)
+        settings.pop("min_templates", None)
     return RecastConfig(**settings)
 
 

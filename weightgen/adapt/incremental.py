@@ -45,13 +45,15 @@ LEGACY_PRETRAIN_NORM = (0.5, 0.5)
 
 # Per-method defaults, chosen on the validation splits of built-in tasks (latin, mnist; 300 training
 # images, a 150-step budget) by benchmarks/bench_adapt_defaults.py -> docs/adapt_defaults.md: the lr
-# with the best mean validation accuracy. Methods it did not sweep (recast+*) get FALLBACK_DEFAULTS.
+# with the best mean validation accuracy. linear, recast and recast-norm were re-swept on banks of 2
+# templates (recast-resnet's min_templates); lora and full were swept on the older 1-template banks.
+# Methods it did not sweep (recast+*) get FALLBACK_DEFAULTS.
 # ``steps``: a training budget in optimizer steps; a task trains max(epochs, ceil(steps / batches per
 # epoch)) epochs, so a 200-image task still gets enough updates.
 METHOD_DEFAULTS: dict[str, dict] = {
-    "linear": {"lr": 1e-2},
-    "recast": {"lr": 1e-1},
-    "recast-norm": {"lr": 3e-2},
+    "linear": {"lr": 3e-2},
+    "recast": {"lr": 3e-2},
+    "recast-norm": {"lr": 1e-2},
     "lora": {"lr": 1e-2},
     "full": {"lr": 3e-3},
 }
@@ -378,8 +380,8 @@ def check_run(backbone: Backbone, method_name: str, tasks: list[str], seeds: lis
     if method.needs_recast and single_template_banks(model):
         log.warning("every bank of %s holds 1 template: its coefficients can only rescale layers, which the "
                     "BatchNorm after them undoes; method %s will learn little beyond what it adds. Fit the "
-                    "backbone with more templates per bank (generate_weights.py --templates 2) or use "
-                    "recast-norm", backbone.path, method_name)
+                    "backbone with more templates per bank (generate_weights.py --templates 2; a backbone fitted "
+                    "with the recast-resnet preset today gets at least 2) or use recast-norm", backbone.path, method_name)
     return open_tasks(tasks, seeds[0], options)
 
 
