@@ -40,11 +40,12 @@ def test_colour_task_keeps_labels_and_shapes():
 
 
 def test_rgb_source_backbone_beats_chance(tmp_path):
-    # a narrow ResNet-18, 32 px, a few epochs: before the fix this stayed at chance (1/52)
-    out, info, reused = pretrain("resnet18", tmp_path / "src", epochs=6, img_size=32, seed=0,
-                                 model_kwargs={"channels": [8, 16, 32, 64]}, max_train=1500, max_eval=300,
-                                 batch_size=64, lr=1e-2, source="glyphs-colour")
-    assert not reused and info["channels"] == 3
+    # a narrow ResNet-18 at 32 px, 160 steps at the source's default lr. With the old uniform colours the
+    # same run stayed near chance (1/52); with the fix it reached 0.24 (val and test) on a 2-core EPYC
+    out, info, reused = pretrain("resnet18", tmp_path / "src", epochs=4, img_size=32, seed=0,
+                                 model_kwargs={"channels": [16, 32, 64, 128]}, max_train=2500, max_eval=300,
+                                 batch_size=64, source="glyphs-colour")
+    assert not reused and info["channels"] == 3 and info["args"]["lr"] == 1e-2
     chance = 1 / info["source_task"]["classes"]
-    assert info["val_acc"] > 8 * chance, info["val_acc"]
-    assert info["test_acc"] > 8 * chance, info["test_acc"]
+    assert info["val_acc"] > 5 * chance, info["val_acc"]
+    assert info["test_acc"] > 5 * chance, info["test_acc"]
