@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--pretrain-max-train", type=int, default=4000)
     p.add_argument("--pretrain-lr", type=float, default=1e-2)
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="no training: join the rows of these outputs (runs of different --methods) into one table")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args)
     import torch
 
     torch.set_num_threads(1)
@@ -94,6 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def merge(args) -> int:
+    """One table from several runs of this benchmark (e.g. methods run in parallel processes)."""
+    parts = [json.loads(Path(f).read_text()) for f in args.merge]
+    data = dict(parts[0], rows=[r for d in parts for r in d["rows"]])
+    data["settings"] = dict(parts[0]["settings"], methods=",".join(dict.fromkeys(r["method"] for r in data["rows"])))
+    data["seconds"] = max(d["seconds"] for d in parts)
+    data["merged_from"] = [{"command": d["machine"]["command"], "seconds": d["seconds"],
+                            "loadavg": d["machine"]["loadavg"], "loadavg_after": d.get("loadavg_after")} for d in parts]
+    data["paired"] = [d for t in TASKS for d in [paired(data, t, "recast", "linear")] if d]
+    write_outputs(args.out, args.stem, markdown(data), data)
+    return 0
+
+
 def _mean_ci(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.3f}"
@@ -122,9 +139,14 @@ def markdown(data: dict) -> str:
              f"{s['templates']} templates per bank: {data['templates_per_bank']}). Tasks: {', '.join(TASKS)} "
              f"({s['max_train']} training / {s['max_eval']} evaluation images at most), seeds {s['seeds']} "
              f"(and {s['claim_seeds']} for {', '.join(CLAIM)}), each method at adapt.py's default lr and a "
-             f"{data['steps']}-step budget. Command: `{data['machine']['command']}` ({data['seconds'] / 60:.0f} min, "
-             f"1 thread, {data['machine']['cpu']}, shared with other jobs; load average "
-             f"{data['machine']['loadavg']} at the start, {data.get('loadavg_after')} at the end).", ""]
+             f"{data['steps']}-step budget. "
+             + ("Processes run in parallel, rows merged (`--merge`): "
+                + "; ".join(f"`{m['command']}` ({m['seconds'] / 60:.0f} min; load average {m['loadavg']} at the "
+                            f"start, {m['loadavg_after']} at the end)" for m in data["merged_from"]) + "."
+                if data.get("merged_from") else
+                f"Command: `{data['machine']['command']}` ({data['seconds'] / 60:.0f} min; load average "
+                f"{data['machine']['loadavg']} at the start, {data.get('loadavg_after')} at the end).")
+             + f" 1 thread each, {data['machine']['cpu']}, shared with other jobs.", ""]
     rows = []
     for m in dict.fromkeys(r["method"] for r in data["rows"]):
         sel = [r for r in data["rows"] if r["method"] == m]
