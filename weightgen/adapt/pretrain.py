@@ -33,7 +33,7 @@ KIND = "backbone"
 
 SOURCES = {"glyphs": 1, "glyphs-colour": 3}  # source -> input channels
 # default AdamW lr per source: in colour, 2e-3 is still on the plateau when StepLR first cuts it
-# (resnet18-w16, 160 steps: source test accuracy 0.11 at 2e-3, 0.66 at 1e-2; 320 steps at 1e-2: 0.925)
+# (docs/bench_pretrain_colour.md, resnet18-w16, 160 steps: source test accuracy 0.040 at 2e-3, 0.240 at 1e-2)
 SOURCE_LR = {"glyphs": 2e-3, "glyphs-colour": 1e-2}
 
 
@@ -41,7 +41,7 @@ SOURCE_LR = {"glyphs": 2e-3, "glyphs-colour": 1e-2}
 # contrast) left a ResNet at chance on the source task: the paper, 88% of the pixels, puts a random
 # colour offset on every image that dwarfs the glyph, and training sat on a plateau the lr schedule
 # never left.
-# A bright glyph on darker paper, as in the grayscale source, learns (benchmarks/bench_pretrain_colour.py).
+# A bright glyph on darker paper, as in the grayscale source, learns (docs/bench_pretrain_colour.md).
 INK_GAP = 0.5
 
 
