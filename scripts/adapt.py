@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                    help="training budget in optimizer steps: each task trains max(--epochs, ceil(steps / batches "
                         "per epoch)) epochs, so a small task still gets enough updates; 0: --epochs only" + d)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop each task after this many optimizer steps, mid-epoch if need be (quick runs; "
+                        "validation still ends the run) (default: no cap)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size, over all --devices together" + d)
     p.add_argument("--lr", type=float, default=None,
                    help="AdamW learning rate; StepLR x0.1 at 1/3 and 2/3 (default: the method's own, "
@@ -123,12 +126,14 @@ def adapt(args: argparse.Namespace) -> int:
     tasks, seeds = split(args.tasks, "tasks"), split(args.seeds, "seeds", int)
     if args.steps < 0:
         raise WeightgenError("--steps must be >= 0")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise WeightgenError("--max-steps must be >= 1")
     defaults = method_defaults(args.method)
     train_kw = dict(epochs=args.epochs, batch_size=args.batch_size,
                     lr=args.lr if args.lr is not None else defaults["lr"],
                     accelerator=accelerator_for(args.device, args.accelerator),
                     devices=int(args.devices) if args.devices.isdigit() else args.devices,
-                    progress=True, logdir=args.logdir)
+                    progress=True, logdir=args.logdir, max_steps=args.max_steps)
     # speed/many-device options: fields of TrainConfig (trainer.py); passed only when asked
     extra = {"strategy": args.strategy, "precision": args.precision,
              "channels_last": args.channels_last or None, "compile": args.compile or None}

@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10, help="training epochs over the source task")
     p.add_argument("--img-size", type=int, default=32, help="input side in pixels (recorded for adaptation)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (StepLR x0.1 at 1/3 and 2/3)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate, StepLR x0.1 at 1/3 and 2/3 (default: 2e-3 for glyphs, 1e-2 for glyphs-colour)")
     p.add_argument("--max-train", type=int, default=6000, help="cap on source training images")
     p.add_argument("--max-eval", type=int, default=1500, help="cap on source validation and test images")
     p.add_argument("--source", choices=("glyphs", "glyphs-colour"), default="glyphs",

@@ -227,3 +227,15 @@ def test_logdir_names_the_backbone_and_the_run(results, tmp_path, capsys):
     label = open_backbone(backbone, 32).label
     assert label.startswith("backbone-") and len(label) == len("backbone-") + 8
     assert (logdir / label / "recast" / "digits-s0").is_dir()
+
+
+def test_max_steps_cuts_the_epoch_short(results, capsys, tmp_path):
+    _, backbone, _ = results
+    out = tmp_path / "capped"
+    small = ["--epochs", "1", "--steps", "0", "--img-size", "32", "--max-train", "256", "--max-eval", "32",
+             "--batch-size", "32", "--seeds", "0", "--tasks", "digits"]
+    code, _, err = run(["--backbone", backbone, "--out", out, "--max-steps", "3", *small], capsys)
+    assert code == 0, err
+    assert [int(r["steps"]) for r in read(out / "results.csv")] == [3]  # an epoch would be 8 steps
+    expect_error(["--backbone", backbone, "--out", tmp_path / "bad", "--max-steps", "0", *small], capsys,
+                 "--max-steps must be >= 1", tmp_path / "bad")

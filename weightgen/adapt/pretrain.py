@@ -21,6 +21,7 @@ import torch
 from ..config import PRESETS
 from ..data import ImageTask, source_task
 from ..data.images import AUGMENTS, MemoryImages, image_config, make_loaders
+from ..data.photos import LUMA  # the brightness of a colour (PIL's convert("L") weights)
 from ..io import WeightgenError, atomic_directory, check_output_dir, read_json, save_tensors, write_json
 from ..models import create_model, small_input_kwargs
 from .trainer import TrainConfig, train_task
@@ -31,18 +32,43 @@ KIND = "backbone"
 
 
 SOURCES = {"glyphs": 1, "glyphs-colour": 3}  # source -> input channels
+# default AdamW lr per source: in colour, 2e-3 is still on the plateau when StepLR first cuts it
+# (docs/bench_pretrain_colour.md, resnet18-w16, 160 steps: source test accuracy 0.040 at 2e-3, 0.240 at 1e-2)
+SOURCE_LR = {"glyphs": 2e-3, "glyphs-colour": 1e-2}
+
+
+# how much brighter the ink is than the paper. Uniform random ink and paper (either polarity, any
+# contrast) left a ResNet at chance on the source task: the paper, 88% of the pixels, puts a random
+# colour offset on every image that dwarfs the glyph, and training sat on a plateau the lr schedule
+# never left.
+# A bright glyph on darker paper, as in the grayscale source, learns (docs/bench_pretrain_colour.md).
+INK_GAP = 0.5
+
+
+def ink_and_paper(rng: np.random.Generator, n: int, gap: float = INK_GAP) -> tuple[np.ndarray, np.ndarray]:
+    """(ink, paper), each (n, 3) in [0, 1]: uniform random RGB colours, kept only where the ink's luma
+    exceeds the paper's by ``gap`` (the brighter of a pair is the ink); hue and saturation stay free."""
+    ink, paper = np.empty((n, 3)), np.empty((n, 3))
+    todo = np.arange(n)
+    while len(todo):
+        a, b = rng.uniform(0, 1, (len(todo), 3)), rng.uniform(0, 1, (len(todo), 3))
+        swap = (a @ LUMA) < (b @ LUMA)
+        a[swap], b[swap] = b[swap], a[swap].copy()
+        ok = (a @ LUMA) - (b @ LUMA) >= gap
+        ink[todo[ok]], paper[todo[ok]] = a[ok], b[ok]
+        todo = todo[~ok]
+    return ink, paper
 
 
 def colour_task(task: ImageTask, seed: int) -> ImageTask:
-    """``task``'s grayscale glyphs as RGB: ink and background colours drawn per image (seeded), so
-    colour varies within every class and the shapes carry the labels."""
+    """``task``'s grayscale glyphs as RGB: ink and paper colours drawn per image (seeded), the ink
+    brighter than the paper (``INK_GAP``), so colour varies within every class and the shapes carry
+    the labels."""
     def tint(split, stage: int):
         x, y = split
-        rng = np.random.default_rng([seed, stage, 0xC010])
-        ink = torch.from_numpy(rng.uniform(0, 1, (len(y), 3, 1, 1)).astype(np.float32))
-        paper = torch.from_numpy(rng.uniform(0, 1, (len(y), 3, 1, 1)).astype(np.float32))
-        near = (ink - paper).abs().sum(1, keepdim=True) < 0.6  # keep the glyph visible: move the paper
-        paper = torch.where(near, (ink + 0.5) % 1.0, paper)  # every channel 0.5 away (1 - ink fails near grey)
+        ink, paper = ink_and_paper(np.random.default_rng([seed, stage, 0xC010]), len(y))
+        ink = torch.from_numpy(ink.astype(np.float32))[:, :, None, None]
+        paper = torch.from_numpy(paper.astype(np.float32))[:, :, None, None]
         return x * ink + (1 - x) * paper, y.clone()
 
     return ImageTask(task.name + "-colour", list(task.classes), tint(task.train, 0), tint(task.val, 1),
@@ -73,7 +99,7 @@ def default_preset_for(model) -> str | None:
 
 
 def pretrain(arch: str, out: str | Path, *, epochs: int = 10, img_size: int = 32, seed: int = 0,
-             model_kwargs: dict | None = None, batch_size: int = 128, lr: float = 2e-3,
+             model_kwargs: dict | None = None, batch_size: int = 128, lr: float | None = None,
              weight_decay: float = 1e-4, max_train: int | None = 6000, max_eval: int | None = 1500, accelerator: str = "cpu",
              devices: int | str = 1, logdir: str | None = None, progress: bool = False,
              overwrite: bool = False, source: str = "glyphs", mean=None, std=None, augment: str = "none",
@@ -83,6 +109,7 @@ def pretrain(arch: str, out: str | Path, *, epochs: int = 10, img_size: int = 32
     Inputs are normalised with ``mean``/``std`` (default: the model's ``pretrained_cfg``'s), resized
     to ``img_size`` with no crop; all of it is recorded, so adaptation feeds the backbone the same way.
     An existing output written with the same arguments is reused (``reused=True``), not retrained.
+    ``lr``: AdamW's learning rate; None: the source's default (``SOURCE_LR``).
     """
     out = Path(out)
     if img_size < 8:
@@ -91,10 +118,13 @@ def pretrain(arch: str, out: str | Path, *, epochs: int = 10, img_size: int = 32
         raise WeightgenError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
     if augment not in AUGMENTS:
         raise WeightgenError(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTS)}")
+    lr = SOURCE_LR[source] if lr is None else lr
     args = {"arch": arch, "epochs": epochs, "img_size": img_size, "seed": seed, "model_kwargs": dict(model_kwargs or {}),
             "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "max_train": max_train,
             "max_eval": max_eval, "source": source, "mean": mean, "std": std, "augment": augment,
             "pipeline": "images/1"}
+    if source == "glyphs-colour":
+        args["colours"] = f"ink-gap/{INK_GAP}"  # a backbone cached before the colour fix is not reused
     if (out / INFO).is_file() and (out / CHECKPOINT).is_file() and not overwrite:
         info = read_json(out / INFO)
         if info.get("args") == args:
