@@ -125,6 +125,46 @@ def ba_norm_types():
     return (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
+def probe(art: str, settings: dict, cache: Path) -> dict:
+    """Frozen-feature ceiling of a bank source: per task, a logistic-regression probe (L-BFGS) on the pre-logit
+    features of the banks' model, BatchNorm statistics re-estimated on the task's training images (first seed)."""
+    import torch
+
+    from weightgen.adapt.incremental import (DataOptions, features, fit_probe, open_backbone, open_tasks,
+                                             task_loaders)
+
+    seed = settings["seeds"][0]
+    report = (Path(art) / "report.json").read_bytes()
+    key = hashlib.sha256(json.dumps([art, hashlib.sha256(report).hexdigest(), settings["tasks"], seed,
+                                     settings["max_train"], settings["max_eval"]]).encode()).hexdigest()[:16]
+    path = cache / f"{Path(art).name}-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    options = DataOptions(max_train=settings["max_train"], max_eval=settings["max_eval"])
+    backbone = open_backbone(art, ba.IMG_SIZE)
+    out = {}
+    for task in open_tasks(settings["tasks"], seed, options):
+        loaders = task_loaders(task, backbone.data, settings["batch_size"], seed, options)
+        model = backbone.model()
+        with torch.no_grad():  # BN statistics of these weights on this task (cumulative average)
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.reset_running_stats()
+                    m.momentum = None
+            model.train()
+            for x, _ in loaders["train"]:
+                model(x)
+        w, b = fit_probe(*features(model, loaders["train"]), task.num_classes)
+        x, y = features(model, loaders["test"])
+        out[task.name] = ((x @ w.T + b).argmax(1) == y).float().mean().item()
+    out = {"per_task": out, "mean": statistics.fmean(out.values()), "seed": seed}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, path)
+    return out
+
+
 def result_key(settings: dict, job: dict) -> str:
     """What a run's result depends on: the protocol, the backbone, the banks' artifact (path and report), the lr."""
     art = Path(job["artifacts"][job["bank"]])
@@ -134,11 +174,13 @@ def result_key(settings: dict, job: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_cached(job: dict, settings: dict, results: Path, timeout: float) -> dict:
+def run_cached(job: dict, settings: dict, results: Path, timeout: float, cached_only: bool = False) -> dict | None:
     path = results / f"{job['backbone']}-{job['bank']}-lr{job['lr']:g}-{result_key(settings, job)}.json"
     if path.is_file():
         written = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(path.stat().st_mtime))
         return {**json.loads(path.read_text()), "cached": written}
+    if cached_only:
+        return None
     out = ba.call_worker({"kind": "run", "jobs": [job], "settings": settings}, timeout)[0][0]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -179,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revive-norms", type=float, nargs="+", default=[0.0],
                    help="run every source with its all-zero norm weights set to each value given (0: kept at 0, "
                         "timm's init; default 0). A backbone with no all-zero norms runs only 0")
+    p.add_argument("--probe", action="store_true",
+                   help="also measure each source's frozen-feature probe ceiling (no coefficients trained; cached)")
+    p.add_argument("--cached-only", action="store_true",
+                   help="train nothing: report the runs already in the cache (the others are listed as not run)")
     p.add_argument("--bank-seed", type=int, default=0, help="which draw of each source the banks come from")
     p.add_argument("--lrs", type=float, nargs="+", default=LRS, help="learning rates of the coefficient-only runs")
     p.add_argument("--backbones", nargs="+", default=list(ba.BACKBONES), choices=list(ba.BACKBONES))
@@ -244,12 +290,22 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = cache / "bench_adapt_banks_results"
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = []
-        for r in pool.map(lambda j: run_cached(j, settings, results_dir, args.timeout), jobs):
+        missing = []
+        for j, r in zip(jobs, pool.map(lambda j: run_cached(j, settings, results_dir, args.timeout,
+                                                             args.cached_only), jobs)):
+            if r is None:
+                missing.append(f"{j['backbone']} lr {j['lr']:g} {display(j['source'], j['revive'])}")
+                continue
             print(f"{r['backbone']:<14} lr {r['lr']:<6g} {display(r['source'], r['revive']):<44} acc "
                   f"{ba.mean_over_tasks(r['rows'], settings['seeds'])[0]:.3f}  {r['seconds']:.0f}s"
                   f"{' (cached ' + r['cached'] + ')' if r['cached'] else ''}", flush=True)
             runs.append(r)
 
+    probes = {}
+    if args.probe:
+        for (b, label), art in prepared.items():
+            probes[f"{b}/{label}"] = probe(art, settings, cache / "bench_adapt_banks_probe")
+            print(f"{b:<14} {label:<28} probe {probes[f'{b}/{label}']['mean']:.3f}", flush=True)
     reference = json.loads(Path(args.reference).read_text()) if Path(args.reference).is_file() else None
     tasks = settings["tasks"]
     summary: dict = {}
@@ -284,12 +340,14 @@ def main(argv: list[str] | None = None) -> int:
             "ppca": args.ppca, "ppca_info": ppca.info if ppca else None, "keys": keys, "machine": machine,
             "jobs": args.jobs, "bank_seed": args.bank_seed, "sources": sources_info,
             "prepared": {f"{b}/{k}": v for (b, k), v in prepared.items()}, "summary": summary,
-            "differences": diffs, "target": target, "target_met": bool(best and best["met"]),
+            "differences": diffs, "target": target, "probes": probes, "not_run": missing, "target_met": bool(best and best["met"]),
             "wall_s": time.perf_counter() - start,
             "runs": [{k: v for k, v in r.items() if k != "artifacts"} for r in runs]}
     cmd = "python benchmarks/bench_adapt_banks.py " + " ".join(argv if argv is not None else sys.argv[1:])
     source_rows = [[k.split("/")[0], display(v["source"], v["revive"]), f"{v['zero_norm_layers']} / {v['norm_layers']}",
-                    v["fallback_layers"]] for k, v in sources_info.items()]
+                    v["fallback_layers"]]
+                   + ([f"{probes[k]['mean']:.3f}", *[f"{probes[k]['per_task'][t]:.3f}" for t in tasks]] if probes else [])
+                   for k, v in sources_info.items()]
     text = "\n".join([
         "# Bank sources for coefficient-only adaptation: VAE prior, two controls, timm init", "",
         f"`{cmd.strip()}`, {machine['date_utc']}, commit {machine.get('git_commit', '?')}. Method `recast` "
@@ -304,13 +362,19 @@ def main(argv: list[str] | None = None) -> int:
         f"mean over tasks, then mean ± std over seeds. Wall time {data['wall_s'] / 60:.1f} min with {args.jobs} "
         f"parallel jobs ({machine['cpus']} CPUs, load average at start {machine['loadavg']}).", "",
         "Banks: all-zero norm layers (timm's zero-init last BatchNorm of each residual block) out of all norm "
-        "layers; layers that kept timm's init.", "",
-        markdown_table(["backbone", "source", "zero norms", "fallback layers"], source_rows, "llrr"), "",
+        "layers; layers that kept timm's init."
+        + (f" Probe: frozen-feature ceiling, a logistic-regression probe (L-BFGS) on the banks' pre-logit features "
+           f"with BatchNorm statistics re-estimated on each task's training images (seed {settings['seeds'][0]}); "
+           f"no coefficient trained." if probes else ""), "",
+        markdown_table(["backbone", "source", "zero norms", "fallback layers"]
+                       + (["probe", *[f"probe {t}" for t in tasks]] if probes else []), source_rows,
+                       "llrr" + ("r" * (1 + len(tasks)) if probes else "")), "",
         markdown_table(["backbone", "lr", "banks from", "test acc", *tasks, "trained"], table,
                        "lrl" + "r" * (1 + len(tasks)) + "l"), "",
         f"`trained`: now, or when the row was trained into this script's result cache (keyed by the settings, "
         f"backbone, banks, lr and artifact); the pretrained-source row is read from docs/bench_adapt.json. "
-        f"{sum(not r['cached'] for r in runs)} of {len(runs)} rows trained now.", "",
+        f"{sum(not r['cached'] for r in runs)} of {len(runs)} rows trained now."
+        + (f" Not run (no cached result, `--cached-only`): {'; '.join(missing)}." if missing else ""), "",
         "## Prior minus each control (points; mean [95% t-interval] over (task, seed) pairs)", "",
         markdown_table(["backbone", "lr", "zero norms set to", "control", "pairs", "prior - control"],
                        [[d["backbone"], f"{d['lr']:g}", f"{d['revive']:g}" if d["revive"] else "kept (0)",
