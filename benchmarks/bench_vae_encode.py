@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
     from safetensors.torch import load_file, save_file
+    from scipy.stats import t as t_dist
     from sklearn.decomposition import PCA
     from tqdm.auto import tqdm
 
@@ -204,6 +205,21 @@ def main(argv=None) -> int:
                 "models": len(sel), "mean_drop_points": statistics.fmean(drops), "worst_drop_points": max(drops),
                 "median_layer_cosine": statistics.median(r["methods"][m]["median_cosine"] for r in sel),
                 "compression": statistics.fmean(r["methods"][m]["compression"] for r in sel)}
+    # paired differences in accuracy (points), each VAE mode minus each other method, over the group's models
+    paired = []
+    for group in ("held-out model", "held-out arch"):
+        sel = [r for r in results if r["group"] == group]
+        if len(sel) < 2:
+            continue
+        for m in [m for m in methods if m.endswith(" encode") or m.endswith(" mimic")]:
+            if m.startswith("ppca-"):
+                continue
+            for other in [o for o in methods if o != m]:
+                d = [100 * (r["methods"][m]["accuracy"] - r["methods"][other]["accuracy"]) for r in sel]
+                half = float(t_dist.ppf(0.975, len(d) - 1)) * statistics.stdev(d) / math.sqrt(len(d))
+                mean = statistics.fmean(d)
+                paired.append({"group": group, "a": m, "b": other, "n": len(d), "mean": mean, "low": mean - half,
+                               "high": mean + half})
     for r in results:
         rows.append([r["group"], r["model"], r["task"], f"{r['original']:.1%}"]
                     + [f"{r['methods'][m]['accuracy']:.1%} ({r['methods'][m]['median_cosine']:.2f})" for m in methods])
@@ -229,9 +245,13 @@ def main(argv=None) -> int:
            "timm's init (seed 0) rescaled to the VAE's scale model, keeping nothing of the model (0 numbers)."
            if ppca is not None else ""), "",
         markdown_table(["group", "method", "models", "compression", "median layer cos", "mean drop", "worst drop"], srows), "",
+        "Paired differences in test accuracy (points): mean [95% t-interval] over the group's models.", "",
+        markdown_table(["group", "a", "b", "models", "a - b"],
+                       [[d["group"], d["a"], d["b"], d["n"], f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"]
+                        for d in paired]) if paired else "(fewer than 2 models per group: no intervals)", "",
         "Per model: accuracy after rebuilding (median layer cosine).", "",
         markdown_table(["group", "model", "task", "original"] + methods, rows), ""])
-    write_outputs(args.out, args.stem, md, {"machine": info, "args": vars(args), "summary": summary,
+    write_outputs(args.out, args.stem, md, {"machine": info, "args": vars(args), "summary": summary, "paired": paired,
                                                      "models": results})
     tmp.cleanup()
     return 0
