@@ -125,7 +125,7 @@ def ba_norm_types():
     return (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
-def probe(art: str, settings: dict, cache: Path) -> dict:
+def probe(art: str, settings: dict, cache: Path, cached_only: bool = False) -> dict | None:
     """Frozen-feature ceiling of a bank source: per task, a logistic-regression probe (L-BFGS) on the pre-logit
     features of the banks' model, BatchNorm statistics re-estimated on the task's training images (first seed)."""
     import torch
@@ -140,6 +140,8 @@ def probe(art: str, settings: dict, cache: Path) -> dict:
     path = cache / f"{Path(art).name}-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if cached_only:
+        return None
     options = DataOptions(max_train=settings["max_train"], max_eval=settings["max_eval"])
     backbone = open_backbone(art, ba.IMG_SIZE)
     out = {}
@@ -222,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run every source with its all-zero norm weights set to each value given (0: kept at 0, "
                         "timm's init; default 0). A backbone with no all-zero norms runs only 0")
     p.add_argument("--probe", action="store_true",
-                   help="also measure each source's frozen-feature probe ceiling (no coefficients trained; cached)")
+                   help="measure each source's frozen-feature probe ceiling (no coefficients trained; cached, and "
+                        "cached probes are shown without this flag)")
     p.add_argument("--cached-only", action="store_true",
-                   help="train nothing: report the runs already in the cache (the others are listed as not run)")
+                   help="train nothing: report the runs the cache holds (the rest are listed as not run)")
     p.add_argument("--bank-seed", type=int, default=0, help="which draw of each source the banks come from")
     p.add_argument("--lrs", type=float, nargs="+", default=LRS, help="learning rates of the coefficient-only runs")
     p.add_argument("--backbones", nargs="+", default=list(ba.BACKBONES), choices=list(ba.BACKBONES))
@@ -302,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(r)
 
     probes = {}
-    if args.probe:
-        for (b, label), art in prepared.items():
-            probes[f"{b}/{label}"] = probe(art, settings, cache / "bench_adapt_banks_probe")
-            print(f"{b:<14} {label:<28} probe {probes[f'{b}/{label}']['mean']:.3f}", flush=True)
+    for (b, label), art in prepared.items():  # cached probes are always shown; --probe measures the rest
+        found = probe(art, settings, cache / "bench_adapt_banks_probe", not args.probe)
+        if found is not None:
+            probes[f"{b}/{label}"] = found
+            print(f"{b:<14} {label:<28} probe {found['mean']:.3f}", flush=True)
     reference = json.loads(Path(args.reference).read_text()) if Path(args.reference).is_file() else None
     tasks = settings["tasks"]
     summary: dict = {}
@@ -346,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python benchmarks/bench_adapt_banks.py " + " ".join(argv if argv is not None else sys.argv[1:])
     source_rows = [[k.split("/")[0], display(v["source"], v["revive"]), f"{v['zero_norm_layers']} / {v['norm_layers']}",
                     v["fallback_layers"]]
-                   + ([f"{probes[k]['mean']:.3f}", *[f"{probes[k]['per_task'][t]:.3f}" for t in tasks]] if probes else [])
+                   + (([f"{probes[k]['mean']:.3f}", *[f"{probes[k]['per_task'][t]:.3f}" for t in tasks]] if k in probes
+                       else ["not run"] + [""] * len(tasks)) if probes else [])
                    for k, v in sources_info.items()]
     text = "\n".join([
         "# Bank sources for coefficient-only adaptation: VAE prior, two controls, timm init", "",
