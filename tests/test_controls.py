@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from weightgen.studies.controls import (
-    PPCAPrior, fit_ppca, load_ppca, ppca_sample_weights, rms_matched_init, save_ppca)
+    PPCAPrior, fit_ppca, load_ppca, ppca_encode_weights, ppca_sample_weights, rms_matched_init, save_ppca)
 from weightgen.vae.codec import rms, weight_layers
 from weightgen.vae.prior import default_vae_dir, sample_weights
 from weightgen.vae.store import predict_scale
@@ -110,6 +110,39 @@ def test_ppca_samples_have_the_fitted_covariance():
     samples = _sample_tokens(cell, 20000, torch.Generator().manual_seed(1)).double()
     cov = torch.cov(samples.T)
     assert torch.linalg.matrix_norm(cov - cell.covariance()) / torch.linalg.matrix_norm(cell.covariance()) < 0.05
+
+
+def test_ppca_reconstruct_keeps_the_planted_subspace_and_shrinks_noise():
+    x, basis = _planted()
+    cell = fit_ppca([("linear", 0.0, x)], latent_dim=3).cell("linear", 0.0)
+    rec = cell.reconstruct(x.float()).double()
+    # the posterior mean lies in mean + the fitted subspace, and keeps the planted signal
+    centred = rec - cell.mean.double()
+    assert (centred - centred @ basis @ basis.T).norm() / centred.norm() < 0.01
+    signal = x - 0.3
+    assert F.cosine_similarity((rec - 0.3).flatten(), (signal @ basis @ basis.T).flatten(), dim=0) > 0.999
+    # off-subspace noise is dropped: the reconstruction is closer to the clean data than x is
+    clean = signal @ basis @ basis.T + 0.3
+    assert (rec - clean).norm() < 0.2 * (x - clean).norm()
+
+
+def test_ppca_encode_changes_only_seen_layers_and_keeps_scale():
+    ppca = _zoo_ppca(latent_dim=8)
+    model = _model(seed=2)
+    before = copy.deepcopy(model.state_dict())
+    weights, stats, fallback = ppca_encode_weights(model, ppca, skip={"classifier"})
+    assert torch.equal(model.state_dict()["classifier.weight"], before["classifier.weight"])
+    assert weights and len(stats) == len(weights) and not fallback
+    for name, w in weights.items():
+        assert torch.equal(model.state_dict()[name], before[name])  # not in place: the model is untouched
+        assert 0.3 < _cos(w, before[name]) <= 1.0 + 1e-6
+    # a full-rank code (latent = token size, no noise left) gives the weights back
+    full = _zoo_ppca(latent_dim=64)
+    exact, _, _ = ppca_encode_weights(model, full, skip={"classifier"})
+    for name, w in exact.items():
+        assert torch.allclose(w, before[name], atol=1e-4 * before[name].abs().max().item())
+    ppca_encode_weights(model, ppca, skip={"classifier"}, in_place=True)
+    assert all(torch.equal(model.state_dict()[n], w) for n, w in weights.items())
 
 
 def _zoo_ppca(latent_dim=8):

@@ -30,7 +30,7 @@ from ..vae.store import predict_scale
 from ..vae.tokenize import KINDS, TOKEN_SIZE, detokenize, token_count, tokenize
 
 __all__ = ["rms_matched_init", "PPCAPrior", "fit_ppca", "zoo_token_records", "fit_ppca_on_zoo",
-           "ppca_sample_weights", "save_ppca", "load_ppca", "PPCA_FORMAT_VERSION"]
+           "ppca_sample_weights", "ppca_encode_weights", "save_ppca", "load_ppca", "PPCA_FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,12 @@ class PPCACell:
     scales: torch.Tensor  # (latent_dim,) sqrt(max(eigenvalue - noise_variance, 0)): PPCA's ML W
     noise_variance: float
     tokens: int  # how many tokens the fit saw
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """E[x | z = E[z | x]]: the posterior-mean code decoded, mu + sum_i s_i^2 / (s_i^2 + sigma^2) c_i c_i^T (x - mu)."""
+        c, s2 = self.components.to(x), self.scales.to(x) ** 2
+        shrink = s2 / (s2 + self.noise_variance).clamp_min(1e-30)
+        return self.mean.to(x) + ((x - self.mean.to(x)) @ c.T * shrink) @ c
 
     def covariance(self) -> torch.Tensor:
         """The model's token covariance W W^T + sigma^2 I (float64)."""
@@ -278,6 +284,37 @@ def ppca_sample_weights(model: nn.Module, ppca: PPCAPrior, meta: dict, seed: int
         stats.append(_stat(layer, target, init, weight))
         weights[f"{name}.weight"] = _place(init, weight, in_place)
     _warn_fallback(layers, fallback, kinds, "VAE/PPCA")
+    return weights, stats, fallback
+
+
+@torch.no_grad()
+def ppca_encode_weights(model: nn.Module, ppca: PPCAPrior, skip: set[str] | None = None,
+                        in_place: bool = False) -> tuple[dict, list[dict], list[str]]:
+    """Every Linear/Conv2d weight of ``model`` (except ``skip``) through the PPCA's code and back.
+
+    The control for VAE ``encode`` at the same latent size: each layer is cut into the same
+    normalised tokens, each token replaced by its posterior-mean reconstruction in its kind and
+    depth cell, and the layer's own scale re-applied (the VAE's encode keeps it too). Layers of a kind
+    the PPCA never saw, or whose weight is not a plain tensor, are unchanged and returned as
+    ``fallback``. Returns (weights keyed ``name.weight``, per-layer {name, kind, cosine, tokens},
+    fallback); with ``in_place`` the model's weights are overwritten.
+    """
+    kinds = ppca.kinds()
+    modules = dict(model.named_modules())
+    weights, stats, fallback = {}, [], []
+    for layer in _layers(model, skip):
+        name, kind = layer["name"], layer["kind"]
+        if kind not in kinds or not layer["direct"]:
+            fallback.append(name)
+            continue
+        init = modules[name].weight
+        t = tokenize(init, kind, layer["depth"], ppca.token_size)
+        values = ppca.cell(kind, layer["depth"]).reconstruct(t.values.float()) * t.mask
+        weight = detokenize(values, t.shape, t.scale, ppca.token_size).to(device=init.device, dtype=init.dtype)
+        stats.append({"name": name, "kind": kind, "tokens": int(t.values.shape[0]),
+                      "cosine": torch.nn.functional.cosine_similarity(init.flatten().float(),
+                                                                      weight.flatten().float(), 0).item()})
+        weights[f"{name}.weight"] = _place(init, weight, in_place)
     return weights, stats, fallback
 
 
