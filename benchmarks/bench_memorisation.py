@@ -310,6 +310,8 @@ def report(groups: list[dict], args, info: dict, vae_dir: str, seconds: float) -
     passed = [ok for g in groups for ok in g["pass"].values() if ok is not None]
     overall = ("no architecture has zoo models of two seeds: the criterion cannot be checked" if not passed else
                f"{sum(passed)} of {len(passed)} checks pass")
+    pred_checks = [v["below"] for g in groups for v in g.get("prediction_similarity", {}).values()]
+    pred_overall = f"{sum(pred_checks)} of {len(pred_checks)} prediction-similarity checks below the zoo's own"
     return "\n".join([
         "# Memorisation audit: are VAE prior samples copies of zoo models?",
         "",
@@ -343,6 +345,8 @@ def report(groups: list[dict], args, info: dict, vae_dir: str, seconds: float) -
         "",
         "## Prediction similarity",
         "",
+        f"Result: {pred_overall}.",
+        "",
         f"On {groups[0].get('probe_images', args.probe_images) if groups else args.probe_images} test images of the "
         "task, every model's BatchNorm statistics re-estimated (zoo models too): top-1 agreement "
         "(`weightgen.metrics.prediction_agreement`) with the nearest zoo model of the same architecture and task "
@@ -359,10 +363,29 @@ def report(groups: list[dict], args, info: dict, vae_dir: str, seconds: float) -
     ])
 
 
+def rerender(args) -> int:
+    """The Markdown report of an earlier run, from its JSON (the report's wording may have changed since)."""
+    from weightgen.io import WeightgenError
+
+    try:
+        data = json.loads(Path(args.from_json).read_text())
+    except (OSError, ValueError) as err:
+        raise WeightgenError(f"cannot read {args.from_json}: {err}") from None
+    for key in ("zoo", "samples", "train_steps", "ppca", "probe_images"):
+        setattr(args, key, data.get(key, getattr(args, key, None)))
+    md = report(data["groups"], args, data["machine"], data["vae"], data["seconds"])
+    out = Path(args.out) / "bench_memorisation.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    print(md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", required=True, help="the zoo the VAE was trained on (scripts/build_zoo.py output)")
+    p.add_argument("--zoo", help="the zoo the VAE was trained on (scripts/build_zoo.py output; required unless "
+                                 "--from-json)")
     p.add_argument("--vae", help="VAE directory (default: the shipped one, weightgen/assets/vae)")
     p.add_argument("--samples", type=int, default=5, help="prior samples per zoo architecture (default 5)")
     p.add_argument("--train-steps", type=int, default=50,
@@ -382,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="test images on which predictions and features are compared (default 500)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="docs", help="output folder (default docs)")
+    p.add_argument("--from-json", metavar="JSON",
+                   help="only rewrite the Markdown report from an earlier run's JSON output (no measuring)")
     args = p.parse_args(argv)
+    if args.from_json:
+        return rerender(args)
 
     import torch
 
@@ -390,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     from weightgen.studies import audit
     from weightgen.vae.prior import default_vae_dir, load_vae_bundle
 
+    if not args.zoo:
+        raise WeightgenError("--zoo is required (unless --from-json)")
     if args.samples < 1 or args.train_steps < 0 or args.noise_iterations < 1:
         raise WeightgenError("--samples and --noise-iterations must be >= 1, --train-steps >= 0")
     torch.set_num_threads(args.threads)
@@ -441,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(args.out, "bench_memorisation", md,
                   {"machine": info, "zoo": args.zoo, "vae": vae_dir, "samples": args.samples,
                    "train_steps": args.train_steps, "criterion_checks": len(checks), "criterion_passed": sum(checks),
+                   "ppca": args.ppca, "probe_images": args.probe_images,
                    "groups": results, "seconds": round(seconds, 1)},
                   default=str)
     return 0
