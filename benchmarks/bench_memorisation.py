@@ -374,7 +374,7 @@ def rerender(args) -> int:
     for key in ("zoo", "samples", "train_steps", "ppca", "probe_images"):
         setattr(args, key, data.get(key, getattr(args, key, None)))
     md = report(data["groups"], args, data["machine"], data["vae"], data["seconds"])
-    out = Path(args.out) / "bench_memorisation.md"
+    out = Path(args.out) / f"{args.stem}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
     print(md)
@@ -405,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="test images on which predictions and features are compared (default 500)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="docs", help="output folder (default docs)")
+    p.add_argument("--stem", default="bench_memorisation",
+                   help="output file stem (default bench_memorisation; summarise_init_gain.py reads that JSON)")
     p.add_argument("--from-json", metavar="JSON",
                    help="only rewrite the Markdown report from an earlier run's JSON output (no measuring)")
     args = p.parse_args(argv)
@@ -467,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - _START
     md = report(results, args, info, vae_dir, seconds)
     checks = [ok for g in results for ok in g["pass"].values() if ok is not None]
-    write_outputs(args.out, "bench_memorisation", md,
+    write_outputs(args.out, args.stem, md,
                   {"machine": info, "zoo": args.zoo, "vae": vae_dir, "samples": args.samples,
                    "train_steps": args.train_steps, "criterion_checks": len(checks), "criterion_passed": sum(checks),
                    "ppca": args.ppca, "probe_images": args.probe_images,
