@@ -355,7 +355,10 @@ def report(groups: list[dict], args, info: dict, vae_dir: str, seconds: float) -
         "zoo model of another seed (its siblings). Criterion: the samples' largest nearest-zoo similarity is "
         "below the median of the zoo's own. A raw sample keeps timm's random head: its agreement is near "
         "chance by construction and only its CKA is informative; after training both are. The zoo + noise and "
-        "zoo average rows show what a copy scores.",
+        "zoo average rows show what a copy scores. Caveat: a model less accurate than the zoo cannot agree "
+        "with it much more than its accuracy allows, so below-the-zoo agreement is easy to pass; the sharper "
+        "test is against a copy at the same accuracy (zoo + noise matched to the trained samples) and against "
+        "timm's init trained as long (a generator that merely starts training somewhere).",
         "",
         markdown_table(["zoo architecture", "generator", "measure", "sample mean", "sample max", "zoo median",
                         "zoo min", "criterion"], pred, align="lllrrrrl"),
