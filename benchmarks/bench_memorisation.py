@@ -17,15 +17,26 @@ timm's random head). Yardsticks:
 A prior sample keeps timm's random head, so it is at chance as sampled; each sample is therefore
 also trained ``--train-steps`` steps (AdamW, the zoo model's lr) and audited again.
 
+Controls drawn beside each sample: ``RMS-matched init`` (timm's init rescaled per layer to the VAE's
+scale model: ``weightgen.studies.controls.rms_matched_init``) and, with ``--ppca``, ``PPCA prior``
+(``ppca_sample_weights``), raw and trained like the samples.
+
 Criterion (Target 4): each sample's nearest zoo model is no closer than zoo models of that
 architecture are to one another (max sample cosine <= min sibling cosine).
 
-    python benchmarks/bench_memorisation.py --zoo ZOO_DIR [--vae VAE_DIR] [--out docs]
+Prediction similarity (function, not weights): on ``--probe-images`` test images, top-1 agreement
+(``weightgen.metrics.prediction_agreement``) with the nearest zoo model of the same task, and linear
+CKA of pre-logit features (``weightgen.metrics.linear_cka``) with the nearest zoo model of the
+architecture; criterion: the samples' largest is below the median of the zoo's model-to-model
+(nearest sibling of another seed) similarity.
+
+    python benchmarks/bench_memorisation.py --zoo ZOO_DIR [--vae VAE_DIR] [--ppca PPCA_DIR] [--out docs]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -62,6 +73,13 @@ def _accuracy(model, state: dict, data, split: str = "test") -> float:
     return evaluate(model, getattr(data, split))
 
 
+def _outputs(model, probe_x):
+    """(features, logits) of the model as it stands (BatchNorm already re-estimated) on the probe inputs."""
+    from weightgen.studies.audit import probe_outputs
+
+    return probe_outputs(model, probe_x)
+
+
 def _state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -71,7 +89,7 @@ def _task(meta: dict, override: str | None) -> str | None:
     return override or meta.get("task")
 
 
-def audit_group(metas: list[dict], refs: list[dict], args, vae_bundle, data_cache: dict) -> dict:
+def audit_group(metas: list[dict], refs: list[dict], args, vae_bundle, data_cache: dict, ppca=None) -> dict:
     """Every generator's accuracy and nearest-zoo cosine for one architecture on one task.
 
     ``metas``: the zoo's final models of that architecture and task (what noise and averages start
@@ -83,7 +101,9 @@ def audit_group(metas: list[dict], refs: list[dict], args, vae_bundle, data_cach
 
     from weightgen.classifier import train_classifier
     from weightgen.recasting import head_names
+    from weightgen.metrics import linear_cka, prediction_agreement
     from weightgen.studies import audit
+    from weightgen.studies.controls import ppca_sample_weights, rms_matched_init
     from weightgen.vae.codec import weight_layers
     from weightgen.vae.prior import sample_weights
 
@@ -104,13 +124,34 @@ def audit_group(metas: list[dict], refs: list[dict], args, vae_bundle, data_cach
     split_of = {m["model_id"]: m.get("split", "train") for m in refs}
     own = [m["model_id"] for m in metas]  # this task's final models
 
-    def nearest(state, exclude=None):
+    probe_x = data.test.tensors[0][:args.probe_images]
+    # every zoo model's probe outputs, BatchNorm re-estimated as for every generated model
+    zoo_out = {}
+    for mid, state in zoo.items():
+        _accuracy(model, state, data)
+        zoo_out[mid] = _outputs(model, probe_x)
+
+    def similar(out, exclude=None) -> dict:
+        """Nearest zoo model by prediction agreement (same task: the classes mean the same) and by
+        feature CKA (any task of the architecture)."""
+        feats, logits = out
+        agree = {m: prediction_agreement(logits, zoo_out[m][1]) for m in own if not (exclude and exclude(m))}
+        cka = {m: linear_cka(feats, zoo_out[m][0]) for m in zoo if not (exclude and exclude(m))}
+        best_a = max(agree, key=agree.get) if agree else None
+        best_c = max(cka, key=cka.get) if cka else None
+        return {"agreement": agree[best_a] if best_a else math.nan, "agreement_nearest": best_a,
+                "cka": cka[best_c] if best_c else math.nan, "cka_nearest": best_c}
+
+    def nearest(state, exclude=None, out=None):
         ref, cos = audit.nearest(state, zoo, names, exclude)
-        return {"nearest": ref, "nearest_split": split_of.get(ref), "cosine": cos}
+        row = {"nearest": ref, "nearest_split": split_of.get(ref), "cosine": cos}
+        if out is not None:
+            row.update(similar(out, exclude))
+        return row
 
     rows = []
     for mid in own:  # zoo siblings: another seed of the same architecture
-        sib = nearest(zoo[mid], exclude=lambda r, mid=mid: seed_of[r] == seed_of[mid])
+        sib = nearest(zoo[mid], exclude=lambda r, mid=mid: seed_of[r] == seed_of[mid], out=zoo_out[mid])
         if sib["nearest"] is not None:
             rows.append({"generator": "zoo siblings", "id": mid, "accuracy": next(
                 m.get("test_accuracy") for m in metas if m["model_id"] == mid), **sib})
@@ -129,24 +170,34 @@ def audit_group(metas: list[dict], refs: list[dict], args, vae_bundle, data_cach
     say(f"  zoo models vs their own timm init: {_range(list(own_init.values())) or 'n/a'}; "
         f"independent inits: |cos| <= {floor:.4f}")
 
-    for s in range(args.samples):
+    def draw(gen: str, s: int) -> dict:
         sample = _fresh(first, SEED_OFFSET + s)
-        sample_weights(sample, *vae_bundle, seed=s, skip=head_names(sample), in_place=True)
-        raw = _state(sample)
-        rows.append({"generator": "VAE prior", "id": f"sample {s}", "accuracy": _accuracy(sample, raw, data),
-                     **nearest(raw)})
+        if gen == "VAE prior":
+            sample_weights(sample, *vae_bundle, seed=s, skip=head_names(sample), in_place=True)
+        elif gen == "RMS-matched init":
+            rms_matched_init(sample, vae_bundle[1], skip=head_names(sample), in_place=True)
+        elif gen == "PPCA prior":
+            ppca_sample_weights(sample, ppca, vae_bundle[1], seed=s, skip=head_names(sample), in_place=True)
+        return _state(sample)
+
+    def measured(gen: str, ident: str, state: dict) -> dict:
+        acc = _accuracy(model, state, data)
+        return {"generator": gen, "id": ident, "accuracy": acc, **nearest(state, out=_outputs(model, probe_x))}
+
+    drawn = ["VAE prior"] + (["RMS-matched init", "PPCA prior"] if ppca is not None else ["RMS-matched init"])
+    for s in range(args.samples):
+        starts = {gen: draw(gen, s) for gen in drawn}
+        for gen, raw in starts.items():
+            rows.append(measured(gen, f"sample {s}", raw))
         if args.train_steps:
-            for gen, start in (("VAE prior + train", raw), ("timm init + train", _state(_fresh(first, SEED_OFFSET + s)))):
+            starts["timm init"] = _state(_fresh(first, SEED_OFFSET + s))
+            for gen, start in starts.items():
                 model.load_state_dict(start)
                 train_classifier(model, data, args.train_steps, lr=lr, seed=s)
-                trained = _state(model)
-                rows.append({"generator": gen, "id": f"seed {s}", "accuracy": _accuracy(model, trained, data),
-                             **nearest(trained)})
-        say("  sample %d: raw acc %.3f cos %.3f%s" % (s, rows[-3 if args.train_steps else -1]["accuracy"],
-                                                        rows[-3 if args.train_steps else -1]["cosine"],
-                                                        "" if not args.train_steps else
-                                                        f"; +{args.train_steps} steps acc {rows[-2]['accuracy']:.3f} "
-                                                        f"cos {rows[-2]['cosine']:.3f}"))
+                rows.append(measured(f"{gen} + train", f"seed {s}", _state(model)))
+        got = {r["generator"]: r for r in rows if r["id"] in (f"sample {s}", f"seed {s}")}
+        say(f"  sample {s}: " + "; ".join(f"{g} acc {r['accuracy']:.3f} cos {r['cosine']:.3f} agree "
+                                          f"{r['agreement']:.3f} cka {r['cka']:.3f}" for g, r in got.items()))
 
     # naive generator (i): a zoo model + noise, at the accuracy of the samples (raw and trained)
     targets = {"VAE prior": statistics.mean(r["accuracy"] for r in rows if r["generator"] == "VAE prior")}
@@ -163,7 +214,7 @@ def audit_group(metas: list[dict], refs: list[dict], args, vae_bundle, data_cach
             noisy = audit.with_relative_noise(zoo[mid], noised, sigma, torch.Generator().manual_seed(i))
             rows.append({"generator": f"zoo + noise (matched to {stage})", "id": f"{mid} sigma {sigma:.3g}",
                          "sigma": sigma, "source": mid, "val_accuracy": val_acc,
-                         "accuracy": _accuracy(model, noisy, data), **nearest(noisy)})
+                         "accuracy": _accuracy(model, noisy, data), **nearest(noisy, out=_outputs(model, probe_x))})
         say(f"  zoo + noise matched to {stage} ({target:.3f}): sigma "
             + ", ".join(f"{r['sigma']:.3g}" for r in rows if r["generator"].endswith(f"{stage})")))
 
@@ -179,7 +230,7 @@ def audit_group(metas: list[dict], refs: list[dict], args, vae_bundle, data_cach
         for members in groups:
             mean = audit.average_states([zoo[m] for m in members])
             rows.append({"generator": "zoo average", "id": " + ".join(members), "members": members,
-                         "accuracy": _accuracy(model, mean, data), **nearest(mean)})
+                         "accuracy": _accuracy(model, mean, data), **nearest(mean, out=_outputs(model, probe_x))})
         say("  zoo averages: " + ", ".join(f"acc {r['accuracy']:.3f} cos {r['cosine']:.3f}"
                                           for r in rows if r["generator"] == "zoo average"))
 
@@ -191,9 +242,21 @@ def audit_group(metas: list[dict], refs: list[dict], args, vae_bundle, data_cach
             strict[stage] = None if not sib else max(cos) <= min(sib)
             # within the noise floor a sample cannot be told from an independent init
             verdict[stage] = None if not sib else max(cos) <= max(min(sib), floor)
+    # prediction similarity: every sample's nearest-zoo agreement / CKA below the zoo's own
+    # model-to-model similarity (the median over zoo models of their nearest sibling's)
+    prediction = {}
+    for metric in ("agreement", "cka"):
+        sib_m = [r[metric] for r in rows if r["generator"] == "zoo siblings" and r[metric] == r[metric]]
+        for stage in [g for g in GENERATOR_ORDER if g not in ("zoo siblings",) and not g.startswith("zoo ")]:
+            got = [r[metric] for r in rows if r["generator"] == stage and r[metric] == r[metric]]
+            if got and sib_m:
+                prediction[f"{stage}|{metric}"] = {"sample_max": max(got), "sample_mean": statistics.mean(got),
+                                                   "zoo_median": statistics.median(sib_m), "zoo_min": min(sib_m),
+                                                   "below": max(got) < statistics.median(sib_m)}
     return {"arch": first["arch"], "model_kwargs": kwargs, "task": task, "zoo_models": own, "references": list(zoo),
             "layers_compared": len(names), "rows": rows, "sibling_min": min(sib) if sib else None,
-            "zoo_vs_own_init": own_init, "independent_init_floor": floor, "pass": verdict, "pass_strict": strict}
+            "zoo_vs_own_init": own_init, "independent_init_floor": floor, "pass": verdict, "pass_strict": strict,
+            "prediction_similarity": prediction, "probe_images": len(probe_x)}
 
 
 def _cell(values: list) -> str:
@@ -209,12 +272,13 @@ def _range(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ({min(values):.3f} – {max(values):.3f})" if values else ""
 
 
-GENERATOR_ORDER = ["zoo siblings", "VAE prior", "zoo + noise (matched to VAE prior)", "VAE prior + train",
+GENERATOR_ORDER = ["zoo siblings", "VAE prior", "RMS-matched init", "PPCA prior", "zoo + noise (matched to VAE prior)",
+                   "VAE prior + train", "RMS-matched init + train", "PPCA prior + train",
                    "zoo + noise (matched to VAE prior + train)", "timm init + train", "zoo average"]
 
 
 def report(groups: list[dict], args, info: dict, vae_dir: str, seconds: float) -> str:
-    summary, detail = [], []
+    summary, detail, pred = [], [], []
     for g in groups:
         label = g["zoo_models"][0].rsplit("-s", 1)[0] if len(g["zoo_models"]) else g["arch"]
         verdicts = []
@@ -235,10 +299,19 @@ def report(groups: list[dict], args, info: dict, vae_dir: str, seconds: float) -
                 continue
             name = gen.replace("+ train", f"+ {args.train_steps} steps")
             detail.append([label, name, len(rows), _cell([r["accuracy"] for r in rows]),
-                           _range([r["cosine"] for r in rows])])
+                           _range([r["cosine"] for r in rows]),
+                           _range([r["agreement"] for r in rows if r.get("agreement") == r.get("agreement")]),
+                           _range([r["cka"] for r in rows if r.get("cka") == r.get("cka")])])
+        for key, v in g.get("prediction_similarity", {}).items():
+            stage, metric = key.split("|")
+            pred.append([label, stage.replace("+ train", f"+ {args.train_steps} steps"), metric,
+                         f"{v['sample_mean']:.3f}", f"{v['sample_max']:.3f}", f"{v['zoo_median']:.3f}",
+                         f"{v['zoo_min']:.3f}", "below" if v["below"] else "**not below**"])
     passed = [ok for g in groups for ok in g["pass"].values() if ok is not None]
     overall = ("no architecture has zoo models of two seeds: the criterion cannot be checked" if not passed else
                f"{sum(passed)} of {len(passed)} checks pass")
+    pred_checks = [v["below"] for g in groups for v in g.get("prediction_similarity", {}).values()]
+    pred_overall = f"{sum(pred_checks)} of {len(pred_checks)} prediction-similarity checks below the zoo's own"
     return "\n".join([
         "# Memorisation audit: are VAE prior samples copies of zoo models?",
         "",
@@ -266,16 +339,56 @@ def report(groups: list[dict], args, info: dict, vae_dir: str, seconds: float) -
         "",
         "## Every generator",
         "",
-        markdown_table(["zoo architecture", "generator", "models", "test accuracy", "nearest-zoo cosine mean (min – max)"],
-                       detail, align="llrrl"),
+        markdown_table(["zoo architecture", "generator", "models", "test accuracy", "nearest-zoo cosine mean (min – max)",
+                        "nearest-zoo top-1 agreement", "nearest-zoo feature CKA"],
+                       detail, align="llrrlll"),
+        "",
+        "## Prediction similarity",
+        "",
+        f"Result: {pred_overall}.",
+        "",
+        f"On {groups[0].get('probe_images', args.probe_images) if groups else args.probe_images} test images of the "
+        "task, every model's BatchNorm statistics re-estimated (zoo models too): top-1 agreement "
+        "(`weightgen.metrics.prediction_agreement`) with the nearest zoo model of the same architecture and task "
+        "(the classes mean the same), and linear CKA of the pre-logit features (`weightgen.metrics.linear_cka`) "
+        "with the nearest zoo model of the architecture, any task. Zoo model-to-model: each zoo model's nearest "
+        "zoo model of another seed (its siblings). Criterion: the samples' largest nearest-zoo similarity is "
+        "below the median of the zoo's own. A raw sample keeps timm's random head: its agreement is near "
+        "chance by construction and only its CKA is informative; after training both are. The zoo + noise and "
+        "zoo average rows show what a copy scores. Caveat: a model less accurate than the zoo cannot agree "
+        "with it much more than its accuracy allows, so below-the-zoo agreement is easy to pass; the sharper "
+        "test is against a copy at the same accuracy (zoo + noise matched to the trained samples) and against "
+        "timm's init trained as long (a generator that merely starts training somewhere).",
+        "",
+        markdown_table(["zoo architecture", "generator", "measure", "sample mean", "sample max", "zoo median",
+                        "zoo min", "criterion"], pred, align="lllrrrrl"),
         "",
     ])
+
+
+def rerender(args) -> int:
+    """The Markdown report of an earlier run, from its JSON (the report's wording may have changed since)."""
+    from weightgen.io import WeightgenError
+
+    try:
+        data = json.loads(Path(args.from_json).read_text())
+    except (OSError, ValueError) as err:
+        raise WeightgenError(f"cannot read {args.from_json}: {err}") from None
+    for key in ("zoo", "samples", "train_steps", "ppca", "probe_images"):
+        setattr(args, key, data.get(key, getattr(args, key, None)))
+    md = report(data["groups"], args, data["machine"], data["vae"], data["seconds"])
+    out = Path(args.out) / f"{args.stem}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    print(md)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", required=True, help="the zoo the VAE was trained on (scripts/build_zoo.py output)")
+    p.add_argument("--zoo", help="the zoo the VAE was trained on (scripts/build_zoo.py output; required unless "
+                                 "--from-json)")
     p.add_argument("--vae", help="VAE directory (default: the shipped one, weightgen/assets/vae)")
     p.add_argument("--samples", type=int, default=5, help="prior samples per zoo architecture (default 5)")
     p.add_argument("--train-steps", type=int, default=50,
@@ -289,9 +402,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="audit each architecture on every task its zoo models learned (default: on the task "
                         "with the most final models; neighbours are searched over all tasks either way)")
     p.add_argument("--noise-iterations", type=int, default=8, help="bisection steps for the noise level (default 8)")
+    p.add_argument("--ppca", help="PPCA prior directory (weightgen.studies.controls.save_ppca) for the PPCA control "
+                                  "rows (default: no PPCA rows; the RMS-matched control always runs)")
+    p.add_argument("--probe-images", type=int, default=500,
+                   help="test images on which predictions and features are compared (default 500)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="docs", help="output folder (default docs)")
+    p.add_argument("--stem", default="bench_memorisation",
+                   help="output file stem (default bench_memorisation; summarise_init_gain.py reads that JSON)")
+    p.add_argument("--from-json", metavar="JSON",
+                   help="only rewrite the Markdown report from an earlier run's JSON output (no measuring)")
     args = p.parse_args(argv)
+    if args.from_json:
+        return rerender(args)
 
     import torch
 
@@ -299,10 +422,22 @@ def main(argv: list[str] | None = None) -> int:
     from weightgen.studies import audit
     from weightgen.vae.prior import default_vae_dir, load_vae_bundle
 
+    if not args.zoo:
+        raise WeightgenError("--zoo is required (unless --from-json)")
     if args.samples < 1 or args.train_steps < 0 or args.noise_iterations < 1:
         raise WeightgenError("--samples and --noise-iterations must be >= 1, --train-steps >= 0")
     torch.set_num_threads(args.threads)
     vae_bundle = load_vae_bundle(args.vae)
+    ppca = None
+    if args.ppca:
+        from weightgen.studies.controls import load_ppca
+
+        try:
+            ppca = load_ppca(args.ppca)
+        except ValueError as err:
+            raise WeightgenError(str(err)) from None
+    if args.probe_images < 10:
+        raise WeightgenError("--probe-images must be >= 10")
     models = audit.zoo_models(args.zoo)
     if args.archs:
         models = [m for m in models if m["arch"] in args.archs]
@@ -332,14 +467,15 @@ def main(argv: list[str] | None = None) -> int:
     for i, (finals, refs) in enumerate(groups, 1):
         say(f"[{i}/{len(groups)}] {finals[0]['arch']} {json.dumps(finals[0].get('model_kwargs', {}), sort_keys=True)}"
             f" on {_task(finals[0], args.task) or 'digits'}")
-        results.append(audit_group(finals, refs, args, vae_bundle, data_cache))
+        results.append(audit_group(finals, refs, args, vae_bundle, data_cache, ppca))
     info = machine_info()
     seconds = time.perf_counter() - _START
     md = report(results, args, info, vae_dir, seconds)
     checks = [ok for g in results for ok in g["pass"].values() if ok is not None]
-    write_outputs(args.out, "bench_memorisation", md,
+    write_outputs(args.out, args.stem, md,
                   {"machine": info, "zoo": args.zoo, "vae": vae_dir, "samples": args.samples,
                    "train_steps": args.train_steps, "criterion_checks": len(checks), "criterion_passed": sum(checks),
+                   "ppca": args.ppca, "probe_images": args.probe_images,
                    "groups": results, "seconds": round(seconds, 1)},
                   default=str)
     return 0

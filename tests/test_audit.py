@@ -106,3 +106,16 @@ def test_chance_cosine_std_matches_independent_random_models():
     expected = audit.chance_cosine_std(_state(0, shapes), names)
     assert abs(cosines.mean().item()) < 3 * expected / math.sqrt(300) * 2
     assert cosines.std().item() == pytest.approx(expected, rel=0.15)
+
+
+def test_probe_outputs_are_the_models_logits_and_pre_logit_features():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model("test_resnet", num_classes=5)
+    x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    feats, logits = audit.probe_outputs(model, x, batch_size=3)  # batches of 3, 3, 1
+    assert feats.shape == (7, model.num_features) and logits.shape == (7, 5)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x), atol=1e-5)
+        assert torch.allclose(logits, model.get_classifier()(feats), atol=1e-5)

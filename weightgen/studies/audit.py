@@ -148,6 +148,23 @@ def architecture_key(meta: dict) -> str:
     return meta["arch"] + " " + json.dumps(meta.get("model_kwargs", {}), sort_keys=True)
 
 
+@torch.no_grad()
+def probe_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre-logit features (N, d), logits (N, classes)) of a timm model on inputs ``x``, in eval mode.
+
+    What prediction agreement and CKA (``weightgen.metrics``) compare between two models; the
+    features are what a linear probe reads. Batches run on the model's device; outputs come back on the CPU.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    feats, logits = [], []
+    for i in range(0, len(x), batch_size):
+        f = model.forward_head(model.forward_features(x[i:i + batch_size].to(device)), pre_logits=True)
+        feats.append(f.float().cpu())
+        logits.append(model.get_classifier()(f).float().cpu())
+    return torch.cat(feats), torch.cat(logits)
+
+
 def task_data(task: str | None, image_size: int = 32, in_chans: int = 1, seed: int = 0) -> TensorSplits:
     """Train/val/test data of a zoo model's ``task`` as model input (``weightgen.data.model_splits``).
 
