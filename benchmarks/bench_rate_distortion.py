@@ -160,14 +160,13 @@ def decoder_params(vae) -> int:
 
 def vae_codes(model: nn.Module, vae, meta: dict, data: dict, steps: int, lr: float, seed: int) -> dict:
     """encode and mimic weights for one model through one VAE, as weightgen.reconstruct does (its internals)."""
-    from weightgen.reconstruct import _Layer, _logits, _mimic, _Probe, _task_score
+    from weightgen.reconstruct import _Layer
     from weightgen.vae.prior import trained_kinds
 
     known = trained_kinds(meta)
     specs = weight_layers(model)
     layers = [_Layer(vae, s, model.get_parameter(f"{s['name']}.weight")) for s in specs if s["kind"] in known]
     dense = [s for s in specs if s["kind"] not in known]
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
     def decoded() -> tuple[dict, dict]:
         with torch.no_grad():
@@ -181,6 +180,67 @@ def vae_codes(model: nn.Module, vae, meta: dict, data: dict, steps: int, lr: flo
     t0 = time.perf_counter()
     enc_w, enc_stored = decoded()
     encode_s = time.perf_counter() - t0
+    history, selection, mimic_s, mimic_cpu = _run_mimic(model, layers, data, steps, lr, seed)
+    mim_w, mim_stored = decoded()
+    return {"encode": (enc_w, enc_stored, {"seconds": round(encode_s, 2)}),
+            "mimic": (mim_w, mim_stored, {"seconds": round(mimic_s, 1), "cpu_seconds": round(mimic_cpu, 1),
+                                          "steps": steps, "lr": lr, "kept_step": selection["kept_step"],
+                                          "val_scores": selection["scores"], "dense_layers": len(dense)})}
+
+
+class _FactorLayer:
+    """The linear control of mimic: one layer as rank-r SVD factors A @ B (each at unit RMS) times exp(log_scale),
+    optimised by weightgen.reconstruct's mimic loop exactly as the VAE's latents are (duck-typed ``_Layer``)."""
+
+    def __init__(self, spec: dict, weight: torch.Tensor, r: int):
+        self.name, self.shape, self.dtype = spec["name"], tuple(weight.shape), weight.dtype
+        self.target = weight.detach().float()
+        m = self.target.reshape(self.shape[0], -1).double()
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        a, b = u[:, :r] * s[:r].sqrt(), s[:r].sqrt()[:, None] * vh[:r]
+        ra, rb = a.pow(2).mean().sqrt(), b.pow(2).mean().sqrt()
+        self.rows = a.shape[0]
+        self.latents = torch.cat([(a / ra).reshape(-1), (b / rb).reshape(-1)]).float().requires_grad_(True)
+        self.log_scale = torch.tensor(math.log(float(ra * rb))).requires_grad_(True)
+        self.r = r
+        self.target_norm2 = self.target.pow(2).sum().clamp(min=1e-30)
+
+    def decode(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        scale = self.log_scale.exp() if scale is None else scale
+        a = self.latents[:self.rows * self.r].reshape(self.rows, self.r)
+        b = self.latents[self.rows * self.r:].reshape(self.r, -1)
+        return (a @ b).reshape(self.shape) * scale
+
+    def weight_error(self, weight: torch.Tensor) -> torch.Tensor:
+        return (weight.float().reshape(self.shape) - self.target).pow(2).sum() / self.target_norm2
+
+
+def svd_mimic(model: nn.Module, data: dict, rate: float, steps: int, lr: float, seed: int) -> tuple:
+    """Per-layer SVD at ``rate``, then its factors optimised by mimic's loop (same loss, steps, lr, selection)."""
+    specs = weight_layers(model)
+    layers, stored, dense = [], {}, {}
+    for s in specs:
+        w = model.get_parameter(f"{s['name']}.weight").detach()
+        m = w.reshape(w.shape[0], -1)
+        r = int(rate * m.numel() / sum(m.shape))
+        if r < 1 or r * sum(m.shape) + 1 >= m.numel():
+            dense[s["name"]], stored[s["name"]] = w.clone(), m.numel()
+        else:
+            layers.append(_FactorLayer(s, w, r))
+            stored[s["name"]] = r * sum(m.shape) + 1  # the factors and one scale
+    history, selection, seconds, cpu = _run_mimic(model, layers, data, steps, lr, seed)
+    with torch.no_grad():
+        weights = {layer.name: layer.decode().reshape(layer.shape).float() for layer in layers} | dense
+    return weights, stored, {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "steps": steps, "lr": lr,
+                             "kept_step": selection["kept_step"], "val_scores": selection["scores"],
+                             "dense_layers": len(dense)}
+
+
+def _run_mimic(model: nn.Module, layers: list, data: dict, steps: int, lr: float, seed: int):
+    """weightgen.reconstruct's mimic loop on the zoo's splits: behaviour on a train-split probe, best on val."""
+    from weightgen.reconstruct import _logits, _mimic, _Probe, _task_score
+
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     x_train, _ = data["train"]
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))
     inputs = x_train[perm[:PROBE_SIZE]]
@@ -193,17 +253,13 @@ def vae_codes(model: nn.Module, vae, meta: dict, data: dict, steps: int, lr: flo
     score = lambda: _task_score(model, layers, (xv, yv), ref, has_bn)  # noqa: E731
     t0, c0 = time.perf_counter(), time.process_time()
     history, selection = _mimic(layers, steps, lr, False, model, probe, BEHAVIOUR_WEIGHT, "float32", score)
-    mimic_s, mimic_cpu = time.perf_counter() - t0, time.process_time() - c0
-    mim_w, mim_stored = decoded()
-    return {"encode": (enc_w, enc_stored, {"seconds": round(encode_s, 2)}),
-            "mimic": (mim_w, mim_stored, {"seconds": round(mimic_s, 1), "cpu_seconds": round(mimic_cpu, 1),
-                                          "steps": steps, "lr": lr, "kept_step": selection["kept_step"],
-                                          "val_scores": selection["scores"], "dense_layers": len(dense)})}
+    return history, selection, time.perf_counter() - t0, time.process_time() - c0
 
 
 # ---- one model -----------------------------------------------------------------------------------
 
-def run_model(zoo: Path, meta: dict, rates, pca, vaes: dict, steps: int, lr: float, seed: int, log) -> list[dict]:
+def run_model(zoo: Path, meta: dict, rates, pca, vaes: dict, steps: int, lr: float, seed: int, log,
+              linear: bool = True, svd_mimic_rates=(), svd_mimic_steps: int = 0) -> list[dict]:
     model = load_model(zoo, meta)
     data = structured_data(meta["task"])
     specs = weight_layers(model)
@@ -225,7 +281,7 @@ def run_model(zoo: Path, meta: dict, rates, pca, vaes: dict, steps: int, lr: flo
         log(f"{meta['model_id']:32s} {code:14s} rate {own / total:.3f} acc {acc:.3f} (base {base:.3f}) "
             f"cos {statistics.fmean(cos):.3f}")
 
-    for rate in rates:
+    for rate in rates if linear else ():
         out, st = {}, {}
         for s in specs:
             out[s["name"]], st[s["name"]] = svd_code(orig[s["name"]], rate)
@@ -237,8 +293,11 @@ def run_model(zoo: Path, meta: dict, rates, pca, vaes: dict, steps: int, lr: flo
         record("pca", rate, out, st, 64 * k + 64)
         out, st = recast_code(orig, rate)
         record("recast", rate, out, st, 0)
-    for name, (vae, vmeta) in vaes.items():
-        res = vae_codes(model, vae, vmeta, data, steps, lr, seed)
+    for rate in svd_mimic_rates:
+        w, st, extra = svd_mimic(model, data, rate, svd_mimic_steps, lr, seed)
+        record(f"svd-mimic-{svd_mimic_steps}steps", rate, w, st, 0, extra)
+    for name, (vae, vmeta, vae_steps) in vaes.items():
+        res = vae_codes(model, vae, vmeta, data, steps if vae_steps is None else vae_steps, lr, seed)
         for code in ("encode", "mimic"):
             w, st, extra = res[code]
             record(f"{code}-{name}", vae.config.latent_dim / 64, w, st, decoder_params(vae), extra)
@@ -286,7 +345,7 @@ def pareto(points: list[dict], key: str) -> set[tuple]:
 
 def targets(points: list[dict], rows: list[dict], key: str) -> list[list]:
     front = pareto(points, key)
-    linear = [p for p in points if p["code"] in ("svd", "pca", "recast")]
+    linear = [p for p in points if not p["code"].startswith(("mimic", "encode"))]  # svd-mimic included
     out = []
     for p in points:
         code = p["code"]
@@ -314,7 +373,11 @@ def targets(points: list[dict], rows: list[dict], key: str) -> list[list]:
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:
+    import logging
+
     from matplotlib.figure import Figure
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font fallback chatter
 
     fig = Figure(figsize=(14, 6))
     for i, (key, name) in enumerate((("rate", "without the shared parts"),
@@ -336,6 +399,9 @@ def _panel(ax, points: list[dict], key: str, title: str) -> None:
                     marker=marker, capsize=3, label=code, linestyle="-" if len(sel) > 1 else "none")
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=1.0)
+    ticks = [-2, -1, 0, 0.5, 1, 2, 5, 10, 20, 50, 100]
+    ax.set_yticks(ticks, [str(t) for t in ticks])
+    ax.set_xticks([0.0625, 0.125, 0.25, 0.5, 1, 2], ["1/16", "1/8", "1/4", "1/2", "1", "2"])
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("stored numbers per weight (log scale)")
     ax.set_ylabel("accuracy drop, points (BN re-estimated; symlog)")
@@ -364,11 +430,15 @@ def report(points, rows, vae_info, args, machine, seconds) -> str:
              " of the first model's parameters). `amortised` adds the shared parts (PCA basis and mean, VAE decoder) "
              f"divided over the {len({r['model_id'] for r in rows})} models served here.", ""]
     if vae_info:
-        lines += ["VAEs:", "", markdown_table(["name", "path", "latent/token", "arch", "decoder params",
-                                               "trained on", "held-out models (val)", "held-out = zoo's heldout"],
-                                              [[n, f"`{v['path']}`", v["latent_dim"], v["arch"], f"{v['decoder']:,}",
-                                                v["trained_on"], v["val_models"], v["no_leak"]]
-                                               for n, v in vae_info.items()]), ""]
+        lines += ["VAEs (`held-out cosine`: mean cosine of the held-out models' layers through encode-decode, "
+                  "against a PCA of the same latent size, as scripts/train_vae.py reports it):", "",
+                  markdown_table(["name", "path", "latent/token", "decoder params", "training", "trained on",
+                                  "val models", "val = zoo's heldout, no leak", "held-out cosine VAE / PCA"],
+                                 [[n, f"`{v['path']}`", v["latent_dim"], f"{v['decoder']:,}", v.get("training", "?"),
+                                   v["trained_on"], v["val_models"], v["no_leak"],
+                                   f"{v.get('heldout_cosine_vae') or float('nan'):.3f} / "
+                                   f"{v.get('heldout_cosine_pca') or float('nan'):.3f}"]
+                                  for n, v in vae_info.items()]), ""]
     lines += ["## Targets", "",
               "Judged twice: on the rate without the shared parts, and on the rate with the decoder / PCA basis "
               "amortised over the held-out models served here. `beats every linear code` compares with the best "
@@ -388,17 +458,26 @@ def report(points, rows, vae_info, args, machine, seconds) -> str:
                                f"{p['mean_cosine']:.3f}",
                                f"{p['mimic_seconds_mean']:.0f}" if "mimic_seconds_mean" in p else ""]
                               for p in points]), ""]
-    mim = [r for r in rows if r["code"].startswith("mimic")]
+    mim = [r for r in rows if "kept_step" in r]
     if mim:
-        enc = {(r["model_id"], r["code"][len("encode-"):]): r for r in rows if r["code"].startswith("encode")}
-        lines += ["## Mimic against its encode start", "",
-                  "The kept state is the best on val (start included): val accuracy at the start and at the kept step, "
-                  "and test accuracy (BN re-estimated) of encode and mimic.", "",
-                  markdown_table(["model", "vae", "steps", "kept step", "val start", "val kept", "test encode",
-                                  "test mimic", "seconds", "CPU-s"],
-                                 [[r["model_id"], r["code"][len("mimic-"):], r["steps"], r["kept_step"],
+        starts = {(r["model_id"], r["code"]): r for r in rows}
+
+        def start(r):  # what mimic started from: the VAE's encode, or plain SVD at the same rate target
+            if r["code"].startswith("mimic-"):
+                return starts.get((r["model_id"], "encode-" + r["code"][len("mimic-"):]))
+            return next((q for q in rows if q["model_id"] == r["model_id"] and q["code"] == "svd"
+                         and q["rate_target"] == r["rate_target"]), None)
+
+        lines += ["## Mimic against its start", "",
+                  "The kept state is the best on the whole (shuffled) val split, the start included: val accuracy at "
+                  "the start and at the kept step, and test accuracy (BN re-estimated) of the start (VAE encode, or "
+                  "plain SVD for svd-mimic) and of mimic.", "",
+                  markdown_table(["model", "code", "rate target", "steps", "kept step", "val start", "val kept",
+                                  "test start", "test mimic", "never worse on test", "seconds", "CPU-s"],
+                                 [[r["model_id"], r["code"], r["rate_target"], r["steps"], r["kept_step"],
                                    f"{r['val_scores'][0][1]:.3f}", f"{max(v for _, v in r['val_scores']):.3f}",
-                                   f"{enc[(r['model_id'], r['code'][len('mimic-'):])]['acc']:.3f}", f"{r['acc']:.3f}",
+                                   f"{start(r)['acc']:.3f}" if start(r) else "-", f"{r['acc']:.3f}",
+                                   ("yes" if r["acc"] >= start(r)["acc"] else "NO") if start(r) else "-",
                                    r["seconds"], r["cpu_seconds"]] for r in mim]), ""]
     lines += ["## Per model", "",
               markdown_table(["model", "code", "rate target", "rate", "base acc", "acc", "drop", "mean cosine"],
@@ -408,6 +487,19 @@ def report(points, rows, vae_info, args, machine, seconds) -> str:
     return "\n".join(lines)
 
 
+def vae_training(path: Path) -> dict:
+    """How a VAE was trained and how it reconstructs held-out layers against PCA, from its vae.json."""
+    try:
+        meta = json.loads((path / "vae.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    t, c, rec = meta.get("training", {}), meta.get("config", {}), meta.get("training", {}).get("reconstruction", {})
+    return {"training": f"{c.get('arch')} hidden {c.get('hidden')}, {c.get('layers')} layers, window "
+                        f"{c.get('window')}, beta {c.get('beta')}; {t.get('epochs')} epochs, {t.get('steps')} steps, "
+                        f"{t.get('seconds', 0):.0f} s",
+            "heldout_cosine_vae": rec.get("vae_mean_cosine"), "heldout_cosine_pca": rec.get("pca_mean_cosine")}
+
+
 def run(args, zoo: Path, train: list[dict], held: list[dict]) -> tuple[dict, list[dict]]:
     from weightgen.vae.prior import load_vae_bundle, vae_on
 
@@ -415,8 +507,9 @@ def run(args, zoo: Path, train: list[dict], held: list[dict]) -> tuple[dict, lis
     zoo_held = {m["model_id"] for m in zoo_models(zoo)[1]}
     for item in args.vae:
         name, _, path = item.partition("=")
+        path, _, vae_steps = path.partition("@")
         vae, vmeta = load_vae_bundle(path)
-        vaes[name] = (vae_on(vae, torch.device("cpu")), vmeta)
+        vaes[name] = (vae_on(vae, torch.device("cpu")), vmeta, int(vae_steps) if vae_steps else None)
         training = vmeta.get("training", {})
         val, fitted = set(training.get("val_models", [])), set(training.get("train_models", []))
         vae_info[name] = {"path": path, "latent_dim": vae.config.latent_dim, "arch": vae.config.arch,
@@ -424,18 +517,24 @@ def run(args, zoo: Path, train: list[dict], held: list[dict]) -> tuple[dict, lis
                           "val_models": len(val),
                           "no_leak": ("NO: it trained on held-out models" if fitted & zoo_held else
                                       "yes" if val == zoo_held else "yes (another zoo)")}
-    pca = fit_token_pca(zoo, train)
+    pca = None if args.no_linear else fit_token_pca(zoo, train)
     rows = []
     for meta in held:
         rows += run_model(zoo, meta, args.rates, pca, vaes, args.mimic_steps, args.mimic_lr, args.seed,
-                          lambda s: print(s, file=sys.stderr, flush=True))
+                          lambda s: print(s, file=sys.stderr, flush=True), linear=not args.no_linear,
+                          svd_mimic_rates=args.svd_mimic_rates, svd_mimic_steps=args.svd_mimic_steps)
     return vae_info, rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", required=True, help="a zoo built with --preset structured")
-    p.add_argument("--vae", action="append", default=[], metavar="NAME=DIR", help="a VAE to run encode and mimic with")
+    p.add_argument("--vae", action="append", default=[], metavar="NAME=DIR[@STEPS]",
+                   help="a VAE to run encode and mimic with (STEPS: its mimic steps, default --mimic-steps)")
+    p.add_argument("--svd-mimic-rates", type=float, nargs="*", default=[],
+                   help="rates at which per-layer SVD factors go through mimic's loop too (the linear control of mimic)")
+    p.add_argument("--svd-mimic-steps", type=int, default=100)
+    p.add_argument("--no-linear", action="store_true", help="only the VAE codes (e.g. a run to merge with another)")
     p.add_argument("--rates", type=float, nargs="+", default=list(RATES), help="rate targets of the linear codes")
     p.add_argument("--mimic-steps", type=int, default=20)
     p.add_argument("--mimic-lr", type=float, default=5e-2)
@@ -465,6 +564,8 @@ def main(argv=None) -> int:
     else:
         vae_info, rows = run(args, zoo, train, held)
         compute_s = None
+    for v in vae_info.values():
+        v.update(vae_training(Path(v["path"])))
     zoo_weights = sum(math.prod(layer["shape"]) for m in train + zoo_models(zoo)[1] for layer in m["layers"])
     points = aggregate(rows, zoo_weights)
     seconds = time.perf_counter() - t0
