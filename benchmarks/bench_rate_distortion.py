@@ -304,6 +304,51 @@ def run_model(zoo: Path, meta: dict, rates, pca, vaes: dict, steps: int, lr: flo
     return rows
 
 
+# ---- real pretrained weights, by weight cosine only -------------------------------------------------
+
+def real_weights(paths: list[Path], rates, pca, vaes: dict, log) -> list[dict]:
+    """Per file and code: stored numbers per weight and mean cosine of its 2-D/4-D weights (no task to score)."""
+    from bench_zoo_structure import _real_layers
+
+    from weightgen.reconstruct import _Layer
+    from weightgen.vae.tokenize import layer_kind
+
+    out = []
+    for path in paths:
+        layers = []
+        for rec, w in _real_layers(path):
+            kind = layer_kind(w.shape, rec["groups"])
+            layers.append(({"name": rec["name"], "shape": tuple(w.shape), "kind": kind, "depth": rec["depth"]}, w))
+        orig = {s["name"]: w for s, w in layers}
+        total = sum(w.numel() for w in orig.values())
+
+        def record(code, target, weights, stored, shared=0):
+            cos = [cosine(weights[n], orig[n]) for n in orig]
+            out.append({"file": path.name, "code": code, "rate_target": target, "layers": len(orig), "weights": total,
+                        "rate": sum(stored.values()) / total, "shared": shared, "mean_cosine": statistics.fmean(cos),
+                        "weighted_cosine": sum(c * orig[n].numel() for c, n in zip(cos, orig)) / total})
+            log(f"{path.name:28s} {code:12s} rate {out[-1]['rate']:.3f} cos {out[-1]['mean_cosine']:.3f}")
+
+        for rate in rates:
+            w, st = {}, {}
+            for s, weight in layers:
+                w[s["name"]], st[s["name"]] = svd_code(weight, rate)
+            record("svd", rate, w, st)
+            k = max(1, min(64, round(rate * 64)))
+            w, st = {}, {}
+            for s, weight in layers:
+                w[s["name"]], st[s["name"]] = pca_code(weight, s, pca[0], pca[1], k)
+            record("pca", rate, w, st, 64 * k + 64)
+            record("recast", rate, *recast_code(orig, rate))
+        for name, (vae, _, _) in vaes.items():
+            with torch.no_grad():
+                coded = [(_Layer(vae, s, weight), s) for s, weight in layers]
+                w = {s["name"]: layer.decode().reshape(s["shape"]).float() for layer, s in coded}
+            record(f"encode-{name}", vae.config.latent_dim / 64, w,
+                   {s["name"]: layer.latents.numel() + 1 for layer, s in coded}, decoder_params(vae))
+    return out
+
+
 # ---- summary ---------------------------------------------------------------------------------------
 
 def aggregate(rows: list[dict], zoo_weights: int) -> list[dict]:
@@ -517,13 +562,34 @@ def run(args, zoo: Path, train: list[dict], held: list[dict]) -> tuple[dict, lis
                           "val_models": len(val),
                           "no_leak": ("NO: it trained on held-out models" if fitted & zoo_held else
                                       "yes" if val == zoo_held else "yes (another zoo)")}
-    pca = None if args.no_linear else fit_token_pca(zoo, train)
+    pca = None if args.no_linear and not args.real else fit_token_pca(zoo, train)
+    if args.real:
+        return vae_info, real_weights([Path(f) for f in args.real], args.rates, pca, vaes,
+                                      lambda s: print(s, file=sys.stderr, flush=True))
     rows = []
     for meta in held:
         rows += run_model(zoo, meta, args.rates, pca, vaes, args.mimic_steps, args.mimic_lr, args.seed,
                           lambda s: print(s, file=sys.stderr, flush=True), linear=not args.no_linear,
                           svd_mimic_rates=args.svd_mimic_rates, svd_mimic_steps=args.svd_mimic_steps)
     return vae_info, rows
+
+
+def real_report(args, vae_info: dict, rows: list[dict], seconds: float) -> int:
+    machine = machine_info()
+    md = "\n".join([
+        "# Rate against weight cosine on real pretrained weights (no task: cosine only)", "",
+        f"Command: `{machine['command']}`", "",
+        f"Machine: {machine['cpu']}, load average at the end {machine['loadavg']}; {seconds:.0f} s wall.", "",
+        "Files from docs/real_weights.md; every float 2-D/4-D weight except embedding tables. Codes as in "
+        "docs/bench_rate_distortion.md (the PCA and the VAEs fitted on the structured zoo's training models: these "
+        "architectures are unseen). Rate = stored numbers / weights, shared parts not counted (`shared` gives them). "
+        "Cosine is the wrong yardstick for function (see the zoo curve); it is all these files allow here.", "",
+        markdown_table(["file", "code", "rate target", "rate", "shared", "mean cosine", "param-weighted cosine"],
+                       [[r["file"], r["code"], r["rate_target"], f"{r['rate']:.4f}", f"{r['shared']:,}",
+                         f"{r['mean_cosine']:.3f}", f"{r['weighted_cosine']:.3f}"] for r in rows]), ""])
+    write_outputs(args.out_dir, args.stem, md, {"machine": machine, "vaes": vae_info, "rows": rows,
+                                               "seconds": round(seconds, 1)})
+    return 0
 
 
 def main(argv=None) -> int:
@@ -534,6 +600,9 @@ def main(argv=None) -> int:
     p.add_argument("--svd-mimic-rates", type=float, nargs="*", default=[],
                    help="rates at which per-layer SVD factors go through mimic's loop too (the linear control of mimic)")
     p.add_argument("--svd-mimic-steps", type=int, default=100)
+    p.add_argument("--real", nargs="+", metavar="FILE",
+                   help="instead of the zoo's models: real pretrained state dicts (docs/real_weights.md), by weight "
+                        "cosine only (no task to score them on)")
     p.add_argument("--no-linear", action="store_true", help="only the VAE codes (e.g. a run to merge with another)")
     p.add_argument("--rates", type=float, nargs="+", default=list(RATES), help="rate targets of the linear codes")
     p.add_argument("--mimic-steps", type=int, default=20)
@@ -564,6 +633,8 @@ def main(argv=None) -> int:
     else:
         vae_info, rows = run(args, zoo, train, held)
         compute_s = None
+    if args.real:
+        return real_report(args, vae_info, rows, time.perf_counter() - t0)
     for v in vae_info.values():
         v.update(vae_training(Path(v["path"])))
     zoo_weights = sum(math.prod(layer["shape"]) for m in train + zoo_models(zoo)[1] for layer in m["layers"])
