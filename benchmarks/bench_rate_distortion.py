@@ -378,6 +378,15 @@ def aggregate(rows: list[dict], zoo_weights: int) -> list[dict]:
     return out
 
 
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
 def pareto(points: list[dict], key: str) -> set[tuple]:
     """(code, rate_target) of the points no other point beats in both rate and mean drop."""
     front = set()
@@ -400,20 +409,28 @@ def targets(points: list[dict], rows: list[dict], key: str) -> list[list]:
         # the best linear code at no more storage than this point
         cheaper = [q for q in linear if q[key] <= rate + 1e-9]
         best = min(cheaper, key=lambda q: q["drop_mean"]) if cheaper else None
-        beats = ("no linear code at this rate" if best is None else
-                 f"{'yes' if p['drop_mean'] < best['drop_mean'] else 'no'} (best linear at <= this rate: {best['code']} "
-                 f"{best['drop_mean']:+.2f} at {best[key]:.3f})")
+        if best is None:
+            beats, met = "no linear code at this rate", "no"
+        else:  # paired over models: this code's drop minus the best linear code's, with its 95% t-interval
+            mine = {r["model_id"]: r["drop_points"] for r in rows if r["code"] == code
+                    and r["rate_target"] == p["rate_target"]}
+            theirs = {r["model_id"]: r["drop_points"] for r in rows if r["code"] == best["code"]
+                      and r["rate_target"] == best["rate_target"]}
+            diff = [mine[m] - theirs[m] for m in mine if m in theirs]
+            mean, half = _mean_ci(diff)
+            met = "yes" if mean + half < 0 else "no" if mean - half > 0 else "not shown (interval includes 0)"
+            beats = (f"{mean:+.2f} ± {half:.2f} points vs the best linear code at <= this rate ({best['code']} "
+                     f"{best['rate_target']}: {best['drop_mean']:+.2f} at {best[key]:.3f}; {len(diff)} models)")
         if code.startswith("mimic"):
-            if rate <= 0.5:
-                out.append([f"{code} on the Pareto front (rate {rate:.3f} <= 0.5)",
-                            "yes" if (code, p["rate_target"]) in front else "no", ""])
-            if rate <= 0.25:
-                out.append([f"{code} within 0.5 points (rate {rate:.3f} <= 0.25)", f"{p['drop_mean']:+.2f}",
-                            "yes" if p["drop_mean"] <= 0.5 else "no"])
-        elif rate <= 0.25:
-            out.append([f"{code} within 2 points (rate {rate:.3f} <= 0.25)", f"{p['drop_mean']:+.2f}",
-                        "yes" if p["drop_mean"] <= 2 else "no"])
-        out.append([f"{code} beats every linear code at its rate ({rate:.3f})", beats, beats[:3].strip()])
+            out.append([f"{code} on the Pareto front at rate <= 0.5 (rate {rate:.3f})",
+                        "on the front" if (code, p["rate_target"]) in front else "not on the front",
+                        ("yes" if (code, p["rate_target"]) in front else "no") if rate <= 0.5 else "n/a (rate > 0.5)"])
+            out.append([f"{code} within 0.5 points at rate <= 0.25 (rate {rate:.3f})", f"{p['drop_mean']:+.2f}",
+                        ("yes" if p["drop_mean"] <= 0.5 else "no") if rate <= 0.25 else "n/a (rate > 0.25)"])
+        else:
+            out.append([f"{code} within 2 points at rate <= 0.25 (rate {rate:.3f})", f"{p['drop_mean']:+.2f}",
+                        ("yes" if p["drop_mean"] <= 2 else "no") if rate <= 0.25 else "n/a (rate > 0.25)"])
+        out.append([f"{code} beats every linear code at its rate ({rate:.3f})", beats, met])
     return out
 
 
