@@ -61,6 +61,7 @@ from weightgen.zoo import create_zoo_model, structured_data  # noqa: E402
 
 RATES = (0.0625, 0.125, 0.25, 0.5, 1.0)
 BN_BATCH = 500
+RATE_SLACK = 1.05  # "at the same rate": a linear code may store up to 5% more
 VAL_CAP = None  # the whole val split: its first 512 images are class-skewed on some tasks (greek: 66 vs 34 per class)
 PROBE_SIZE = 2048
 BEHAVIOUR_WEIGHT = 3.0
@@ -378,6 +379,11 @@ def aggregate(rows: list[dict], zoo_weights: int) -> list[dict]:
     return out
 
 
+def _redundant(code: str) -> bool:
+    """encode does not depend on mimic's steps: encode-<vae>-<n>steps repeats encode-<vae>."""
+    return code.startswith("encode-") and code.endswith("steps")
+
+
 def _mean_ci(values: list[float]) -> tuple[float, float]:
     from scipy import stats
 
@@ -403,11 +409,12 @@ def targets(points: list[dict], rows: list[dict], key: str) -> list[list]:
     out = []
     for p in points:
         code = p["code"]
-        if not code.startswith(("mimic", "encode")):
+        if not code.startswith(("mimic", "encode")) or _redundant(code):
             continue
         rate = p[key]
-        # the best linear code at no more storage than this point
-        cheaper = [q for q in linear if q[key] <= rate + 1e-9]
+        # the best linear code at no more than 5% more storage than this point (rates of the codes differ a little:
+        # padding, dense layers), which favours the linear codes
+        cheaper = [q for q in linear if q[key] <= RATE_SLACK * rate]
         best = min(cheaper, key=lambda q: q["drop_mean"]) if cheaper else None
         if best is None:
             beats, met = "no linear code at this rate", "no"
@@ -419,7 +426,7 @@ def targets(points: list[dict], rows: list[dict], key: str) -> list[list]:
             diff = [mine[m] - theirs[m] for m in mine if m in theirs]
             mean, half = _mean_ci(diff)
             met = "yes" if mean + half < 0 else "no" if mean - half > 0 else "not shown (interval includes 0)"
-            beats = (f"{mean:+.2f} ± {half:.2f} points vs the best linear code at <= this rate ({best['code']} "
+            beats = (f"{mean:+.2f} ± {half:.2f} points vs the best linear code at <= 1.05 x this rate ({best['code']} "
                      f"{best['rate_target']}: {best['drop_mean']:+.2f} at {best[key]:.3f}; {len(diff)} models)")
         if code.startswith("mimic"):
             out.append([f"{code} on the Pareto front at rate <= 0.5 (rate {rate:.3f})",
@@ -450,21 +457,26 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 
 
 def _panel(ax, points: list[dict], key: str, title: str) -> None:
-    styles = {"svd": ("tab:blue", "o"), "pca": ("tab:orange", "s"), "recast": ("tab:green", "^")}
-    extra = ["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
-    codes = sorted({p["code"] for p in points}, key=lambda c: (c.split("-")[-1], c))
+    import matplotlib
+
+    codes = sorted({p["code"] for p in points if not _redundant(p["code"])})
+    colours = matplotlib.colormaps["tab10"]
+    markers = {"svd": "o", "pca": "s", "recast": "^", "svd-mimic": "v", "encode": "X", "mimic": "D"}
     for i, code in enumerate(codes):
         sel = sorted((p for p in points if p["code"] == code), key=lambda p: p[key])
-        colour, marker = styles.get(code, (extra[i % len(extra)], "D" if code.startswith("mimic") else "v"))
+        marker = next((m for prefix, m in sorted(markers.items(), key=lambda kv: -len(kv[0]))
+                       if code.startswith(prefix)), "P")
         ax.errorbar([p[key] for p in sel], [p["drop_mean"] for p in sel],
-                    yerr=[0 if math.isnan(p["drop_ci95"]) else p["drop_ci95"] for p in sel], color=colour,
-                    marker=marker, capsize=3, label=code, linestyle="-" if len(sel) > 1 else "none")
+                    yerr=[0 if math.isnan(p["drop_ci95"]) else p["drop_ci95"] for p in sel], color=colours(i % 10),
+                    marker=marker, markersize=7, capsize=3, alpha=0.85, label=code,
+                    linestyle="-" if len(sel) > 1 else "none")
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=1.0)
     ticks = [-2, -1, 0, 0.5, 1, 2, 5, 10, 20, 50, 100]
     ax.set_yticks(ticks, [str(t) for t in ticks])
     ax.set_xticks([0.0625, 0.125, 0.25, 0.5, 1, 2], ["1/16", "1/8", "1/4", "1/2", "1", "2"])
     ax.axhline(0, color="grey", lw=0.8)
+    ax.set_ylim(-1, 100)
     ax.set_xlabel("stored numbers per weight (log scale)")
     ax.set_ylabel("accuracy drop, points (BN re-estimated; symlog)")
     ax.set_title(title, fontsize=10)
@@ -503,8 +515,9 @@ def report(points, rows, vae_info, args, machine, seconds) -> str:
                                   for n, v in vae_info.items()]), ""]
     lines += ["## Targets", "",
               "Judged twice: on the rate without the shared parts, and on the rate with the decoder / PCA basis "
-              "amortised over the held-out models served here. `beats every linear code` compares with the best "
-              "linear point at no more storage.", "",
+              "amortised over the held-out models served here. `beats every linear code`: the paired difference "
+              "(over models) of drops against the linear point (svd-mimic included) with the least drop among those "
+              "storing at most 1.05 x as much, with its 95% t-interval; met when the interval is below 0.", "",
               "Without amortisation:", "",
               markdown_table(["target", "measured", "met"], targets(points, rows, "rate"), "lll"), "",
               "Amortised over the held-out models served here:", "",
