@@ -3,10 +3,12 @@
 
     python benchmarks/bench_generate_scale.py   # writes docs/bench_generate_scale.{md,json}
     python benchmarks/bench_generate_scale.py --before /tmp/wg-before   # adds rows for an older checkout
+    python benchmarks/bench_generate_scale.py --archs resnet50 vit_huge_patch14_224 vit_giant_patch14_224 \
+        --before /tmp/wg-v1 --after-only vit_giant_patch14_224   # no before row for the giant (memory, time)
 
 Each row runs `python scripts/generate_weights.py --arch ARCH` (no checkpoint, offline) as a fresh
 process and reads its wall time and peak RSS (``ru_maxrss`` of that process). The ratio is peak RSS
-over the model's float32 bytes (params x 4); issue 8 asks for <= 2.5x and no slower. With
+over the model's float32 bytes (params x 4); issues 8 and 14 ask for <= 2.5x and no slower. With
 ``--before DIR`` (a checkout of an older commit, e.g. ``git worktree add DIR <commit>``) the same
 command runs from that checkout first, and the two ``weights.safetensors`` / ``recast.safetensors``
 are compared byte for byte (same seed, same bytes).
@@ -51,6 +53,11 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _commit_file(checkout: Path) -> str:
+    marker = checkout / ".commit"
+    return marker.read_text().strip() if marker.is_file() else "unknown"
+
+
 def same_files(a: Path, b: Path) -> bool:
     return all(filecmp.cmp(a / name, b / name, shallow=False) for name in ("weights.safetensors", "recast.safetensors"))
 
@@ -59,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", nargs="*", default=["vit_huge_patch14_224", "vit_large_patch16_224", "resnet50"])
     p.add_argument("--before", help="checkout of an older commit, measured first for a before/after row")
+    p.add_argument("--after-only", nargs="*", default=[], metavar="ARCH",
+                   help="archs measured on this checkout only, even with --before")
     p.add_argument("--out", default="docs")
     args = p.parse_args(argv)
     before = Path(args.before).resolve() if args.before else None
@@ -67,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="bench_scale_"))
         try:
             row = {"arch": arch}
-            if before:
+            compare = before and arch not in args.after_only
+            if compare:
                 row["before"] = measure(before, arch, tmp / "before")
             row["after"] = measure(REPO, arch, tmp / "after")
-            if before:
+            if compare:
                 row["identical_bytes"] = same_files(tmp / "before", tmp / "after")
             raw.append(row)
             print(json.dumps(row), flush=True)
@@ -89,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(cells("after" if before else "now", row["after"])
                     + [("yes" if row["identical_bytes"] else "NO") if "identical_bytes" in row else ""])
     info = machine_info()
+    info["omp_threads"] = os.environ.get("OMP_NUM_THREADS", "unset (torch's default: every core)")
+    info["load_end"] = [round(x, 2) for x in os.getloadavg()]
     if before:
-        info["before_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=before,
-                                               capture_output=True, text=True).stdout.strip()
+        info["before_commit"] = (subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=before,
+                                                capture_output=True, text=True).stdout.strip()
+                                 or _commit_file(before))  # a `git archive` export has no git; a .commit file says which
     before_note = (f" `before` runs commit {info['before_commit']} (a checkout in `{before}`); `identical` says "
                    "whether its weights.safetensors and recast.safetensors equal the new ones byte for byte."
                    if before else "")
@@ -100,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['git_commit']}. One fresh process per row (`scripts/generate_weights.py --arch ARCH`, seed 0); "
           f"wall time includes start-up and imports (~0.7 GB of the RSS is torch + timm before any model); cpu s is the "
           f"process's user + system time, load the 1-minute load average when it started (other jobs share the 2 cores, "
-          f"so compare wall times at similar load). "
-          f"GB are 10^9 bytes; ratio = peak RSS / (params x 4 bytes); target <= {TARGET_RATIO}x (issue 8)."
+          f"so compare wall times at similar load; torch threads: OMP_NUM_THREADS={info['omp_threads']}). "
+          f"GB are 10^9 bytes; ratio = peak RSS / (params x 4 bytes); target <= {TARGET_RATIO}x (issues 8, 14)."
           f"{before_note}\n\n"
           + markdown_table(["arch", "code", "params", "float32 GB", "wall s", "cpu s", "load", "peak RSS GB", "ratio",
                             f"<= {TARGET_RATIO}x", "identical"], rows) + "\n")

@@ -129,8 +129,10 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
         state = model.state_dict()  # the fit target, on the device (the same tensors on the CPU)
     else:
         # each layer goes straight into the model's weight as it is decoded: no dict of sampled copies
-        _, stats, fallback = sample_weights(model, *vae, seed=opts.seed, skip=head_names(model), progress=progress,
-                                            in_place=True)
+        # the returned dict (the model's own weights) is not kept: ``state`` below must be the last
+        # reference to the wrapped weights, so that ``del state`` after the fit frees them
+        stats, fallback = sample_weights(model, *vae, seed=opts.seed, skip=head_names(model), progress=progress,
+                                         in_place=True)[1:]
         state = model.state_dict()  # the fit target: the model's own tensors, not a copy
         extra["prior"] = {"vae": str(opts.vae or default_vae_dir()), "layers": stats, "fallback_layers": fallback}
     config = recast_config(model, opts)
