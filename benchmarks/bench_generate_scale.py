@@ -53,6 +53,14 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _json_rows(log: Path) -> list[dict]:
+    rows = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{") and '"after"' in line:
+            rows.append(json.loads(line))
+    return rows
+
+
 def _commit_file(checkout: Path) -> str:
     marker = checkout / ".commit"
     return marker.read_text().strip() if marker.is_file() else "unknown"
@@ -68,11 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", help="checkout of an older commit, measured first for a before/after row")
     p.add_argument("--after-only", nargs="*", default=[], metavar="ARCH",
                    help="archs measured on this checkout only, even with --before")
+    p.add_argument("--rows-from", nargs="*", default=[], metavar="LOG",
+                   help="logs of earlier calls of this benchmark (their printed JSON rows): archs found there are "
+                        "taken from them, not measured again (a long run finished in pieces)")
     p.add_argument("--out", default="docs")
     args = p.parse_args(argv)
     before = Path(args.before).resolve() if args.before else None
+    earlier = {row["arch"]: row for log in args.rows_from for row in _json_rows(Path(log))}
     raw = []
     for arch in args.archs:  # one arch at a time, outputs deleted after: a vit_huge artifact is ~5 GB
+        if arch in earlier:
+            raw.append(earlier[arch])
+            continue
         tmp = Path(tempfile.mkdtemp(prefix="bench_scale_"))
         try:
             row = {"arch": arch}
@@ -87,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def cells(label: str, m: dict) -> list:
+    def cells(label: str, m: dict) -> list:  # the load column: the 1-minute load average when the row started
         return [m["arch"], label, f"{m['params'] / 1e6:.1f}M", f"{m['float32_bytes'] / 1e9:.2f}",
                 f"{m['wall_s']:.1f}", f"{m['cpu_s']:.0f}", f"{m['load_at_start']:.1f}", f"{m['peak_rss_bytes'] / 1e9:.2f}", f"{m['ratio']:.2f}x",
                 "yes" if m["ratio"] <= TARGET_RATIO else "no"]
