@@ -124,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         kw = [f"{k}={v}" for k, v in kwargs.items()]
         for i, (run, label, checkout) in enumerate(plan):
             out = Path(tmp) / f"row{i}"
+            run_args = list(RUNS[run])
+            if label == "before" and "--patience" in run_args:  # an older reconstruct.py may not know it
+                at = run_args.index("--patience")
+                del run_args[at:at + 2]
             cli = ["--arch", args.arch, "--checkpoint", str(ckpt), "--model-kwargs", *kw, "--keep-head",
-                   "--seed", str(args.seed), "--out", str(out), *RUNS[run]] + (["--vae", args.vae] if args.vae else [])
-            if label == "before":  # an older reconstruct.py may not know --patience: its own defaults run
-                cli = [a for a in cli if a not in ("--patience", "0")]
+                   "--seed", str(args.seed), "--out", str(out), *run_args] + (["--vae", args.vae] if args.vae else [])
             measured = run_row(checkout, cli, args.threads)
             report = json.loads((out / "report.json").read_text())
             raw, bn = accuracy_of(args.arch, kwargs, load_file(str(out / "weights.safetensors")), data)
