@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows-from", nargs="*", default=[], metavar="LOG",
                    help="logs of earlier calls of this benchmark (their printed JSON rows): archs found there are "
                         "taken from them, not measured again (a long run finished in pieces)")
+    p.add_argument("--note", default="", help="a paragraph added under the table (e.g. which commit measured which row)")
     p.add_argument("--out", default="docs")
     args = p.parse_args(argv)
     before = Path(args.before).resolve() if args.before else None
@@ -132,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
           f"GB are 10^9 bytes; ratio = peak RSS / (params x 4 bytes); target <= {TARGET_RATIO}x (issues 8, 14)."
           f"{before_note}\n\n"
           + markdown_table(["arch", "code", "params", "float32 GB", "wall s", "cpu s", "load", "peak RSS GB", "ratio",
-                            f"<= {TARGET_RATIO}x", "identical"], rows) + "\n")
-    write_outputs(args.out, "bench_generate_scale", md, {"machine": info, "rows": raw})
+                            f"<= {TARGET_RATIO}x", "identical"], rows) + "\n"
+          + (f"\n{args.note}\n" if args.note else ""))
+    write_outputs(args.out, "bench_generate_scale", md, {"machine": info, "rows": raw, "note": args.note,
+                                                          "rows_from": args.rows_from})
     return 0
 
 
