@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows-from", nargs="*", default=[], metavar="LOG",
                    help="logs of earlier calls of this benchmark (their printed JSON rows): archs found there are "
                         "taken from them, not measured again (a long run finished in pieces)")
-    p.add_argument("--note", default="", help="a paragraph added under the table (e.g. which commit measured which row)")
+    p.add_argument("--note-file", help="a text file whose paragraph goes under the table (e.g. which commit measured "
+                                       "which row)")
     p.add_argument("--out", default="docs")
     args = p.parse_args(argv)
+    note = Path(args.note_file).read_text().strip() if args.note_file else ""
     before = Path(args.before).resolve() if args.before else None
     earlier = {row["arch"]: row for log in args.rows_from for row in _json_rows(Path(log))}
     raw = []
@@ -134,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{before_note}\n\n"
           + markdown_table(["arch", "code", "params", "float32 GB", "wall s", "cpu s", "load", "peak RSS GB", "ratio",
                             f"<= {TARGET_RATIO}x", "identical"], rows) + "\n"
-          + (f"\n{args.note}\n" if args.note else ""))
-    write_outputs(args.out, "bench_generate_scale", md, {"machine": info, "rows": raw, "note": args.note,
+          + (f"\n{note}\n" if note else ""))
+    write_outputs(args.out, "bench_generate_scale", md, {"machine": info, "rows": raw, "note": note,
                                                           "rows_from": args.rows_from})
     return 0
 
