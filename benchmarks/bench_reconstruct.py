@@ -1,29 +1,38 @@
 #!/usr/bin/env python
-"""Whole-model reconstruction through the VAE (issue 8): a digits-trained model, every non-head
-Linear/Conv2d weight rebuilt with ``encode``, ``mimic`` on the weights alone and ``mimic`` on the
-model's outputs; per-layer cosine, digits test accuracy (after BatchNorm re-estimation) and seconds.
+"""Whole-model reconstruction through the VAE: a digits-trained model, every non-head Linear/Conv2d weight
+rebuilt by ``scripts/reconstruct.py`` (``encode``, ``mimic``), side by side with an older checkout.
 
     python benchmarks/bench_reconstruct.py --threads 2    # writes docs/bench_reconstruct.{md,json}
-    python benchmarks/bench_reconstruct.py --arch resnet10t --vae my_vae/ --out /tmp/bench
+    python benchmarks/bench_reconstruct.py --checkpoint /tmp/r10t.safetensors --before /tmp/wg-old \\
+        --runs encode mimic mimic-50 --before-runs mimic   # reuse a trained model; an old checkout's mimic beside
 
-The model is trained here (seeded, ``weightgen.classifier.train_classifier`` on the inputs
-``weightgen.data`` gives for the ``digits`` task, so ``--probe-task digits`` sees what it was trained
-on), saved as a checkpoint, and each row is one ``weightgen.reconstruct.reconstruct`` call (what
-``scripts/reconstruct.py --keep-head --probe-task digits`` runs). Accuracy is measured here again
-from the written weights: as written, and after one more BatchNorm re-estimation.
+The model is trained here once (seeded, ``weightgen.classifier.train_classifier`` on the inputs
+``weightgen.data`` gives for the ``digits`` task) and saved to ``--checkpoint`` (reused when it exists).
+Each row is one fresh ``scripts/reconstruct.py --keep-head`` process (the command a user runs; wall and
+CPU seconds include start-up), from this checkout or, for ``--before-runs``, from ``--before``, run one
+after the other in the same call, so the two sides share the machine's load. Accuracy is measured here
+from the written weights: as written, and after BatchNorm re-estimation on the train split.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, markdown_table, write_outputs  # noqa: E402
+from _common import REPO, machine_info, markdown_table, run_measured, write_outputs  # noqa: E402
+
+RUNS = {  # row name -> reconstruct.py arguments (besides arch, checkpoint, kwargs, --keep-head, --out)
+    "encode": ["--mode", "encode"],
+    "mimic": ["--mode", "mimic"],  # the defaults: what `--mode mimic` does
+    "mimic-50": ["--mode", "mimic", "--steps", "50", "--patience", "0"],  # the old default's steps, every one run
+    "behaviour": ["--mode", "mimic", "--probe-task", "digits"],  # outputs + weights on the task's train split
+}
 
 
 def accuracy_of(arch: str, kwargs: dict, weights: dict, data) -> tuple[float, float]:
@@ -39,16 +48,41 @@ def accuracy_of(arch: str, kwargs: dict, weights: dict, data) -> tuple[float, fl
     return raw, evaluate(model, data.test)
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _commit(checkout: Path) -> str:
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True)
+    marker = checkout / ".commit"  # a `git archive` export has no git: a .commit file names it
+    return head.stdout.strip() or (marker.read_text().strip() if marker.is_file() else "unknown")
+
+
+def run_row(checkout: Path, args: list[str], threads: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": str(threads)}
+    load, cpu = round(os.getloadavg()[0], 2), _children_cpu()
+    run = run_measured([sys.executable, str(checkout / "scripts" / "reconstruct.py"), *args], cwd=checkout, env=env)
+    if run["rc"] != 0:
+        raise SystemExit(f"reconstruct.py {' '.join(args)} ({checkout}) failed: {run['stderr'][-600:]}")
+    return {"wall_s": run["wall_s"], "cpu_s": _children_cpu() - cpu, "load_at_start": load,
+            "peak_rss_mb": run["peak_rss_mb"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="resnet10t", help="timm architecture trained on digits")
     p.add_argument("--train-steps", type=int, default=300, help="training steps of the digits model")
-    p.add_argument("--mimic-steps", type=int, help="Adam steps of --mode mimic (default: reconstruct's)")
-    p.add_argument("--behaviour-weight", type=float, help="weight of the output term (default: reconstruct's)")
-    p.add_argument("--probe-size", type=int, help="probe images (default: reconstruct's)")
-    p.add_argument("--vae", help="VAE directory (default: the shipped one)")
+    p.add_argument("--checkpoint", help="the trained model: reused when the file exists, else trained and saved "
+                                        "there (default: trained into a temporary directory)")
+    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=["encode", "mimic", "mimic-50", "behaviour"])
+    p.add_argument("--before", help="an older checkout whose reconstruct.py runs --before-runs beside this one's")
+    p.add_argument("--before-runs", nargs="*", choices=list(RUNS), default=["mimic"])
+    p.add_argument("--vae", help="VAE directory (default: each checkout's shipped one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's init, training, split and probe")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the speed target is for 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of every process (the target is for 2)")
     p.add_argument("--out", default="docs", help="where bench_reconstruct.{md,json} go")
     args = p.parse_args(argv)
 
@@ -58,78 +92,95 @@ def main(argv: list[str] | None = None) -> int:
     from weightgen.classifier import evaluate, train_classifier
     from weightgen.data import model_splits
     from weightgen.models import small_input_kwargs
-    from weightgen.reconstruct import DEFAULT_BEHAVIOUR_WEIGHT, DEFAULT_PROBE_SIZE, DEFAULT_STEPS, \
-        ReconstructOptions, reconstruct
 
     torch.set_num_threads(args.threads)
     load_start = [round(x, 2) for x in os.getloadavg()]
     data = model_splits("digits", args.seed, 32, 1)
     kwargs = small_input_kwargs(args.arch, 32, 1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = timm.create_model(args.arch, **kwargs)
-    start = time.perf_counter()
-    train_classifier(model, data, args.train_steps, seed=args.seed, progress=True)
-    train_seconds = time.perf_counter() - start
-    original_acc = evaluate(model, data.test)
-    steps = DEFAULT_STEPS if args.mimic_steps is None else args.mimic_steps
-    weight = DEFAULT_BEHAVIOUR_WEIGHT if args.behaviour_weight is None else args.behaviour_weight
-    probe_size = DEFAULT_PROBE_SIZE if args.probe_size is None else args.probe_size
-    results = {"arch": args.arch, "model_kwargs": kwargs, "train_steps": args.train_steps, "threads": args.threads,
-               "train_seconds": train_seconds, "params": sum(p.numel() for p in model.parameters()),
-               "test_images": len(data.test.tensors[1]), "vae": args.vae, "runs": {}}
-    rows = []
-    runs = {"encode": {"mode": "encode"},
-            "mimic (weights only)": {"mode": "mimic", "steps": steps, "behaviour_weight": 0.0},
-            "mimic (behaviour)": {"mode": "mimic", "steps": steps, "behaviour_weight": weight}}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "model.safetensors"
-        save_file(model.state_dict(), str(ckpt))
-        _, bn = accuracy_of(args.arch, kwargs, load_file(str(ckpt)), data)
-        results["original"] = {"test_accuracy": original_acc, "after_bn_reestimation": bn}
-        rows.append(["original", "-", "-", "-", "-", f"{original_acc:.2%}", f"{bn:.2%}", "-", "-", "-", "-"])
-        for i, (name, run) in enumerate(runs.items()):
-            opts = ReconstructOptions(arch=args.arch, checkpoint=str(ckpt), out=str(Path(tmp) / str(i)),
-                                      model_kwargs=kwargs, vae=args.vae, keep_head=True, seed=args.seed,
-                                      probe_task="digits", probe_size=probe_size, **run)
-            loads = [round(x, 2) for x in os.getloadavg()]
-            out, report = reconstruct(opts, progress=True)
+        ckpt = Path(args.checkpoint) if args.checkpoint else Path(tmp) / "model.safetensors"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            model = timm.create_model(args.arch, **kwargs)
+        train_seconds = None
+        if ckpt.is_file():
+            model.load_state_dict(load_file(str(ckpt)), strict=True)
+        else:
+            start = time.perf_counter()
+            train_classifier(model, data, args.train_steps, seed=args.seed, progress=True)
+            train_seconds = time.perf_counter() - start
+            save_file(model.state_dict(), str(ckpt))
+        original_acc = evaluate(model, data.test)
+        _, original_bn = accuracy_of(args.arch, kwargs, load_file(str(ckpt)), data)
+        results = {"arch": args.arch, "model_kwargs": kwargs, "train_steps": args.train_steps, "threads": args.threads,
+                   "train_seconds": train_seconds, "params": sum(p.numel() for p in model.parameters()),
+                   "test_images": len(data.test.tensors[1]), "vae": args.vae,
+                   "original": {"test_accuracy": original_acc, "after_bn_reestimation": original_bn}, "rows": []}
+        sides = [("before", Path(args.before).resolve(), [r for r in args.runs if r in args.before_runs])] \
+            if args.before else []
+        sides.insert(0, ("now", REPO, args.runs))
+        plan = [(run, label, checkout) for run in args.runs for label, checkout, runs in sides if run in runs]
+        plan.sort(key=lambda item: (list(RUNS).index(item[0]), item[1] != "before"))  # before, then now, per run
+        kw = [f"{k}={v}" for k, v in kwargs.items()]
+        for i, (run, label, checkout) in enumerate(plan):
+            out = Path(tmp) / f"row{i}"
+            run_args = list(RUNS[run])
+            if label == "before" and "--patience" in run_args:  # an older reconstruct.py may not know it
+                at = run_args.index("--patience")
+                del run_args[at:at + 2]
+            cli = ["--arch", args.arch, "--checkpoint", str(ckpt), "--model-kwargs", *kw, "--keep-head",
+                   "--seed", str(args.seed), "--out", str(out), *run_args] + (["--vae", args.vae] if args.vae else [])
+            measured = run_row(checkout, cli, args.threads)
+            report = json.loads((out / "report.json").read_text())
             raw, bn = accuracy_of(args.arch, kwargs, load_file(str(out / "weights.safetensors")), data)
-            t, fn = report["totals"], report["function"]
-            results["runs"][name] = {
-                "totals": t, "steps": report["steps"], "behaviour_weight": report["behaviour_weight"],
-                "decode_dtype": report["decode_dtype"], "probe": report["probe"], "batchnorm": report["batchnorm"],
-                "seconds": report["seconds"], "fit_seconds": report["fit_seconds"], "cpu_seconds": report["cpu_seconds"],
-                "fit_cpu_seconds": report["fit_cpu_seconds"], "function": fn,
-                "report_accuracy": report["accuracy"], "test_accuracy": raw, "after_bn_reestimation": bn,
-                "kept": report["kept"], "layers": report["layers"], "loss_history": report["loss_history"],
-                "loadavg_before": loads, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
-            rows.append([f"{name}, {report['steps']} steps" if report["steps"] else name, t["reconstructed"],
-                         f"{t['mean_cosine']:.3f}", f"{t['min_cosine']:.3f}", f"{fn['logits_rel_error']:.3f}",
-                         f"{raw:.2%}", f"{bn:.2%}", f"{t['compression']:.3f}",
-                         f"{report['fit_seconds']:.0f} ({report['fit_cpu_seconds']:.0f})",
-                         f"{report['seconds']:.0f} ({report['cpu_seconds']:.0f})", f"{loads[0]}"])
+            selection = report.get("selection") or {}
+            row = {"run": run, "code": label, "commit": _commit(checkout), "args": RUNS[run], **measured,
+                   "steps": report["steps"], "steps_run": selection.get("stopped_step", report["steps"]),
+                   "kept_step": selection.get("kept_step"), "totals": report["totals"],
+                   "logits_rel_error": report["function"]["logits_rel_error"],
+                   "fit_seconds": report.get("fit_seconds"), "fit_cpu_seconds": report.get("fit_cpu_seconds"),
+                   "test_accuracy": raw, "after_bn_reestimation": bn, "loss_history": report["loss_history"],
+                   "scores": selection.get("scores")}
+            results["rows"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("loss_history", "scores")}), flush=True)
+
     info = machine_info()
-    behaviour = results["runs"]["mimic (behaviour)"]
+    info["before_commit"] = _commit(Path(args.before).resolve()) if args.before else None
+    table = [["original", "-", "-", "-", "-", "-", f"{original_acc:.2%}", f"{original_bn:.2%}", "-", "-", "-", "-"]]
+    for r in results["rows"]:
+        t = r["totals"]
+        steps = "-" if not r["steps"] else f"{r['steps_run']} of {r['steps']} (kept {r['kept_step']})"
+        table.append([r["run"], f"{r['code']} ({r['commit']})", steps, f"{t['mean_cosine']:.4f}",
+                      f"{t['min_cosine']:.4f}", f"{r['logits_rel_error']:.3f}", f"{r['test_accuracy']:.2%}",
+                      f"{r['after_bn_reestimation']:.2%}", f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
+                      f"{r['fit_cpu_seconds']:.1f}" if r["fit_cpu_seconds"] is not None else "-", f"{r['load_at_start']}"])
+    ratios = []
+    for run in RUNS:
+        pair = {r["code"]: r for r in results["rows"] if r["run"] == run}
+        if {"before", "now"} <= set(pair):
+            ratios.append(f"`{run}`: now / before = {pair['now']['cpu_s'] / pair['before']['cpu_s']:.2f}x CPU seconds, "
+                          f"{pair['now']['wall_s'] / pair['before']['wall_s']:.2f}x wall seconds")
+    results["ratios"] = ratios
+    before_note = (f" `before` rows run commit {info['before_commit']} (its own defaults: `--mode mimic` was 50 steps "
+                   f"there, without early stopping); `now` rows this checkout." if args.before else "")
     md = (f"# Whole-model reconstruction through the VAE\n\n`{info['command']}`, {info['date_utc']}, "
-          f"{info['cpu']} ({info['cpus']} cores, torch threads {args.threads}, load average {load_start[0]} at the "
-          f"start, {info['loadavg'][0]} at the end: the machine is shared, so seconds are upper bounds).\n\n"
-          f"{args.arch} ({results['params']:,} parameters, {json.dumps(kwargs)}) trained {args.train_steps} steps "
-          f"on the `digits` task ({train_seconds:.0f} s); every Linear/Conv2d weight except the classifier head "
-          f"rebuilt through the VAE ({args.vae or 'the shipped one'}) with `--probe-task digits`, so BatchNorm "
-          f"statistics are re-estimated on the train split before the weights are written. Test accuracy on the "
-          f"{results['test_images']} digits test images, measured here from the written weights, and after one more "
-          f"re-estimation (20 train batches of 64). Logit error: ||f_hat - f|| / ||f|| on the "
-          f"{behaviour['function']['batch_size']} val images (never probed). mimic: Adam, cosine-decayed "
-          f"learning rate, decoder passes in {behaviour['decode_dtype']}; behaviour: "
-          f"output weight {behaviour['behaviour_weight']}, minibatches of {behaviour['probe']['batch']} of "
-          f"{behaviour['probe']['size']} train images, BatchNorm {behaviour['probe']['batchnorm']}. Compression: "
-          f"latent numbers (16 per 64-value token, plus one scale per layer) over weight numbers. Seconds: wall clock (CPU seconds of "
-          f"all threads in brackets, which a busy machine inflates less) of the fit and of the whole `reconstruct` "
-          f"call (load, encode, fit, BatchNorm re-estimation, accuracy, write); load: the 1-minute load average when "
-          f"the call started.\n\n"
-          + markdown_table(["weights", "layers", "mean cos", "min cos", "logit error", "test acc",
-                            "after BN re-est.", "compression", "fit s (cpu)", "total s (cpu)", "load"], rows) + "\n")
+          f"{info['cpu']} ({info['cpus']} cores, torch threads {args.threads} in every process, load average "
+          f"{load_start[0]} at the start, {info['loadavg'][0]} at the end: the machine is shared, so seconds are "
+          f"upper bounds; compare rows by their load), commit {info['git_commit']}.\n\n"
+          f"{args.arch} ({results['params']:,} parameters, {json.dumps(kwargs)}) trained {args.train_steps} steps on the "
+          f"`digits` task; every Linear/Conv2d weight except the classifier head rebuilt through the VAE "
+          f"({args.vae or 'the shipped one'}) by one `scripts/reconstruct.py --keep-head` process per row "
+          f"(arguments in the json); the rows ran one after the other.{before_note} `mimic` is the default "
+          f"command (no probe task: weights only, BatchNorm statistics copied); `mimic-50` runs 50 steps with no "
+          f"early stop; `behaviour` adds `--probe-task digits` (outputs + weights, BatchNorm re-estimated). Steps: "
+          f"run of requested (the step whose state was kept on validation, 0 = the encode start). Test accuracy "
+          f"on the {results['test_images']} digits test images from the written weights, and after BatchNorm "
+          f"re-estimation on the train split. Logit error: ||f_hat - f|| / ||f|| on the function-check inputs. "
+          f"Seconds: wall and CPU (user + system, all threads) of the whole process, start-up and imports "
+          f"included; fit cpu s: the mimic loop alone.\n\n"
+          + markdown_table(["run", "code", "steps", "mean cos", "min cos", "logit error", "test acc",
+                            "after BN re-est.", "wall s", "cpu s", "fit cpu s", "load"], table) + "\n"
+          + ("\n" + "\n".join(f"- {line}" for line in ratios) + "\n" if ratios else ""))
     write_outputs(args.out, "bench_reconstruct", md, {"machine": info, "loadavg_start": load_start, **results},
                   newline=True)
     return 0

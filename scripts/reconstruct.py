@@ -17,7 +17,7 @@ import sys
 
 from weightgen.cli import HelpFormatter, parse_kwargs, run_cli
 from weightgen.reconstruct import (DECODE_DTYPES, DEFAULT_BEHAVIOUR_WEIGHT, DEFAULT_IMAGE_SIZE, DEFAULT_LR,
-                                   DEFAULT_PROBE_SIZE, DEFAULT_STEPS, MODES, ReconstructOptions, reconstruct)
+                                   DEFAULT_PATIENCE, DEFAULT_PROBE_SIZE, DEFAULT_STEPS, MODES, ReconstructOptions, reconstruct)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="encode: one amortised pass (latent means); mimic: then optimise the latents "
                         "through the frozen decoder so that the model's outputs (and weights) match")
     p.add_argument("--steps", type=int, help=f"Adam steps of --mode mimic (default: {DEFAULT_STEPS})")
+    p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
+                   help="--mode mimic checks its validation score about 10 times and stops after this many checks "
+                        "without a better one (0: run every step); the best state is kept either way")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate of --mode mimic (cosine decay)")
     p.add_argument("--probe-task", metavar="TASK",
                    help="weightgen.data task (digits, mnist, fashion, ..., imagefolder:PATH): mimic probes its train "
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         arch=args.arch, checkpoint=args.checkpoint, out=args.out, model_kwargs=parse_kwargs(args.model_kwargs),
         vae=args.vae, mode=args.mode, steps=args.steps, lr=args.lr, keep_head=args.keep_head, seed=args.seed,
         device=args.device, overwrite=args.overwrite, probe_task=args.probe_task, probe_size=args.probe_size,
-        behaviour_weight=args.behaviour_weight, image_size=args.image_size, decode_dtype=args.decode_dtype)
+        behaviour_weight=args.behaviour_weight, image_size=args.image_size, decode_dtype=args.decode_dtype,
+        patience=args.patience)
     out, report = reconstruct(opts, progress=True)
     print(f"{'layer':<32} {'shape':<20} {'cosine':>8} {'rel err':>8}")
     for row in report["layers"]:

@@ -332,3 +332,20 @@ def test_function_fidelity_sees_a_lossy_fit():
     result = function_fidelity(reference, candidate, batch)
     assert result["logits_max_abs_diff"] > 1e-3
     assert result["min_block_cosine"] < 0.9999
+
+
+@pytest.mark.parametrize("templates", [None, 2])  # exact, and compressed (balanced) banks
+def test_release_target_fits_the_same_and_lets_go_bank_by_bank(templates):
+    """fit(release_target=True) gives the same banks, coefficients and report rows, and removes exactly the
+    wrapped layers' entries from the target (what lets generate free them bank by bank)."""
+    kept, released = mlp(seed=3), mlp(seed=3)
+    target = recast_for_fit(kept, templates=templates)
+    other = recast_for_fit(released, templates=templates)
+    members = {f"{n}.weight" for bank in released.recast_banks.values() for n in bank.members}
+    plain = fit(kept, target, "closed_form", seed=0)
+    lean = fit(released, other, "closed_form", seed=0, release_target=True)
+    assert lean["layers"] == plain["layers"] and lean["mean_cosine"] == plain["mean_cosine"]
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), released.state_dict().values()))
+    assert members and not members & set(other) and set(other) == set(target) - members
+    with pytest.raises(ValueError, match="release_target"):
+        fit(mlp(), recast_for_fit(mlp()), "gradient", steps=1, release_target=True)

@@ -388,3 +388,29 @@ def test_on_gpu_matches_cpu(runs, mode, tmp_path):
         torch.testing.assert_close(gpu_w[key], cpu_w[key], rtol=1e-3, atol=1e-5)
     for a, b in zip(cpu_r["layers"], gpu_r["layers"]):
         assert a["cosine"] == pytest.approx(b["cosine"], abs=1e-4)
+
+
+@pytest.mark.parametrize("kind_shape", [(160, 3, 3, 3), (40, 256)])  # a padded conv (fan-in 27) and a linear
+def test_chunked_step_gradients_match_one_graph(monkeypatch, kind_shape):
+    """mimic's step builds one graph per chunk of tokens: its gradients equal one graph over the whole
+    layer (weight error plus the behaviour push), with chunks that split the layer and padded tokens."""
+    import weightgen.reconstruct as rec
+
+    monkeypatch.setattr(rec, "GRAD_CHUNK", 64)  # several chunks, window-aligned (the VAE's window is 32)
+    vae = load_vae_bundle()[0].eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(kind_shape, generator=gen) * 0.1
+    spec = {"name": "w", "shape": kind_shape, "kind": "conv" if len(kind_shape) == 4 else "linear", "depth": 0.5}
+    layer = rec._Layer(vae, spec, weight)
+    assert layer.latents.shape[0] > 64 and (layer.mask is not None) == (len(kind_shape) == 4)
+    with torch.no_grad():
+        layer.latents.add_(0.3 * torch.randn(layer.latents.shape, generator=gen))  # away from encode's optimum
+    push = torch.randn(kind_shape, generator=gen)
+    value = layer.step_gradients(lambda: torch.autocast("cpu", enabled=False), 0.5, push)
+    chunked = layer.latents.grad.clone(), layer.log_scale.grad.clone()
+    decoded = layer.decode()
+    term = 0.5 * layer.weight_error(decoded)
+    expected = torch.autograd.grad(term + (decoded.reshape(kind_shape) * push).sum(), [layer.latents, layer.log_scale])
+    assert value == pytest.approx(term.item(), rel=1e-4)
+    torch.testing.assert_close(chunked[0], expected[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(chunked[1], expected[1], rtol=1e-4, atol=1e-6)

@@ -18,7 +18,9 @@ from .io import WeightgenError, check_checkpoint_path, check_output_dir, load_ch
 from .mimicry import METHODS, fit
 from .mimicry.fidelity import compare_features, record_features
 from .models import check_arch, create_model, data_cfg, example_batch, model_from_state, resolve_device
-from .recasting import head_names, inject, parameter_counts
+from .bank import banks_of
+from .layers import recast_layers
+from .recasting import find_targets, head_names, inject, parameter_counts, plan_groups
 from .tensorboard_log import log_fit
 from .vae.prior import activation_ranges, default_vae_dir, load_vae_bundle, sample_weights
 
@@ -100,6 +102,39 @@ def recast_config(model: torch.nn.Module, opts: GenerateOptions) -> RecastConfig
         return preset_config(opts.preset or default_preset(model), **common)
 
 
+def _lift_targets(model: torch.nn.Module, config: RecastConfig) -> dict[str, torch.Tensor]:
+    """The weights ``inject`` will wrap, taken out of the model (meta placeholders stay in their place).
+
+    ``inject`` then builds its banks and coefficients on the meta device, which costs no memory, and
+    ``_materialise`` allocates them without writing them; the returned dict is the only reference to
+    the weights, the fit target that ``fit(..., release_target=True)`` lets go bank by bank.
+    """
+    with user_errors():  # inject's own checks, before the model is touched
+        groups = plan_groups(model, find_targets(model, config), config)
+    modules = dict(model.named_modules())
+    targets = {}
+    for name in (name for group in groups for name in group.members):
+        weight = modules[name].weight
+        targets[f"{name}.weight"] = weight.detach()
+        modules[name].weight = torch.nn.Parameter(torch.empty_like(weight, device="meta"),
+                                                  requires_grad=weight.requires_grad)
+    return targets
+
+
+def _materialise(model: torch.nn.Module, device: torch.device) -> None:
+    """Banks and coefficients that ``inject`` built on the meta device, on ``device``: coefficients zero as
+    ``inject`` makes them, templates allocated but not written (the closed-form fit writes every bank;
+    untouched pages cost no memory until it does)."""
+    for bank in banks_of(model).values():
+        old = bank.templates
+        bank.templates = torch.nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
+                                            requires_grad=old.requires_grad)
+    for layer in recast_layers(model).values():
+        old = layer.coefficients
+        layer.coefficients = torch.nn.Parameter(torch.zeros(old.shape, dtype=old.dtype, device=device),
+                                                requires_grad=old.requires_grad)
+
+
 def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]:
     """Run the whole job; returns the artifact directory and its report."""
     validate(opts)
@@ -129,8 +164,10 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
         state = model.state_dict()  # the fit target, on the device (the same tensors on the CPU)
     else:
         # each layer goes straight into the model's weight as it is decoded: no dict of sampled copies
-        _, stats, fallback = sample_weights(model, *vae, seed=opts.seed, skip=head_names(model), progress=progress,
-                                            in_place=True)
+        # the returned dict (the model's own weights) is not kept: ``state`` below must be the last
+        # reference to the wrapped weights, so that ``del state`` after the fit frees them
+        stats, fallback = sample_weights(model, *vae, seed=opts.seed, skip=head_names(model), progress=progress,
+                                         in_place=True)[1:]
         state = model.state_dict()  # the fit target: the model's own tensors, not a copy
         extra["prior"] = {"vae": str(opts.vae or default_vae_dir()), "layers": stats, "fallback_layers": fallback}
     config = recast_config(model, opts)
@@ -138,9 +175,17 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
     with torch.no_grad():
         batch = example_batch(model, opts.fidelity_batch, opts.seed).to(device)
         reference = record_features(model, batch)
+    # closed form: the banks fill one at a time while each bank's targets are let go, so the model never
+    # holds a second full copy of its weights (peak memory about one model plus one bank, not two models)
+    release = opts.method == "closed_form"
+    if release:
+        state = _lift_targets(model, config)
     with user_errors():
         inject(model, config)
-    report = fit(model, state, opts.method, steps=opts.steps, lr=opts.lr, seed=opts.seed, progress=progress, vae=vae)
+    if release:
+        _materialise(model, device)
+    report = fit(model, state, opts.method, steps=opts.steps, lr=opts.lr, seed=opts.seed, progress=progress, vae=vae,
+                 release_target=release)
     # what each bank was fitted with (a preset's template_ratio included), before any extension
     sizes = Counter(row["group"] for row in report["layers"])
     report["templates_per_bank"] = {g: config.templates_for(n) - config.extra_templates for g, n in sizes.items()}

@@ -18,8 +18,10 @@ accuracy on its val split (then the logit error there); without one, the weight 
 behaviour term on a held-out noise batch. A step decodes every layer once without a
 graph, back-propagates the loss through the model to the decoded weights, then re-decodes one layer
 at a time with a graph to carry those gradients to its latents: memory is bounded by the largest
-layer, and a layer's whole latent tensor goes through ``decode_layer`` at once (no assumption that
-tokens decode independently).
+layer's tokens a window-aligned chunk at a time with a graph to carry those gradients to its latents:
+memory is bounded by one chunk, which stays in cache (a step costs 0.75x of a whole-layer pass). Chunks
+start at multiples of the VAE's window, so every token sees the window it sees in a whole-layer decode;
+the weights that are written are decoded by ``decode_layer``.
 Layers the VAE cannot take (a kind it never saw, a parametrized weight, the head with
 ``keep_head``) keep their weights and are listed as ``kept`` with the reason.
 """
@@ -56,12 +58,14 @@ from .vae.tokenize import condition
 log = logging.getLogger(__name__)
 
 MODES = ("encode", "mimic")
-DEFAULT_STEPS = 50
+DEFAULT_STEPS = 20  # docs/bench_reconstruct.md: 20 steps keep most of 50 steps' gain, at 2/5 of the time
+DEFAULT_PATIENCE = 3  # checks without a better score before mimic stops early
 DEFAULT_LR = 5e-2
 DEFAULT_BEHAVIOUR_WEIGHT = 3.0
 DEFAULT_PROBE_SIZE = 2048
 DEFAULT_IMAGE_SIZE = 32
 PROBE_BATCH = 128  # probe inputs per optimiser step
+GRAD_CHUNK = 4096  # tokens per graph in a mimic step: a power of two, so chunks keep the VAE's windows
 FIDELITY_CAP = 512  # held-out task inputs of the function check
 DECODE_DTYPES = ("auto", "float32", "bfloat16")
 WEIGHTS_FILE, LATENTS_FILE, REPORT_FILE = "weights.safetensors", "latents.safetensors", "report.json"
@@ -77,6 +81,7 @@ class ReconstructOptions:
     vae: str | None = None  # VAE directory (default: the shipped one)
     mode: str = "encode"
     steps: int | None = None  # mimic only (default DEFAULT_STEPS)
+    patience: int = DEFAULT_PATIENCE  # mimic stops after this many checks without a better score; 0: never
     lr: float = DEFAULT_LR
     keep_head: bool = False
     seed: int = 0  # the probe inputs and the function check's batch
@@ -101,6 +106,8 @@ def validate(opts: ReconstructOptions) -> None:
         raise WeightgenError("--steps has no effect with --mode encode; use --mode mimic")
     if not opts.lr > 0:
         raise WeightgenError("--lr must be > 0")
+    if opts.patience < 0:
+        raise WeightgenError("--patience must be >= 0")
     if opts.fidelity_batch < 1:
         raise WeightgenError("the fidelity batch must hold at least one input")
     if opts.probe_size < 2:  # BatchNorm in train mode needs two inputs
@@ -143,10 +150,51 @@ class _Layer:
         self.latents = mu.float().clone().requires_grad_(True)  # (tokens, latent_dim)
         self.log_scale = torch.tensor(math.log(max(scale, 1e-30)), device=weight.device).requires_grad_(True)
         self.target_norm2 = self.target.pow(2).sum().clamp(min=1e-30)
+        # the target in the decoder's token layout (N, token_size), and where real weights sit (None: everywhere)
+        self.target_tokens = self.as_tokens(self.target)
+        padded = math.prod(self.shape[1:]) % vae.config.token_size
+        self.mask = self.as_tokens(torch.ones_like(self.target)) if padded else None
 
     def decode(self, scale: torch.Tensor | None = None) -> torch.Tensor:
         scale = self.log_scale.exp() if scale is None else scale
         return decode_layer(self.vae, self.latents, self.shape, self.kind, self.depth, scale, self.cond)
+
+    def as_tokens(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor of the layer's shape in the token layout (N, token_size): rows cut into tokens, the last
+        token of each row zero padded, no normalisation (``weightgen.vae.tokenize``'s order)."""
+        size = self.vae.config.token_size
+        out, row = self.shape[0], math.prod(self.shape[1:])
+        padded = tensor.new_zeros(out, -(-row // size) * size, dtype=torch.float32)
+        padded[:, :row] = tensor.detach().reshape(out, row)
+        return padded.view(-1, size)
+
+    def step_gradients(self, autocast, weight_factor: float, behaviour: torch.Tensor | None) -> float:
+        """Set the gradients of ``weight_factor * weight_error + <weight, behaviour>`` w.r.t. the latents and
+        log scale, one window-aligned chunk of tokens per graph; returns the weight term's value.
+
+        ``behaviour``: the behaviour loss's gradient w.r.t. the decoded weight (the layer's shape), or None.
+        """
+        grad_z = torch.empty_like(self.latents)
+        log_scale = self.log_scale.detach().requires_grad_(True)
+        grad_s, value = torch.zeros_like(log_scale), 0.0
+        push = None if behaviour is None else self.as_tokens(behaviour)
+        count = self.latents.shape[0]
+        for i in range(0, count, GRAD_CHUNK):
+            z = self.latents.detach()[i:i + GRAD_CHUNK].requires_grad_(True)
+            with autocast():
+                values = self.vae.decode(z, self.cond[i:i + GRAD_CHUNK])  # (c, token_size), unit scale
+            weight = values.float() * log_scale.exp()
+            diff = weight - self.target_tokens[i:i + GRAD_CHUNK]
+            if self.mask is not None:
+                diff = diff * self.mask[i:i + GRAD_CHUNK]  # padding is not part of the weight
+            term = diff.pow(2).sum() * (weight_factor / self.target_norm2)
+            value += term.item()
+            if push is not None:
+                term = term + (weight * push[i:i + GRAD_CHUNK]).sum()  # padding rows of ``push`` are zero
+            grad_z[i:i + GRAD_CHUNK], grad = torch.autograd.grad(term, [z, log_scale])
+            grad_s += grad
+        self.latents.grad, self.log_scale.grad = grad_z, grad_s
+        return value
 
     def weight_error(self, weight: torch.Tensor) -> torch.Tensor:
         """||W_hat - W||^2 / ||W||^2: direction and scale, every layer alike whatever its norm."""
@@ -202,10 +250,13 @@ def _behaviour(model: nn.Module, probe: _Probe, weights: dict[str, torch.Tensor]
 
 def _mimic(layers: list[_Layer], steps: int, lr: float, progress: bool, model: nn.Module | None = None,
            probe: _Probe | None = None, behaviour_weight: float = 0.0, decode_dtype: str = "float32",
-           score: Callable[[], float] | None = None, checks: int = 10) -> tuple[list[float], dict]:
+           score: Callable[[], float] | None = None, checks: int = 10,
+           patience: int | None = DEFAULT_PATIENCE) -> tuple[list[float], dict]:
     """Adam with cosine decay on the joint loss. With ``score`` (higher is better), it is measured at
     the start and about ``checks`` times more (the last step included), and the layers end at the
-    best-scoring state; else at the final one. Returns (loss per step, selection record)."""
+    best-scoring state; else at the final one. With ``patience``, the fit stops once that many checks
+    in a row found no better score than the best (the best is kept either way). Returns (loss per
+    step, selection record: kept step, scores, the step it stopped at)."""
     params = [t for layer in layers for t in (layer.latents, layer.log_scale)]
     every = max(1, math.ceil(steps / max(1, checks)))
     best: dict = {}
@@ -238,27 +289,24 @@ def _mimic(layers: list[_Layer], steps: int, lr: float, progress: bool, model: n
             value += behaviour_weight * loss.item()
             del weights, loss
         opt.zero_grad(set_to_none=True)
-        # 3. one layer's graph at a time: its weight term plus the behaviour gradient reaching it
+        # 3. one chunk's graph at a time: the weight term plus the behaviour gradient reaching it, w.r.t. the
+        # latents only (no gradient for the decoder's own weights: half the backward's cost)
         for layer in layers:
-            with autocast():
-                weight = layer.decode()
-            term = layer.weight_error(weight) / len(layers)
-            value += term.item()
-            if layer.name in grads:
-                term = term + (weight.float().reshape(layer.shape) * grads[layer.name].float()).sum()
-            # w.r.t. the latents only: no gradient for the decoder's own weights (half the backward's cost)
-            layer.latents.grad, layer.log_scale.grad = torch.autograd.grad(term, [layer.latents, layer.log_scale])
+            value += layer.step_gradients(autocast, 1.0 / len(layers), grads.get(layer.name))
         history.append(value)
         opt.step()
         sched.step()
         if score is not None and ((step + 1) % every == 0 or step + 1 == steps):
             check(step + 1)
+            since_best = sum(1 for checked, _ in best["scores"] if checked > best["step"])
+            if patience is not None and since_best >= patience and step + 1 < steps:
+                break
     if not best:
-        return history, {"kept_step": steps, "scores": []}
+        return history, {"kept_step": steps, "scores": [], "stopped_step": steps}
     with torch.no_grad():
         for t, saved in zip(params, best["state"]):
             t.copy_(saved)
-    return history, {"kept_step": best["step"], "scores": best["scores"]}
+    return history, {"kept_step": best["step"], "scores": best["scores"], "stopped_step": len(history)}
 
 
 @torch.no_grad()
@@ -481,7 +529,8 @@ def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path,
     fit_start, fit_cpu = time.perf_counter(), time.process_time()
     score = _selection_score(opts, model, layers, task, has_bn, behaviour_weight, device) if steps else None
     history, selection = _mimic(layers, steps, opts.lr, progress, model, probe, behaviour_weight,
-                                decode_dtype or "float32", score) if steps and layers else ([], None)
+                                decode_dtype or "float32", score, patience=opts.patience or None
+                                ) if steps and layers else ([], None)
     fit_seconds, fit_cpu_seconds = time.perf_counter() - fit_start, time.process_time() - fit_cpu
     del probe
 
@@ -516,5 +565,5 @@ def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path,
     return Path(opts.out), report
 
 
-__all__ = ["ReconstructOptions", "reconstruct", "validate", "MODES", "DEFAULT_STEPS", "DEFAULT_LR",
+__all__ = ["ReconstructOptions", "reconstruct", "validate", "MODES", "DEFAULT_STEPS", "DEFAULT_PATIENCE", "DEFAULT_LR",
            "DEFAULT_BEHAVIOUR_WEIGHT", "DEFAULT_PROBE_SIZE", "DEFAULT_IMAGE_SIZE", "DECODE_DTYPES"]

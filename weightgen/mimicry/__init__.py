@@ -21,8 +21,14 @@ DEFAULT_LR = {"gradient": 1e-3, "closed_form+gradient": 1e-4, "decoder": 1e-2}
 def fit(model: nn.Module, target: dict[str, torch.Tensor], method: str = "closed_form", *,
         steps: int | None = None, lr: float | None = None, seed: int | None = None,
         progress: bool = False, on_step: Callable[[int, float], None] | None = None,
-        vae=None) -> dict:
-    """Fit a recast ``model`` in place to ``target``; returns the fit report."""
+        vae=None, release_target: bool = False) -> dict:
+    """Fit a recast ``model`` in place to ``target``; returns the fit report.
+
+    ``release_target`` (closed_form only): each bank's layers are removed from ``target`` once that
+    bank is fitted and measured, so that a caller holding no other reference frees them bank by bank.
+    """
+    if release_target and method != "closed_form":
+        raise ValueError("release_target needs method 'closed_form': the other methods read the target to the end")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     seed = model.recast_config.seed if seed is None else seed
@@ -32,8 +38,9 @@ def fit(model: nn.Module, target: dict[str, torch.Tensor], method: str = "closed
         raise ValueError("steps must be >= 0 and lr > 0")
     start = time.perf_counter()
     history: list[float] = []
+    rows = None
     if method in ("closed_form", "closed_form+gradient"):
-        fit_closed_form(model, target, seed=seed)
+        rows = fit_closed_form(model, target, seed=seed, release=release_target)
     if method == "gradient":
         history = fit_gradient(model, target, "paper", GradientSettings(steps=steps, lr=lr), seed, progress, on_step)
     elif method == "closed_form+gradient" and steps > 0:
@@ -41,7 +48,7 @@ def fit(model: nn.Module, target: dict[str, torch.Tensor], method: str = "closed
     elif method == "decoder":
         return _fit_decoder(model, target, vae, steps, lr, seed, progress, on_step)
     seconds = time.perf_counter() - start
-    return build_report(model, target, method, seconds, history)
+    return build_report(model, target, method, seconds, history, rows)
 
 
 def _fit_decoder(model, target, vae, steps, lr, seed, progress, on_step) -> dict:
@@ -61,8 +68,9 @@ def _fit_decoder(model, target, vae, steps, lr, seed, progress, on_step) -> dict
 
 
 def build_report(model: nn.Module, target: dict[str, torch.Tensor], method: str, seconds: float,
-                 history: list[float] | None = None) -> dict:
-    layers = weight_fidelity(model, target)
+                 history: list[float] | None = None, layers: list[dict] | None = None) -> dict:
+    """``layers``: ``weight_fidelity``'s rows when already measured (the target may be gone by now)."""
+    layers = weight_fidelity(model, target) if layers is None else layers
     cosines = [row["cosine"] for row in layers]
     return {
         "method": method,

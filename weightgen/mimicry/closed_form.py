@@ -13,6 +13,7 @@ from torch import nn
 
 from ..bank import banks_of
 from ..layers import recast_layers
+from .fidelity import bank_fidelity
 
 _EIG_REL_TOL = 1e-8  # eigenvalues below this fraction of the largest are treated as rank deficiency
 
@@ -207,24 +208,35 @@ def _orthogonal_fill(directions: torch.Tensor, count: int, seed: int) -> torch.T
 
 
 def fit_closed_form(model: nn.Module, target: dict[str, torch.Tensor], balance: bool = True,
-                    seed: int | None = None) -> None:
+                    seed: int | None = None, release: bool = False) -> list[dict] | None:
     """Set every bank and coefficient of a recast ``model`` from ``target`` (a dense state dict).
 
     ``seed`` (default: the recast config's) only seeds extra templates beyond a bank's rank.
+    With ``release``, each bank's fidelity rows (``weight_fidelity``'s) are measured as soon as it is
+    written and its layers' entries are then removed from ``target``: a caller that holds no other
+    reference to them gets their memory back bank by bank (the banks never coexist with a whole
+    second model). Returns those rows with ``release``, else None.
     """
     layers = recast_layers(model)
     seed = model.recast_config.seed if seed is None else seed
-    banks = list(banks_of(model).values())
+    banks = list(banks_of(model).items())
     fits = [_prepare([target[f"{name}.weight"] for name in bank.members], bank.num_templates, bank.templates.device)
-            for bank in banks]
+            for _, bank in banks]
     if balance:
         _balance_many([fit for fit in fits if fit.needs_balance()], steps=100)
-    for index, (bank, fit) in enumerate(zip(banks, fits)):
+    rows = [] if release else None
+    for index, (group_name, bank) in enumerate(banks):
         flat = bank.templates.view(bank.num_templates, -1)
         in_place = flat.dtype == torch.float32  # other dtypes are solved in float32, then cast
         with torch.no_grad():
-            templates, coefficients = _finish(fit, seed + index, flat if in_place else None)
+            templates, coefficients = _finish(fits[index], seed + index, flat if in_place else None)
             if not in_place:
                 flat.copy_(templates)
             for row, name in enumerate(bank.members):
                 layers[name].coefficients.copy_(coefficients[row].expand_as(layers[name].coefficients))
+        if release:
+            rows += bank_fidelity(layers, group_name, bank, target)
+            fits[index] = templates = None  # the fit's rows are views of the targets
+            for name in bank.members:
+                del target[f"{name}.weight"]
+    return rows

@@ -13,19 +13,25 @@ from ..metrics import cosine  # noqa: F401  (re-exported: callers import it from
 def weight_fidelity(model: nn.Module, target: dict[str, torch.Tensor]) -> list[dict]:
     """One row per recast layer: name, shape, group, cosine and error relative to the target norm."""
     layers = recast_layers(model)
+    return [row for group_name, bank in banks_of(model).items()
+            for row in bank_fidelity(layers, group_name, bank, target)]
+
+
+@torch.no_grad()
+def bank_fidelity(layers: dict, group_name: str, bank, target: dict[str, torch.Tensor]) -> list[dict]:
+    """``weight_fidelity``'s rows of one bank's layers (``layers``: ``recast_layers(model)``)."""
     rows = []
-    for group_name, bank in banks_of(model).items():
-        for name in bank.members:
-            fitted = layers[name].weight.reshape(-1).float()
-            wanted = target[f"{name}.weight"].reshape(-1).float()
-            wanted_norm = wanted.norm().item()
-            rows.append({
-                "name": name,
-                "shape": list(bank.weight_shape),
-                "group": group_name,
-                "cosine": cosine(fitted, wanted),
-                "rel_error": (fitted - wanted).norm().item() / max(wanted_norm, 1e-30),
-            })
+    for name in bank.members:
+        fitted = layers[name].weight.reshape(-1).float()
+        wanted = target[f"{name}.weight"].reshape(-1).float()
+        wanted_norm = wanted.norm().item()
+        rows.append({
+            "name": name,
+            "shape": list(bank.weight_shape),
+            "group": group_name,
+            "cosine": cosine(fitted, wanted),
+            "rel_error": (fitted - wanted).norm().item() / max(wanted_norm, 1e-30),
+        })
     return rows
 
 
