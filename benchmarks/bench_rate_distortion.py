@@ -525,9 +525,9 @@ def report(points, rows, vae_info, args, machine, seconds) -> str:
               "## Points", "",
               "`rate amortised (zoo)` divides the shared parts over all the zoo's models instead (what a decoder "
               "serving the whole zoo costs).", "",
-              markdown_table(["code", "rate target", "rate", "rate amortised", "rate amortised (zoo)", "drop (points)",
-                              "95% CI", "max drop", "mean cosine", "mimic s/model"],
-                             [[p["code"], p["rate_target"], f"{p['rate']:.4f}", f"{p['rate_amortised']:.4f}",
+              markdown_table(["code", "rate target", "models", "rate", "rate amortised", "rate amortised (zoo)",
+                              "drop (points)", "95% CI", "max drop", "mean cosine", "mimic s/model"],
+                             [[p["code"], p["rate_target"], p["models"], f"{p['rate']:.4f}", f"{p['rate_amortised']:.4f}",
                                f"{p['rate_amortised_zoo']:.4f}",
                                f"{p['drop_mean']:+.2f}", f"±{p['drop_ci95']:.2f}", f"{p['drop_max']:+.2f}",
                                f"{p['mean_cosine']:.3f}",
