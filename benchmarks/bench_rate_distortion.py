@@ -492,7 +492,8 @@ def report(points, rows, vae_info, args, machine, seconds) -> str:
     lines += ["",
              f"Machine: {machine['cpu']} ({machine['cpus']} cores, shared), load average at the end "
              f"{machine['loadavg']}, torch {machine['torch']}, commit {machine['git_commit']}; "
-             f"{seconds:.0f} s wall.", "",
+             f"{seconds:.0f} s wall" + (" (summed over the parts, which ran two at a time)"
+                                        if getattr(args, "part_commands", None) else "") + ".", "",
              f"Zoo: `{args.zoo}`; {len({r['model_id'] for r in rows})} held-out models (split `heldout`; the PCA and "
              "the VAEs saw only the training models). Accuracy is test accuracy with BatchNorm re-estimated on the "
              "model's whole train split (batches of 500, as the zoo's build), for the original and for every code alike; drop = original - "
