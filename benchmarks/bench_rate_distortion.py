@@ -492,7 +492,8 @@ def report(points, rows, vae_info, args, machine, seconds) -> str:
     lines += ["",
              f"Machine: {machine['cpu']} ({machine['cpus']} cores, shared), load average at the end "
              f"{machine['loadavg']}, torch {machine['torch']}, commit {machine['git_commit']}; "
-             f"{seconds:.0f} s wall.", "",
+             f"{seconds:.0f} s wall" + (" (summed over the parts, which ran two at a time)"
+                                        if getattr(args, "part_commands", None) else "") + ".", "",
              f"Zoo: `{args.zoo}`; {len({r['model_id'] for r in rows})} held-out models (split `heldout`; the PCA and "
              "the VAEs saw only the training models). Accuracy is test accuracy with BatchNorm re-estimated on the "
              "model's whole train split (batches of 500, as the zoo's build), for the original and for every code alike; drop = original - "
@@ -525,9 +526,9 @@ def report(points, rows, vae_info, args, machine, seconds) -> str:
               "## Points", "",
               "`rate amortised (zoo)` divides the shared parts over all the zoo's models instead (what a decoder "
               "serving the whole zoo costs).", "",
-              markdown_table(["code", "rate target", "rate", "rate amortised", "rate amortised (zoo)", "drop (points)",
-                              "95% CI", "max drop", "mean cosine", "mimic s/model"],
-                             [[p["code"], p["rate_target"], f"{p['rate']:.4f}", f"{p['rate_amortised']:.4f}",
+              markdown_table(["code", "rate target", "models", "rate", "rate amortised", "rate amortised (zoo)",
+                              "drop (points)", "95% CI", "max drop", "mean cosine", "mimic s/model"],
+                             [[p["code"], p["rate_target"], p["models"], f"{p['rate']:.4f}", f"{p['rate_amortised']:.4f}",
                                f"{p['rate_amortised_zoo']:.4f}",
                                f"{p['drop_mean']:+.2f}", f"±{p['drop_ci95']:.2f}", f"{p['drop_max']:+.2f}",
                                f"{p['mean_cosine']:.3f}",
