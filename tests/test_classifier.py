@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from weightgen.classifier import evaluate, reestimate_batchnorm, train_classifier
 from weightgen.data import get_task, model_splits, to_model_input
@@ -88,10 +89,19 @@ def test_reestimate_batchnorm_changes_stats(data):
     reestimate_batchnorm(model, data.train, batches=3, batch_size=32)
     assert not model.training and bn.momentum == 0.1
     assert not torch.equal(before[0], bn.running_mean) and not torch.equal(before[1], bn.running_var)
-    # Cumulative average over 3 batches of 32 = exact stats of those 96 images.
+    # Cumulative average over 3 batches of 32 = exact stats of those 96 images, drawn in a seeded order.
+    order = torch.randperm(len(data.train.tensors[0]), generator=torch.Generator().manual_seed(0))[:96]
     with torch.no_grad():
-        h = model[0](data.train.tensors[0][:96])
+        h = model[0](data.train.tensors[0][order])
     torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_reestimate_batchnorm_sees_every_class_of_a_class_sorted_split():
+    """weightgen.data's splits are sorted by class: the first batches alone would hold one class."""
+    x = torch.cat([torch.full((640, 1, 2, 2), float(c)) for c in range(4)])  # class c: inputs all c
+    model = nn.Sequential(nn.BatchNorm2d(1))
+    reestimate_batchnorm(model, TensorDataset(x), batches=20, batch_size=64)
+    assert abs(float(model[0].running_mean) - 1.5) < 0.15  # the mean over classes 0..3, not 0
 
 
 def test_reestimate_batchnorm_noop_without_bn(data):

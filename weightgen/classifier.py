@@ -107,8 +107,10 @@ def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 256) ->
 
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, dataset: TensorDataset, batches: int = 20,
-                         batch_size: int = 64) -> None:
-    """Recompute BN running stats as a cumulative average over the first batches of ``dataset``.
+                         batch_size: int = 64, seed: int = 0) -> None:
+    """Recompute BN running stats as a cumulative average over ``batches`` batches drawn from
+    ``dataset`` in a seeded random order (weightgen.data's splits are sorted by class: their first
+    batches would hold only the first classes).
 
     Needed after weights are generated/reconstructed: their running stats are stale or missing.
     No-op (mode included) for models without batch norm.
@@ -116,8 +118,9 @@ def reestimate_batchnorm(model: nn.Module, dataset: TensorDataset, batches: int 
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
     x = dataset.tensors[0]
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:batches * batch_size]
     # BN in train mode cannot use a single sample: drop a last batch of one
-    loader = [xb for xb in (x[b * batch_size:(b + 1) * batch_size] for b in range(batches)) if len(xb) >= 2]
+    loader = [x[i] for i in order.split(batch_size) if len(i) >= 2]
     device = next(model.parameters()).device
     torch.optim.swa_utils.update_bn(loader, model, device=device)  # reset, cumulative average, momenta restored
     model.eval()
