@@ -414,3 +414,15 @@ def test_chunked_step_gradients_match_one_graph(monkeypatch, kind_shape):
     assert value == pytest.approx(term.item(), rel=1e-4)
     torch.testing.assert_close(chunked[0], expected[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(chunked[1], expected[1], rtol=1e-4, atol=1e-6)
+
+
+def test_mimic_selects_on_val_images_of_every_class():
+    """weightgen.data's splits are sorted by class: the first 512 val images would be 2 classes of 4."""
+    from weightgen.reconstruct import FIDELITY_CAP, _val_subset
+
+    y = torch.arange(4).repeat_interleave(300)
+    x = y.float().view(-1, 1, 1, 1)
+    xs, ys = _val_subset({"data": {"val": (x, y)}}, seed=0)
+    assert len(ys) == FIDELITY_CAP and torch.equal(xs.view(-1).long(), ys)  # pairs kept together
+    assert set(ys.tolist()) == {0, 1, 2, 3} and min(torch.bincount(ys).tolist()) > FIDELITY_CAP // 8
+    assert torch.equal(_val_subset({"data": {"val": (x, y)}}, seed=0)[1], ys)  # seeded

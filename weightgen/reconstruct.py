@@ -370,14 +370,22 @@ def resolved_behaviour_weight(opts: ReconstructOptions) -> float:
     return DEFAULT_BEHAVIOUR_WEIGHT if opts.probe_task else 0.0
 
 
+def _val_subset(task: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to FIDELITY_CAP val images in a seeded order: weightgen.data's splits are sorted by class, so
+    their first images (and the BN batches of _task_score) would hold only the first classes."""
+    x, y = task["data"]["val"]
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:FIDELITY_CAP]
+    return x[order], y[order]
+
+
 def _selection_score(opts: ReconstructOptions, model: nn.Module, layers: list[_Layer], task: dict | None,
                      has_bn: bool, behaviour_weight: float, device: torch.device) -> Callable[[], float]:
     """What mimic's kept state maximises: the task's val split, else held-out noise (seed + 2)."""
     if task:
-        x, y = task["data"]["val"]
-        x = x[:FIDELITY_CAP].to(device)
+        x, y = _val_subset(task, opts.seed)
+        x = x.to(device)
         reference = _logits(model, x).float()
-        return lambda: _task_score(model, layers, (x, y[:FIDELITY_CAP]), reference, has_bn)
+        return lambda: _task_score(model, layers, (x, y), reference, has_bn)
     held_out = None
     if behaviour_weight > 0:
         side = _model_side(model, opts.image_size)[1]
@@ -408,7 +416,7 @@ def _function_inputs(opts: ReconstructOptions, model: nn.Module, task: dict | No
                      device: torch.device) -> tuple[torch.Tensor, str]:
     """The inputs of the function check (never the probe) and what they are."""
     if task:  # held out from the probe: the val split
-        batch = task["data"]["val"][0][:FIDELITY_CAP].to(device)
+        batch = _val_subset(task, opts.seed)[0].to(device)
         return batch, f"{task['task'].name} val split ({batch.shape[0]} images, not probed)"
     batch = example_batch(model, opts.fidelity_batch, opts.seed).to(device)
     return batch, f"seeded noise (seed {opts.seed}), not the probe noise"
