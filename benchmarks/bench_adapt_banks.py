@@ -323,13 +323,6 @@ def main(argv: list[str] | None = None) -> int:
                 e = summary[b][f"{lr:g}"][bank_label(s, g)]
                 table.append([b, f"{lr:g}", display(s, g), f"{e['mean_acc']:.3f} ± {e['std_acc']:.3f}",
                               *[f"{e['per_task'][t]:.3f}" for t in tasks], r["cached"] or "now"])
-            if lr == PROTOCOL_LR and reference and b in reference["summary"] and "source" in reference["summary"][b].get(
-                    "banks", {}):
-                e = reference["summary"][b]["banks"]["source"]
-                table.append([b, f"{lr:g}", "pretrained source backbone: docs/bench_adapt.json",
-                              f"{e['mean_acc']:.3f} ± {e['std_acc']:.3f}",
-                              *[f"{e['per_task'][t][0]:.3f}" if t in e["per_task"] else "-" for t in tasks],
-                              reference["machine"].get("date_utc", "-")])
             for g in args.revive_norms:
                 if ("prior", g) not in mine:
                     continue
@@ -339,6 +332,15 @@ def main(argv: list[str] | None = None) -> int:
                         diffs.append({"backbone": b, "lr": lr, "revive": g, "control": control, **d})
                 acc = ba.mean_over_tasks(mine[("prior", g)]["rows"], settings["seeds"])[0]
                 target.append({"backbone": b, "lr": lr, "revive": g, "prior": acc, "met": acc >= TARGET})
+        # bench_adapt.py's own bank rows (protocol lr, its generate-from-prior path and VAE of its commit), for reference
+        for bank, what in (("source", "pretrained source backbone"), ("prior", "VAE prior, as bench_adapt built it"),
+                           ("timm_init", "timm init, as bench_adapt built it")):
+            e = (reference or {}).get("summary", {}).get(b, {}).get("banks", {}).get(bank)
+            if e:
+                table.append([b, f"{PROTOCOL_LR:g}", f"{what}: docs/bench_adapt.json (commit "
+                              f"{reference['machine'].get('git_commit', '?')})", f"{e['mean_acc']:.3f} ± {e['std_acc']:.3f}",
+                              *[f"{e['per_task'][t][0]:.3f}" if t in e["per_task"] else "-" for t in tasks],
+                              reference["machine"].get("date_utc", "-")])
     best = max(target, key=lambda t: t["prior"]) if target else None
     data = {"settings": settings, "protocol": protocol, "lrs": args.lrs, "vae": args.vae or "weightgen/assets/vae",
             "ppca": args.ppca, "ppca_info": ppca.info if ppca else None, "keys": keys, "machine": machine,
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown_table(["backbone", "lr", "banks from", "test acc", *tasks, "trained"], table,
                        "lrl" + "r" * (1 + len(tasks)) + "l"), "",
         f"`trained`: now, or when the row was trained into this script's result cache (keyed by the settings, "
-        f"backbone, banks, lr and artifact); the pretrained-source row is read from docs/bench_adapt.json. "
+        f"backbone, banks, lr and artifact); rows marked docs/bench_adapt.json are read from that file, not rerun. "
         f"{sum(not r['cached'] for r in runs)} of {len(runs)} rows trained now."
         + (f" Not run (no cached result, `--cached-only`): {'; '.join(missing)}." if missing else ""), "",
         "## Prior minus each control (points; mean [95% t-interval] over (task, seed) pairs)", "",
