@@ -31,13 +31,18 @@ class Command:
     text: str
 
     def option(self, name: str) -> str | None:
-        argv = list(self.argv)
+        values = self.options(name)
+        return values[0] if values else None
+
+    def options(self, name: str) -> list[str]:
+        """Every value given to ``name`` (options like --vae may repeat)."""
+        argv, values = list(self.argv), []
         for i, token in enumerate(argv):
             if token == name and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                return argv[i + 1]
-            if token.startswith(name + "="):
-                return token.split("=", 1)[1]
-        return None
+                values.append(argv[i + 1])
+            elif token.startswith(name + "="):
+                values.append(token.split("=", 1)[1])
+        return values
 
     def __str__(self) -> str:
         return f"README.md:{self.line}: {self.text}"
@@ -172,10 +177,11 @@ def _consistency_problems(commands: list[Command]) -> list[str]:
     written = {out for script in {c.script for c in commands} for out in _outputs(commands, script)}
     for command in commands:
         for option in INPUT_DIRS:
-            value = command.option(option)
-            if value is not None and _norm(value) not in written and not (ROOT / value).exists():
-                problems.append(f"{command}: {option} {value} is neither written by a README command "
-                                f"(--out) nor part of the repository")
+            for value in command.options(option):
+                path = value.split("=", 1)[1] if option == "--vae" and "=" in value else value  # NAME=DIR
+                if _norm(path) not in written and not (ROOT / path).exists():
+                    problems.append(f"{command}: {option} {value} is neither written by a README command "
+                                    f"(--out) nor part of the repository")
         zoo = command.option("--zoo")
         for token in command.argv:  # zoo/<id>.safetensors paths into a README zoo
             head, _, name = token.rpartition("/")
@@ -217,3 +223,10 @@ def test_the_consistency_check_catches_kwargs_that_are_not_the_zoo_models():
             "--b zoo/resnet18-w16-d1-s1.safetensors --steps 6 --out o\n```\n")
     problems = _consistency_problems(readme_commands(text))
     assert len(problems) == 2 and all("channels=[8, 16, 32, 64]" in p for p in problems), problems
+
+
+def test_the_consistency_check_reads_every_named_vae():
+    text = ("```bash\npython scripts/train_vae.py --zoo tests/data --out vae-a\n"
+            "python benchmarks/bench_rate_distortion.py --zoo tests/data --vae a=vae-a --vae b=vae-b\n```\n")
+    problems = _consistency_problems(readme_commands(text))
+    assert len(problems) == 1 and "--vae b=vae-b" in problems[0], problems
