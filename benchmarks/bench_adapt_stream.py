@@ -20,13 +20,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, machine_info, markdown_table, write_outputs  # noqa: E402
-from bench_data_stream import _footprint, _tree, _write, generate  # noqa: E402
+from bench_data_stream import _write, generate, run_sampled  # noqa: E402
 
 ARCH = "test_resnet"  # timm's tiny ResNet: the run measures the data path, not the model
 
@@ -94,27 +93,9 @@ def measure(root: Path, args, results: Path) -> dict:
            "--workers", str(args.workers), "--img-size", str(args.img_size),
            "--batch-size", str(args.batch_size), "--phase-file", str(phase_file), "--results", str(results)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    peak: dict[str, float] = {"procs": 0}
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            pids = _tree(proc.pid)
-            stage = phase_file.read_text().strip()
-            for k, v in _footprint(pids).items():
-                peak[f"{k}_{stage}"] = max(peak.get(f"{k}_{stage}", 0.0), v)
-                peak[f"{k}_all"] = max(peak.get(f"{k}_all", 0.0), v)
-            peak["procs"] = max(peak["procs"], len(pids))
-            done.wait(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = proc.communicate()
-    done.set()
-    sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"error: adapt child failed ({proc.returncode}): {err.strip().splitlines()[-3:]}")
+    out, err, code, peak = run_sampled(cmd, env, phase_file)
+    if code != 0:
+        raise SystemExit(f"error: adapt child failed ({code}): {err.strip().splitlines()[-3:]}")
     result = json.loads(out.strip().splitlines()[-1])
     result.update(max_processes=peak.pop("procs"), **{f"peak_{k}_mb": v for k, v in peak.items()})
     return result

@@ -127,6 +127,32 @@ def _footprint(pids: list[int]) -> dict[str, float]:
     return {k: v / 1024 for k, v in kib.items()}
 
 
+def run_sampled(cmd: list[str], env: dict, phase_file: Path) -> tuple[str, str, int, dict[str, float]]:
+    """Run ``cmd``, sampling its process tree's memory every 0.1 s: the peak of each footprint per phase
+    (the phase is what the child last wrote to ``phase_file``) and overall (``_all``), and the most
+    processes at once (``procs``)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    peak: dict[str, float] = {"procs": 0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            pids = _tree(proc.pid)
+            stage = phase_file.read_text().strip()
+            for k, v in _footprint(pids).items():
+                peak[f"{k}_{stage}"] = max(peak.get(f"{k}_{stage}", 0.0), v)
+                peak[f"{k}_all"] = max(peak.get(f"{k}_all", 0.0), v)
+            peak["procs"] = max(peak["procs"], len(pids))
+            done.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    done.set()
+    sampler.join()
+    return out, err, proc.returncode, peak
+
+
 def measure(root: Path, workers: int, args, limit: int = 0) -> dict:
     phase_file = Path(args.data_dir) / ".phase"
     _write(phase_file, "start")
@@ -136,30 +162,9 @@ def measure(root: Path, workers: int, args, limit: int = 0) -> dict:
     if args.decode is not None:
         cmd += ["--decode", str(args.decode)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    peak: dict[str, float] = {"procs": 0}
-
-    def keep(name: str, value: float):
-        peak[name] = max(peak.get(name, 0.0), value)
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            pids = _tree(proc.pid)
-            mem = _footprint(pids)
-            stage = phase_file.read_text().strip()
-            for k, v in mem.items():
-                keep(f"{k}_{stage}", v)
-            keep("procs", len(pids))
-            done.wait(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = proc.communicate()
-    done.set()
-    sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"error: child failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
+    out, err, code, peak = run_sampled(cmd, env, phase_file)
+    if code != 0:
+        raise SystemExit(f"error: child failed ({code}): {err.strip().splitlines()[-1:]}")
     result = json.loads(out.strip().splitlines()[-1])
     result.update(workers=workers, max_processes=peak.pop("procs"), limit=limit,
                   **{f"peak_{k}_mb": v for k, v in peak.items()})
