@@ -74,7 +74,7 @@ def build_artifact(backbone: str, source: str, revive: float, seed: int, vae_dir
     from weightgen.adapt.pretrain import source_model_kwargs
     from weightgen.generate import GenerateOptions, generate
     from weightgen.io import save_tensors
-    from weightgen.models import create_model
+    from weightgen.models import create_model, open_residual_gates
     from weightgen.recasting import head_names
     from weightgen.studies.controls import ppca_sample_weights, rms_matched_init
     from weightgen.vae.prior import sample_weights
@@ -102,9 +102,7 @@ def build_artifact(backbone: str, source: str, revive: float, seed: int, vae_dir
     norms = [m for m in model.modules() if isinstance(m, ba_norm_types()) and getattr(m, "weight", None) is not None]
     zero = [m for m in norms if not m.weight.detach().abs().max() > 0]
     if revive:
-        with torch.no_grad():
-            for m in zero:
-                m.weight.fill_(revive)
+        open_residual_gates(model, revive)
     root.mkdir(parents=True, exist_ok=True)
     checkpoint = root / f".{art.name}.safetensors"
     save_tensors(checkpoint, model.state_dict())

@@ -110,29 +110,12 @@ def _median(values: list[float]) -> float:
 
 
 def revive_zero_norms(model) -> int:
-    """Set to 1 every residual-branch gate that timm initialises at (near) zero; returns how many.
+    """Open timm's zero residual gates to 1 (``weightgen.models.open_residual_gates``), in every generator
+    alike: a generator writes only Linear/Conv2d weights, so a generated ResNet or ConvNeXt would compute
+    (almost) only its shortcuts whatever was drawn, and every generator would look alike."""
+    from weightgen.models import open_residual_gates
 
-    A generator writes only Linear/Conv2d weights. timm zero-initialises the last BatchNorm scale of
-    each ResNet block (``zero_init_last``) and starts ConvNeXt's layer scale ``gamma`` at 1e-6, so a
-    generated ResNet or ConvNeXt computes (almost) only its shortcuts whatever was drawn, and every
-    generator would look alike. Norm scales that are all zero and layer scales (a parameter named
-    ``gamma``) below 1e-5 are set to 1, in every generator alike.
-    """
-    import torch
-    from torch import nn
-
-    count = 0
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) \
-                    and getattr(module, "weight", None) is not None and not module.weight.any():
-                module.weight.fill_(1.0)
-                count += 1
-        for name, param in model.named_parameters():
-            if name.rsplit(".", 1)[-1] == "gamma" and param.abs().max() < 1e-5:
-                param.fill_(1.0)
-                count += 1
-    return count
+    return open_residual_gates(model, 1.0)
 
 
 def gap_closed(samples: list[float], control: list[float], zoo_median: float, seed: int = 0) -> dict:

@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--extra-source", choices=("random", "pca", "vae"), default="random",
                    help="extra templates: random at the bank's RMS, pca of the other same-shape banks, or "
                         "drawn from the VAE prior (default: %(default)s)")
+    p.add_argument("--residual-gates", type=float, metavar="G",
+                   help="from the prior only: set the residual-branch gates timm starts at zero (ResNet's last "
+                        "BatchNorm of each block, ConvNeXt's layer scale) to G, so that the generated branches "
+                        "and the banks fitted to them act (0.25 let prior banks adapt: docs/bench_adapt_banks.md) "
+                        "(default: timm's zeros)")
     p.add_argument("--logdir", help="write a TensorBoard run here, e.g. runs/x (default: none)")
     p.add_argument("--device", default="cpu",
                    help="where the model, the fit and the VAE run: cpu, cuda or cuda:N (default: %(default)s); "
@@ -70,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         layers_per_group=args.layers_per_group, templates=args.templates, coef_sets=args.coef_sets,
         method=args.method, steps=args.steps, lr=args.lr, seed=args.seed, out=args.out,
         overwrite=args.overwrite, logdir=args.logdir, device=args.device,
-        extra_templates=args.extra_templates, extra_source=args.extra_source)
+        extra_templates=args.extra_templates, extra_source=args.extra_source,
+        residual_gates=args.residual_gates)
     out, report = generate(opts, progress=True)
     print(group_table(report))
     print(total_line(report))

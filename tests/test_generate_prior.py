@@ -239,3 +239,31 @@ def test_example_batch_follows_img_size_on_any_patch_embedding():
     assert input_size(mixer) == (1, 32, 32)
     assert mixer(example_batch(mixer, 2)).shape == (2, 10)
     assert input_size(timm.create_model("test_resnet")) == (3, 160, 160)  # no patch embedding: timm's data config
+
+
+def test_residual_gates_open_timms_zero_init_branches(tmp_path):
+    """timm's zero-init last BN of each block would leave every generated residual branch (and its banks) mute."""
+    shut, _ = generate(GenerateOptions(arch="test_resnet", out=str(tmp_path / "timm"), fidelity_batch=1))
+    out, report = generate(GenerateOptions(arch="test_resnet", out=str(tmp_path / "open"), fidelity_batch=1,
+                                           residual_gates=0.25))
+    zeros = [k for k, v in load_file(shut / "weights.safetensors").items()
+             if k.rsplit(".", 2)[-2].startswith("bn") and k.endswith(".weight") and not v.any()]
+    opened = load_file(out / "weights.safetensors")
+    assert zeros and report["prior"]["residual_gates"] == {"value": 0.25, "opened": len(zeros)}
+    assert all(torch.all(opened[k] == 0.25) for k in zeros)
+    # and the ConvNeXt kind of gate, a layer scale at 1e-6
+    from weightgen.models import open_residual_gates
+
+    model = timm.create_model("test_convnext")  # layer scales start at 1e-6
+    gammas = [n for n, _ in model.named_parameters() if n.endswith("gamma")]
+    assert gammas and open_residual_gates(model, 1.0) == len(gammas)
+    assert all(bool((p == 1.0).all()) for n, p in model.named_parameters() if n.endswith("gamma"))
+
+
+def test_residual_gates_are_refused_for_a_given_model(tmp_path, capsys):
+    ckpt = tmp_path / "m.safetensors"
+    save_file(timm.create_model("test_resnet").state_dict(), str(ckpt))
+    assert _run(["--arch", "test_resnet", "--checkpoint", str(ckpt), "--residual-gates", "0.25",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--residual-gates" in err and not (tmp_path / "o").exists()

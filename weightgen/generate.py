@@ -17,7 +17,8 @@ from .config import PRESETS, RecastConfig, default_preset, preset_config
 from .io import WeightgenError, check_checkpoint_path, check_output_dir, load_checkpoint, read_json
 from .mimicry import METHODS, fit
 from .mimicry.fidelity import compare_features, record_features
-from .models import check_arch, create_model, data_cfg, example_batch, model_from_state, resolve_device
+from .models import (check_arch, create_model, data_cfg, example_batch, model_from_state, open_residual_gates,
+                     resolve_device)
 from .bank import banks_of
 from .layers import recast_layers
 from .recasting import find_targets, head_names, inject, parameter_counts, plan_groups
@@ -51,6 +52,7 @@ class GenerateOptions:
     device: str = "cpu"  # where the model, the fit and the VAE run ("cuda", "cuda:1", ...)
     extra_templates: int = 0  # templates added to every bank after the fit, coefficients at zero
     extra_source: str = "random"  # where they come from: random, pca (other banks), vae (the prior)
+    residual_gates: float | None = None  # prior only: open timm's zero-init residual gates to this value
 
     def output_dir(self) -> Path:
         """``out``, else ``outputs/<arch>-<source>-<method>-s<seed>`` (source: prior, pretrained or
@@ -84,6 +86,10 @@ def validate(opts: GenerateOptions) -> None:
         raise WeightgenError("--extra-templates must be >= 0")
     if opts.extra_source not in ("random", "pca", "vae"):
         raise WeightgenError(f"unknown --extra-source {opts.extra_source!r}; choose from random, pca, vae")
+    if opts.residual_gates is not None and (opts.checkpoint or opts.pretrained or opts.pretrained_file):
+        raise WeightgenError("--residual-gates applies to weights from the prior; a given model keeps its own")
+    if opts.residual_gates is not None and not opts.residual_gates > 0:
+        raise WeightgenError("--residual-gates must be > 0")
     if opts.fidelity_batch < 1:
         raise WeightgenError("the fidelity batch must hold at least one input")
     resolve_device(opts.device)
@@ -170,6 +176,9 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
                                          in_place=True)[1:]
         state = model.state_dict()  # the fit target: the model's own tensors, not a copy
         extra["prior"] = {"vae": str(opts.vae or default_vae_dir()), "layers": stats, "fallback_layers": fallback}
+        if opts.residual_gates is not None:
+            extra["prior"]["residual_gates"] = {"value": opts.residual_gates,
+                                                "opened": open_residual_gates(model, opts.residual_gates)}
     config = recast_config(model, opts)
 
     with torch.no_grad():

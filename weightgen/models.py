@@ -97,6 +97,29 @@ def _from_pretrained_file(arch: str, model_kwargs: dict, path: Path) -> nn.Modul
     return model.eval()
 
 
+@torch.no_grad()
+def open_residual_gates(model: nn.Module, value: float) -> int:
+    """Set to ``value`` every residual-branch gate timm starts at (near) zero; returns how many.
+
+    timm zero-initialises the last norm scale of each ResNet block (``zero_init_last``) and starts
+    ConvNeXt's layer scale ``gamma`` at 1e-6: good for training from scratch, but weights generated
+    into such a model (or banks fitted to them) reach the output only through the shortcuts, and
+    their coefficients get no gradient. Norm scales that are all zero and ``gamma`` parameters below
+    1e-5 are set.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) \
+                and getattr(module, "weight", None) is not None and not module.weight.any():
+            module.weight.fill_(value)
+            count += 1
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 1)[-1] == "gamma" and param.abs().max() < 1e-5:
+            param.fill_(value)
+            count += 1
+    return count
+
+
 def data_cfg(model: nn.Module) -> dict:
     """What a model's ``pretrained_cfg`` says its inputs are (for an artifact's record)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
