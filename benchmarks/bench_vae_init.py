@@ -301,7 +301,7 @@ def report(results, labels, budgets, inits, args, summary, info, seconds, vae_di
         "Inits: `timm` = timm's own init; `rms_matched` = timm's init with each layer rescaled to the RMS the VAE's "
         "scale model predicts (`weightgen.studies.controls.rms_matched_init`); `ppca` = probabilistic PCA of the "
         "zoo's tokens, same latent size and scale model (`ppca_sample_weights`); `vae_prior` = the VAE prior "
-        "(`sample_weights`). The classifier head keeps timm's init in all four.",
+        "(`sample_weights`). The classifier head keeps timm's init in every init.",
         "",
         f"Every entry point below is absent from {absent_from}."
         + (f" Left out because the zoo holds their entry point: {', '.join(dropped)}." if dropped else ""),
