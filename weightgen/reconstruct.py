@@ -16,8 +16,7 @@ they are). ``behaviour_weight=0`` fits the weights alone, and is the default wit
 the encode start included, so mimic never ends worse than ``encode`` on that score: with a task,
 accuracy on its val split (then the logit error there); without one, the weight error plus the
 behaviour term on a held-out noise batch. A step decodes every layer once without a
-graph, back-propagates the loss through the model to the decoded weights, then re-decodes one layer
-at a time with a graph to carry those gradients to its latents: memory is bounded by the largest
+graph, back-propagates the loss through the model to the decoded weights, then re-decodes each
 layer's tokens a window-aligned chunk at a time with a graph to carry those gradients to its latents:
 memory is bounded by one chunk, which stays in cache (a step costs 0.75x of a whole-layer pass). Chunks
 start at multiples of the VAE's window, so every token sees the window it sees in a whole-layer decode;
