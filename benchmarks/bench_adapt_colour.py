@@ -53,6 +53,33 @@ def is_claim(name: str) -> bool:
 TASKS = ["hue", "photo-patches"]
 
 
+def colour_source(cache: str | Path, epochs: int = 10, max_train: int = 4000, lr: float = 1e-2):
+    """The RGB source backbone, pretrained on glyphs in random colours (cached): (cache root, its
+    checkpoint directory, pretrain's record)."""
+    from weightgen.adapt.pretrain import pretrain
+
+    key = hashlib.sha256(json.dumps([ARCH, KWARGS, epochs, max_train, lr, "rgb"]).encode()).hexdigest()[:8]
+    root = Path(cache) / f"{ARCH}-w16-rgb-{key}"
+    src, info, _ = pretrain(ARCH, root / "src", epochs=epochs, img_size=32, seed=0, model_kwargs=KWARGS,
+                            max_train=max_train, max_eval=1000, source="glyphs-colour", lr=lr)
+    return root, src, info
+
+
+def layout_artifact(root: Path, src: Path, info: dict, preset: str | None = None, extra: int = 0,
+                    templates: int | None = 2) -> Path:
+    """The source fitted into banks (cached): the default layout (PRESET, ``templates`` per bank) when
+    ``preset`` is None, else ``preset``'s own rule; plus ``extra`` random templates per bank (seed 0)."""
+    from weightgen.generate import GenerateOptions, generate
+
+    art = (root / f"art-t{templates}" if preset is None and not extra
+           else root / (f"art-{preset or PRESET}-x{extra}" + ("" if preset else f"-t{templates}")))
+    if not (art / "report.json").is_file():
+        generate(GenerateOptions(arch=ARCH, checkpoint=str(src / "model.safetensors"), model_kwargs=info["model_kwargs"],
+                                 preset=preset or PRESET, templates=None if preset else templates,
+                                 extra_templates=extra, out=str(art), overwrite=True))
+    return art
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default=str(REPO / "outputs" / "bench_adapt_colour_cache"))
@@ -77,31 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from weightgen.adapt.incremental import (DEFAULT_STEPS, DataOptions, method_defaults, open_backbone,
                                              run_sequence)
-    from weightgen.adapt.pretrain import pretrain
     from weightgen.adapt.trainer import TrainConfig
-    from weightgen.generate import GenerateOptions, generate
 
     start = time.perf_counter()
-    key = hashlib.sha256(json.dumps([ARCH, KWARGS, args.pretrain_epochs, args.pretrain_max_train, args.pretrain_lr,
-                                     "rgb"]).encode()).hexdigest()[:8]
-    root = Path(args.cache) / f"{ARCH}-w16-rgb-{key}"
-    src, info, _ = pretrain(ARCH, root / "src", epochs=args.pretrain_epochs, img_size=32, seed=0, model_kwargs=KWARGS,
-                            max_train=args.pretrain_max_train, max_eval=1000, source="glyphs-colour",
-                            lr=args.pretrain_lr)
+    root, src, info = colour_source(args.cache, args.pretrain_epochs, args.pretrain_max_train, args.pretrain_lr)
     print(f"[{time.perf_counter() - start:.0f}s] source backbone: test accuracy {info['test_acc']:.3f}", flush=True)
     backbones: dict[tuple, object] = {}
 
     def backbone(preset: str | None, extra: int):
         """The source fitted into banks of one layout (cached on disk); extra random templates at seed 0."""
         if (preset, extra) not in backbones:
-            art = (root / f"art-t{args.templates}" if preset is None and not extra
-                   else root / (f"art-{preset or PRESET}-x{extra}" + ("" if preset else f"-t{args.templates}")))
-            if not (art / "report.json").is_file():
-                generate(GenerateOptions(arch=ARCH, checkpoint=str(src / "model.safetensors"),
-                                         model_kwargs=info["model_kwargs"], preset=preset or PRESET,
-                                         templates=None if preset else args.templates, extra_templates=extra,
-                                         out=str(art), overwrite=True))
-            backbones[preset, extra] = open_backbone(art)
+            backbones[preset, extra] = open_backbone(layout_artifact(root, src, info, preset, extra, args.templates))
         return backbones[preset, extra]
 
     seeds = [int(s) for s in args.seeds.split(",")]

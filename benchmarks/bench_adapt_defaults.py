@@ -282,7 +282,15 @@ def notes(data: dict, finals: dict, diff) -> list[str]:
         out.append(f"- Not swept in this record: {', '.join(missing)}. Their adapt.py defaults were chosen by an "
                    "earlier run of this benchmark on the same source checkpoint fitted with 1 template per bank "
                    "(a compressed fit, so a slightly different dense model); see this file's git history.")
-    if exact(data.get("banks")):
+    preset, extra = data["settings"].get("preset", PRESET), data["settings"].get("extra_templates", 0)
+    if preset != PRESET or extra:
+        out.append(f"- Banks: preset `{preset}`" + (" (every conv: stem, residual and shortcut convs; exact fit)"
+                                                      if preset == "all" else "")
+                   + (f" plus {extra} random templates per bank (`generate_weights.py --extra-templates {extra}`; "
+                      "coefficients start at zero, so the dense model is the source's and `linear` sees the same "
+                      "features)" if extra else "") + ". The lr is adapt.py's default for each method, not re-swept "
+                   "for this layout unless the sweep above lists other lrs.")
+    elif exact(data.get("banks")):
         out.append("- Banks: `recast-resnet` gives every bank of >= 2 layers at least 2 templates (`min_templates=2`). "
                    "Before, each ResNet-18 bank (2 layers) held 1 template: a coefficient could only rescale its "
                    "conv, which the BatchNorm after it undoes (relative coefficient gradients ~1e-5), and `recast` "
