@@ -37,7 +37,8 @@ LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 TASKS = ["latin", "mnist"]
 
 
-def backbone(cache: Path, pre_epochs: int, templates: int | None = None, coef_sets: int = 2) -> Path:
+def backbone(cache: Path, pre_epochs: int, templates: int | None = None, coef_sets: int = 2,
+             preset: str = PRESET, extra: int = 0) -> Path:
     from weightgen.adapt.pretrain import pretrain
     from weightgen.config import preset_config
     from weightgen.generate import GenerateOptions, generate
@@ -47,21 +48,27 @@ def backbone(cache: Path, pre_epochs: int, templates: int | None = None, coef_se
     src, info, _ = pretrain(ARCH, root / "src", epochs=pre_epochs, img_size=32, seed=0, model_kwargs=KWARGS,
                             max_train=4000, max_eval=1000)
     # the banks' config in the name: a change of preset or --templates never reuses older banks
-    config = preset_config(PRESET, templates=templates, coef_sets=coef_sets).to_dict()
+    config = preset_config(preset, templates=templates, coef_sets=coef_sets).to_dict()
+    if extra:  # random templates added after the fit (seed 0): part of the banks' identity
+        config["extra_templates"] = extra
     art = root / f"art-{hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]}"
     if not (art / "report.json").is_file():
         generate(GenerateOptions(arch=ARCH, checkpoint=str(src / "model.safetensors"), model_kwargs=info["model_kwargs"],
-                                 preset=PRESET, templates=templates, coef_sets=coef_sets, out=str(art), overwrite=True))
+                                 preset=preset, templates=templates, coef_sets=coef_sets, extra_templates=extra,
+                                 out=str(art), overwrite=True))
     return art
 
 
-def bank_layout(art: Path) -> str:
-    """'templates/layers' per bank, from the artifact's report."""
+def bank_layout(art: Path, preset: str = PRESET, extra: int = 0) -> str:
+    """'templates/layers' per bank, from the artifact's report (fitted templates; the extra random ones
+    change nothing at the start point, so the fit stays exact), prefixed by a preset other than PRESET
+    and followed by the extra templates: 'all: 1/1, 3/3, ... +4 random'."""
     report = json.loads((art / "report.json").read_text())
     layers: dict[str, int] = {}
     for row in report["layers"]:
         layers[row["group"]] = layers.get(row["group"], 0) + 1
-    return ", ".join(f"{report['templates_per_bank'][g]}/{n}" for g, n in layers.items())
+    out = ", ".join(f"{report['templates_per_bank'][g]}/{n}" for g, n in layers.items())
+    return (f"{preset}: " if preset != PRESET else "") + out + (f" +{extra} random" if extra else "")
 
 
 def run(bb, method: str, lr: float, seeds: list[int], args, head_init: str = "random") -> list[dict]:
@@ -135,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-epochs", type=int, default=4)
     p.add_argument("--templates", type=int, help="templates per bank (default: the preset's rule)")
     p.add_argument("--coef-sets", type=int, default=2, help="K coefficient sets per layer")
+    p.add_argument("--preset", default=PRESET, help="bank layout (generate_weights.py --preset)")
+    p.add_argument("--extra-templates", type=int, default=0,
+                   help="random templates added to every bank after the fit (generate_weights.py --extra-templates)")
     p.add_argument("--sweep-seeds", default="0")
     p.add_argument("--seeds", default="42,1998,3142592")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -163,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     from weightgen.adapt.incremental import open_backbone
 
     start = time.perf_counter()
-    art = backbone(Path(args.cache), args.pretrain_epochs, args.templates, args.coef_sets)
+    art = backbone(Path(args.cache), args.pretrain_epochs, args.templates, args.coef_sets, args.preset,
+                   args.extra_templates)
     bb = open_backbone(art)
     methods, lrs = args.methods.split(","), [float(x) for x in args.lrs.split(",")]
     sweep_seeds, seeds = [int(s) for s in args.sweep_seeds.split(",")], [int(s) for s in args.seeds.split(",")]
     data = {"settings": vars(args), "arch": ARCH, "kwargs": KWARGS, "tasks": TASKS, "machine": machine_info(),
-            "banks": bank_layout(art), "argv": list(sys.argv[1:] if argv is None else argv),
+            "banks": bank_layout(art, args.preset, args.extra_templates), "argv": list(sys.argv[1:] if argv is None else argv),
             "sweep": [], "final": [], "logreg": []}
     partial = Path(args.cache) / f"{args.stem}.partial.json"
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
 def exact(banks: str | None) -> bool:
     """Whether every bank of a layout 't/l, t/l, ...' has at least as many templates as layers: the
     closed-form fit is then exact, and the dense model (what linear, lora and full train) the source's."""
-    return bool(banks) and all(int(t) >= int(n) for t, n in (b.split("/") for b in banks.split(", ")))
+    if not banks:
+        return False
+    fitted = banks.rpartition(": ")[2].split(" +")[0]  # without a preset prefix and extra random templates
+    return all(int(t) >= int(n) for t, n in (b.split("/") for b in fitted.split(", ")))
 
 
 def merge(runs: list[dict]) -> dict:
@@ -225,7 +239,9 @@ def merge(runs: list[dict]) -> dict:
     data["parts"] = [{k: r.get(k) for k in ("argv", "settings", "resumed", "seconds", "banks")} for r in runs]
     steps = runs[0]["settings"]["steps"]
     for r in runs:  # a variant's rows are named by what differs: its banks, its step budget
-        label = [f"{r['banks'].split(', ')[0]}, ..."] if r.get("banks") != first else []
+        banks = r.get("banks") or ""
+        label = [(f"{banks.split(', ')[0]}, ...{' +' + banks.split(' +')[1] if ' +' in banks else ''}")]
+        label = label if r.get("banks") != first else []
         label += [f"{r['settings']['steps']} steps"] if r["settings"]["steps"] != steps else []
         for row in (r["sweep"] + r["final"]) if label else []:
             row["method"] = f"{row['method']} [{'; '.join(label)}]"
@@ -266,7 +282,15 @@ def notes(data: dict, finals: dict, diff) -> list[str]:
         out.append(f"- Not swept in this record: {', '.join(missing)}. Their adapt.py defaults were chosen by an "
                    "earlier run of this benchmark on the same source checkpoint fitted with 1 template per bank "
                    "(a compressed fit, so a slightly different dense model); see this file's git history.")
-    if exact(data.get("banks")):
+    preset, extra = data["settings"].get("preset", PRESET), data["settings"].get("extra_templates", 0)
+    if preset != PRESET or extra:
+        out.append(f"- Banks: preset `{preset}`" + (" (every conv: stem, residual and shortcut convs; exact fit)"
+                                                      if preset == "all" else "")
+                   + (f" plus {extra} random templates per bank (`generate_weights.py --extra-templates {extra}`; "
+                      "coefficients start at zero, so the dense model is the source's and `linear` sees the same "
+                      "features)" if extra else "") + ". The lr is adapt.py's default for each method, not re-swept "
+                   "for this layout unless the sweep above lists other lrs.")
+    elif exact(data.get("banks")):
         out.append("- Banks: `recast-resnet` gives every bank of >= 2 layers at least 2 templates (`min_templates=2`). "
                    "Before, each ResNet-18 bank (2 layers) held 1 template: a coefficient could only rescale its "
                    "conv, which the BatchNorm after it undoes (relative coefficient gradients ~1e-5), and `recast` "
@@ -312,7 +336,8 @@ def markdown(data: dict) -> str:
     s = data["settings"]
     lines = ["# Per-method defaults for adapt.py", "",
              f"Backbone: {data['arch']} {data['kwargs']} pretrained by weightgen.adapt.pretrain on the source glyph "
-             f"task ({s['pretrain_epochs']} epochs, 32 px, grayscale), banks by closed form (preset recast-resnet, "
+             f"task ({s['pretrain_epochs']} epochs, 32 px, grayscale), banks by closed form (preset {s.get('preset', PRESET)}"
+             + (f" plus {s['extra_templates']} random templates per bank" if s.get("extra_templates") else "") + ", "
              f"templates/layers per bank: {data.get('banks', '1/2 each (before min_templates)')}, "
              f"K={s.get('coef_sets', 2)}). "
              f"Tasks {', '.join(data['tasks'])}, {s['max_train']} training / {s['max_eval']} validation and test "

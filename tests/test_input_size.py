@@ -64,3 +64,17 @@ def test_reconstruct_probes_a_mixer_at_its_own_size():
     assert data["side"] == 64 and data["probe"].shape == (4, 3, 64, 64)
     with torch.no_grad():
         assert mixer(data["probe"]).shape == (4, 10)
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_a_recast_stem_still_tells_the_input_channels(in_chans):
+    """With every conv recast (preset 'all'), the stem is a RecastConv2d: its channels, not timm's
+    default of 3 nor a later conv's, are what the model takes (a 1-channel backbone was fed RGB)."""
+    import weightgen as wg
+    from weightgen.data.images import image_config
+
+    model = timm.create_model("test_resnet", in_chans=in_chans)
+    wg.recast(model, preset="all")
+    assert isinstance(model.conv1[0] if isinstance(model.conv1, nn.Sequential) else model.conv1, wg.layers.RecastConv2d)
+    assert input_size(model)[0] == in_chans
+    assert image_config(model, img_size=32).channels == in_chans

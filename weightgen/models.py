@@ -279,13 +279,21 @@ def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     return _pair(cfg["input_size"]) if cfg.get("input_size") else None
 
 
+def first_conv(model: nn.Module) -> nn.Module | None:
+    """The model's first convolution, dense or recast (a recast stem is a RecastConv2d, not an nn.Conv2d:
+    skipping it would read the channels of a later conv, or none)."""
+    from .layers import RecastConv2d  # layers imports nothing of models; deferred keeps models light
+
+    return next((m for m in model.modules() if isinstance(m, (nn.Conv2d, RecastConv2d))), None)
+
+
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     """(channels, height, width): the fixed size if the model has one, else timm's data config size."""
     cfg = getattr(model, "pretrained_cfg", None)
     # timm's own resolution of the model's data config; a non-timm model has none to resolve
     size = resolve_model_data_config(model).get("input_size") if cfg else None
     embed = _patch_embed(model)
-    first = embed.proj if embed is not None else next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    first = embed.proj if embed is not None else first_conv(model)
     # a patch embedding knows the size the model was built at, even one that accepts any size
     native = fixed_input_size(model) or (_pair(embed.img_size) if embed is not None else None)
     if native is None and size is None:

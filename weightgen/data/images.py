@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from ..io import WeightgenError
-from ..models import input_size
+from ..models import first_conv, input_size
 from .base import ImageTask, carve_val, stratified_split, subsample
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def image_config(model: torch.nn.Module | None = None, *, img_size: int | Sequen
         except WeightgenError:  # not a timm model: its first conv tells the channels, img_size the rest
             if img_size is None:
                 raise
-            first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+            first = first_conv(model)
             c, h, w = first.in_channels if first is not None else data["input_size"][0], 0, 0
     else:
         if img_size is None:
