@@ -45,8 +45,8 @@ LEGACY_PRETRAIN_NORM = (0.5, 0.5)
 
 # Per-method defaults, chosen on the validation splits of built-in tasks (latin, mnist; 300 training
 # images, a 150-step budget) by benchmarks/bench_adapt_defaults.py -> docs/adapt_defaults.md: the lr
-# with the best mean validation accuracy. linear, recast and recast-norm were re-swept on banks of 2
-# templates (recast-resnet's min_templates); lora and full were swept on the older 1-template banks.
+# with the best mean validation accuracy, on banks of 2 templates (recast-resnet's min_templates);
+# lora and full in docs/adapt_defaults_lora_full.md.
 # Methods it did not sweep (recast+*) get FALLBACK_DEFAULTS.
 # ``steps``: a training budget in optimizer steps; a task trains max(epochs, ceil(steps / batches per
 # epoch)) epochs, so a 200-image task still gets enough updates.
@@ -54,8 +54,8 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "linear": {"lr": 3e-2},
     "recast": {"lr": 3e-2},
     "recast-norm": {"lr": 1e-2},
-    "lora": {"lr": 1e-2},
-    "full": {"lr": 3e-3},
+    "lora": {"lr": 3e-2},
+    "full": {"lr": 3e-2},
 }
 FALLBACK_DEFAULTS = {"lr": 1e-2}
 DEFAULT_EPOCHS = 3
