@@ -151,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--repeats and --threads must be >= 1")
     note = Path(args.note_file).read_text().strip() if args.note_file else ""
     before = Path(args.before).resolve() if args.before else None
-    earlier = {row["arch"]: row for log in args.rows_from for row in _json_rows(Path(log))}
+    earlier: dict[str, list[dict]] = {}  # arch -> its rows (one per thread count)
+    for log in args.rows_from:
+        for row in _json_rows(Path(log)):
+            earlier.setdefault(row["arch"], []).append(row)
     raw = []
     for arch in args.archs:  # one arch at a time, outputs deleted after: a vit_huge artifact is ~5 GB
         if arch in earlier:
-            raw.append(earlier[arch])
+            raw.extend(earlier[arch])
             continue
         for threads in args.threads or [None]:
             tmp = Path(tempfile.mkdtemp(prefix="bench_scale_"))
