@@ -95,29 +95,8 @@ def _medians(runs: list[dict]) -> dict:
     return merged
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="resnet10t", help="timm architecture trained on digits")
-    p.add_argument("--train-steps", type=int, default=300, help="training steps of the digits model")
-    p.add_argument("--checkpoint", help="the trained model: reused when the file exists, else trained and saved "
-                                        "there (default: trained into a temporary directory)")
-    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=["encode", "mimic", "mimic-50", "behaviour"])
-    p.add_argument("--before", help="an older checkout whose reconstruct.py runs --before-runs beside this one's")
-    p.add_argument("--before-runs", nargs="*", choices=list(RUNS), default=["mimic"])
-    p.add_argument("--vae", help="VAE directory (default: each checkout's shipped one)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model's init, training, split and probe")
-    p.add_argument("--threads", type=int, nargs="+", default=[1],
-                   help="torch threads (OMP_NUM_THREADS) of the processes, one set of rows per value (the target is for 2)")
-    p.add_argument("--before-threads", type=int, nargs="*",
-                   help="thread counts at which the --before checkout runs (default: every --threads value)")
-    p.add_argument("--repeats", type=int, default=1, help="processes per row, before and now alternating; medians shown")
-    p.add_argument("--stem", default="bench_reconstruct", help="docs/STEM.{md,json}")
-    p.add_argument("--out", default="docs", help="where STEM.{md,json} go")
-    args = p.parse_args(argv)
-    if args.repeats < 1 or min(args.threads) < 1:
-        p.error("--repeats and --threads must be >= 1")
-    before_threads = args.threads if args.before_threads is None else args.before_threads
-
+def measure_all(args, before_threads: list[int]) -> tuple[dict, list[float]]:
+    """Train or load the model, run every row; returns the results and the load average at the start."""
     import timm
     import torch
     from safetensors.torch import load_file, save_file
@@ -199,9 +178,47 @@ def main(argv: list[str] | None = None) -> int:
                 results["rows"][-1]["same_weights_as_before"] = filecmp.cmp(*pair, shallow=False)
             for side in measured.values():
                 shutil.rmtree(side["dir"], ignore_errors=True)
+    return results, load_start
 
-    info = machine_info()
-    info["before_commit"] = _commit(Path(args.before).resolve()) if args.before else None
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", default="resnet10t", help="timm architecture trained on digits")
+    p.add_argument("--train-steps", type=int, default=300, help="training steps of the digits model")
+    p.add_argument("--checkpoint", help="the trained model: reused when the file exists, else trained and saved "
+                                        "there (default: trained into a temporary directory)")
+    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=["encode", "mimic", "mimic-50", "behaviour"])
+    p.add_argument("--before", help="an older checkout whose reconstruct.py runs --before-runs beside this one's")
+    p.add_argument("--before-runs", nargs="*", choices=list(RUNS), default=["mimic"])
+    p.add_argument("--vae", help="VAE directory (default: each checkout's shipped one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's init, training, split and probe")
+    p.add_argument("--threads", type=int, nargs="+", default=[1],
+                   help="torch threads (OMP_NUM_THREADS) of the processes, one set of rows per value (the target is for 2)")
+    p.add_argument("--before-threads", type=int, nargs="*",
+                   help="thread counts at which the --before checkout runs (default: every --threads value)")
+    p.add_argument("--repeats", type=int, default=1, help="processes per row, before and now alternating; medians shown")
+    p.add_argument("--stem", default="bench_reconstruct", help="docs/STEM.{md,json}")
+    p.add_argument("--out", default="docs", help="where STEM.{md,json} go")
+    p.add_argument("--note-file", help="a text file whose paragraphs go under the table")
+    p.add_argument("--results-from", metavar="JSON",
+                   help="STEM.json of an earlier run: render its rows again (with --note-file), measuring nothing")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or min(args.threads) < 1:
+        p.error("--repeats and --threads must be >= 1")
+    before_threads = args.threads if args.before_threads is None else args.before_threads
+
+    if args.results_from:  # re-render an earlier run (e.g. with a note), measuring nothing
+        earlier = json.loads(Path(args.results_from).read_text())
+        load_start, info = earlier.pop("loadavg_start"), earlier.pop("machine")
+        results = earlier
+        info["rendered"] = machine_info()["date_utc"]
+    else:
+        results, load_start = measure_all(args, before_threads)
+        info = machine_info()
+        info["before_commit"] = _commit(Path(args.before).resolve()) if args.before else None
+    original_acc, original_bn = results["original"]["test_accuracy"], results["original"]["after_bn_reestimation"]
+    note = Path(args.note_file).read_text().strip() if args.note_file else ""
+    results["note"] = note
     table = [["original", "-", "-", "-", "-", "-", "-", "-", f"{original_acc:.2%}", f"{original_bn:.2%}", "-", "-", "-",
               "-", "-"]]
 
@@ -220,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['load_at_start']:.2f}"])
     ratios = []
     for run in RUNS:
-        for threads in args.threads:
+        for threads in results["threads"]:
             pair = {r["code"]: r for r in results["rows"] if r["run"] == run and r["threads"] == threads}
             if {"before", "now"} <= set(pair):
                 same = pair["now"].get("same_weights_as_before")
@@ -230,16 +247,17 @@ def main(argv: list[str] | None = None) -> int:
                               + ("" if same is None else "; weights.safetensors byte-identical" if same
                                  else "; weights.safetensors differ"))
     results["ratios"] = ratios
-    before_note = (f" `before` rows run commit {info['before_commit']} (its own defaults: `--mode mimic` was 50 steps "
-                   f"there, without early stopping); `now` rows this checkout." if args.before else "")
+    before_note = (f" `before` rows run commit {info['before_commit']} (with its own defaults: the steps column "
+                   f"says how many it ran); `now` rows this checkout." if info.get("before_commit") else "")
     md = (f"# Whole-model reconstruction through the VAE\n\n`{info['command']}`, {info['date_utc']}, "
-          f"{info['cpu']} ({info['cpus']} cores, torch threads {', '.join(map(str, args.threads))} as the rows say, load average "
+          f"{info['cpu']} ({info['cpus']} cores, torch threads {', '.join(map(str, results['threads']))} as the rows say, load average "
           f"{load_start[0]} at the start, {info['loadavg'][0]} at the end: the machine is shared, so seconds are "
           f"upper bounds; compare rows by their load), commit {info['git_commit']}.\n\n"
-          f"{args.arch} ({results['params']:,} parameters, {json.dumps(kwargs)}) trained {args.train_steps} steps on the "
+          f"{results['arch']} ({results['params']:,} parameters, {json.dumps(results['model_kwargs'])}) trained "
+          f"{results['train_steps']} steps on the "
           f"`digits` task; every Linear/Conv2d weight except the classifier head rebuilt through the VAE "
-          f"({args.vae or 'the shipped one'}) by one `scripts/reconstruct.py --keep-head` process per row "
-          f"(arguments in the json); the rows ran one after the other ({args.repeats} process(es) per row, before "
+          f"({results['vae'] or 'the shipped one'}) by one `scripts/reconstruct.py --keep-head` process per row "
+          f"(arguments in the json); the rows ran one after the other ({results.get('repeats', 1)} process(es) per row, before "
           f"and now alternating; seconds are medians with their range).{before_note} `mimic` is the default "
           f"command (no probe task: weights only, BatchNorm statistics copied); `mimic-50` runs 50 steps with no "
           f"early stop; `behaviour` adds `--probe-task digits` (outputs + weights, BatchNorm re-estimated). Steps: "
@@ -251,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(steps and validation checks); load: the 1-minute load average when each process started (median).\n\n"
           + markdown_table(["run", "code", "threads", "runs", "steps", "mean cos", "min cos", "logit error",
                             "test acc", "after BN re-est.", "wall s", "cpu s", "sys s", "fit cpu s", "load"], table) + "\n"
-          + ("\n" + "\n".join(f"- {line}" for line in ratios) + "\n" if ratios else ""))
+          + ("\n" + "\n".join(f"- {line}" for line in ratios) + "\n" if ratios else "")
+          + (f"\n{note}\n" if note else ""))
     write_outputs(args.out, args.stem, md, {"machine": info, "loadavg_start": load_start, **results},
                   newline=True)
     return 0
