@@ -10,7 +10,7 @@ from pathlib import Path
 
 # Before torch loads (OpenMP reads it once): worker threads sleep between parallel regions instead of
 # spinning for up to ~3 ms, which on a busy machine holds the core the other thread waits for (two
-# threads ran 2.7x slower than one there; docs/bench_generate_scale.md). An explicit setting wins.
+# threads ran 3.6x slower than one there; docs/bench_generate_speed.md). An explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from weightgen.cli import (HelpFormatter, artifact_listing, fit_kind, group_table, keep_freed_memory, parse_kwargs,

@@ -403,7 +403,7 @@ def test_user_errors_turns_a_core_value_error_into_one_user_error():
 @pytest.mark.parametrize("preset", [None, "ACTIVE"])
 def test_scripts_let_idle_openmp_threads_sleep(script, preset):
     """The two decoding scripts set OMP_WAIT_POLICY=PASSIVE before torch loads (spinning OpenMP threads made two
-    threads 2.7x slower than one on a busy machine), and leave a user's own setting alone."""
+    threads 3.6x slower than one on a busy machine: docs/bench_generate_speed.md), and leave a user's own setting alone."""
     import subprocess
     import sys
 

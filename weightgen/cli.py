@@ -60,8 +60,8 @@ def keep_freed_memory(mmap_mib: int = 32, trim_mib: int = 256) -> bool:
 
     A script's process calls this once (process-wide: never library code). glibc's default unmaps or
     trims a freed block of a few MiB, so the next chunk's activations fault fresh, zero-filled pages
-    in again: generating resnet50 from the prior spent 1.1 s of its ~10 CPU-seconds on 500k such faults
-    (docs/bench_generate_scale.md). Blocks up to ``mmap_mib`` now come from the heap, and up to
+    in again: generating resnet50 from the prior spent 0.9 s more system time on 550k more such faults
+    (docs/bench_generate_speed.md). Blocks up to ``mmap_mib`` now come from the heap, and up to
     ``trim_mib`` of free heap stays mapped (bigger blocks are still returned when freed, so peak memory
     grows by at most that). Returns whether it applied (glibc only; elsewhere nothing changes).
     """
