@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
 
-from weightgen.cli import HelpFormatter, artifact_listing, fit_kind, group_table, parse_kwargs, run_cli, total_line
+# Before torch loads (OpenMP reads it once): worker threads sleep between parallel regions instead of
+# spinning for up to ~3 ms, which on a busy machine holds the core the other thread waits for (two
+# threads ran 3.6x slower than one there; docs/bench_generate_speed.md). An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from weightgen.cli import (HelpFormatter, artifact_listing, fit_kind, group_table, keep_freed_memory, parse_kwargs,
+                           run_cli, total_line)
 from weightgen.config import PRESETS
 from weightgen.generate import GenerateOptions, generate
 from weightgen.mimicry import DEFAULT_LR, DEFAULT_STEPS, METHODS
@@ -68,6 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()
     opts = GenerateOptions(
         arch=args.arch, checkpoint=args.checkpoint, pretrained=args.pretrained, vae=args.vae,
         pretrained_file=args.pretrained_file,

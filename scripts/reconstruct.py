@@ -13,9 +13,15 @@ term. With --probe-task, BatchNorm statistics are re-estimated on that train spl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from weightgen.cli import HelpFormatter, parse_kwargs, run_cli
+# Before torch loads (OpenMP reads it once): worker threads sleep between parallel regions instead of
+# spinning for up to ~3 ms, which on a busy machine holds the core the other thread waits for (two
+# threads ran 3.6x slower than one there; docs/bench_generate_speed.md). An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from weightgen.cli import HelpFormatter, keep_freed_memory, parse_kwargs, run_cli
 from weightgen.reconstruct import (DECODE_DTYPES, DEFAULT_BEHAVIOUR_WEIGHT, DEFAULT_IMAGE_SIZE, DEFAULT_LR,
                                    DEFAULT_PATIENCE, DEFAULT_PROBE_SIZE, DEFAULT_STEPS, MODES, ReconstructOptions, reconstruct)
 
@@ -62,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()
     opts = ReconstructOptions(
         arch=args.arch, checkpoint=args.checkpoint, out=args.out, model_kwargs=parse_kwargs(args.model_kwargs),
         vae=args.vae, mode=args.mode, steps=args.steps, lr=args.lr, keep_head=args.keep_head, seed=args.seed,

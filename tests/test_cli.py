@@ -397,3 +397,36 @@ def test_user_errors_turns_a_core_value_error_into_one_user_error():
     with pytest.raises(TypeError):
         with user_errors():
             raise TypeError("a bug stays a bug")
+
+
+@pytest.mark.parametrize("script", ["scripts/generate_weights.py", "scripts/reconstruct.py"])
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_scripts_let_idle_openmp_threads_sleep(script, preset):
+    """The two decoding scripts set OMP_WAIT_POLICY=PASSIVE before torch loads (spinning OpenMP threads made two
+    threads 3.6x slower than one on a busy machine: docs/bench_generate_speed.md), and leave a user's own setting alone."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": preset} if preset else {})
+    code = ("import os, runpy, sys\n"  # what OMP_WAIT_POLICY is when torch is first looked for
+            "seen = []\n"
+            "class Hook:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' and not seen:\n"
+            "            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+            "sys.meta_path.insert(0, Hook())\n"
+            "runpy.run_path(sys.argv[1], run_name='x')\n"
+            "print(seen[0], os.environ.get('OMP_WAIT_POLICY'))\n")
+    out = subprocess.run([sys.executable, "-c", code, script], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout.split()
+    assert out == [preset or "PASSIVE"] * 2
+
+
+def test_keep_freed_memory_applies_on_glibc():
+    import platform
+
+    from weightgen.cli import keep_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt only")
+    assert keep_freed_memory() is True

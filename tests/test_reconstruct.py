@@ -426,3 +426,48 @@ def test_mimic_selects_on_val_images_of_every_class():
     assert len(ys) == FIDELITY_CAP and torch.equal(xs.view(-1).long(), ys)  # pairs kept together
     assert set(ys.tolist()) == {0, 1, 2, 3} and min(torch.bincount(ys).tolist()) > FIDELITY_CAP // 8
     assert torch.equal(_val_subset({"data": {"val": (x, y)}}, seed=0)[1], ys)  # seeded
+
+
+@pytest.mark.parametrize("lr, patience", [(5e-2, None), (50.0, 1)])  # a fit that improves; one that stops early
+def test_mimic_checks_reuse_the_step_pass(lr, patience):
+    """A check scores the state a step starts from with that step's own weight error (no decode of its own):
+    the same run as checks that decode (the same losses, stop and kept state; scores to float rounding),
+    and the final state's weights, handed to the writer, are the bits the writer would decode."""
+    import weightgen.reconstruct as rec
+
+    vae = load_vae_bundle()[0].eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=gen) * 0.1 for shape in ((48, 16, 3, 3), (40, 256))]
+
+    def layers():
+        made = [rec._Layer(vae, {"name": f"l{i}", "shape": tuple(w.shape), "kind": "conv" if w.dim() == 4 else "linear",
+                                 "depth": 0.5}, w) for i, w in enumerate(weights)]
+        with torch.no_grad():
+            for layer in made:  # away from encode's optimum, the same way for both runs
+                layer.latents.add_(0.3 * torch.randn(layer.latents.shape, generator=torch.Generator().manual_seed(1)))
+        return made
+
+    plain, reused = layers(), layers()
+    final: dict = {}
+    runs = {
+        "plain": rec._mimic(plain, 6, lr, False, score=lambda: rec._weight_score(None, plain, None, 0.0), checks=3,
+                            patience=patience),
+        "reused": rec._mimic(reused, 6, lr, False, score=rec._Score(
+            lambda w, e: rec._weight_score(None, reused, None, 0.0, w, e)), checks=3, patience=patience, final=final),
+    }
+    (h_plain, s_plain), (h_reused, s_reused) = runs["plain"], runs["reused"]
+    assert h_plain == h_reused
+    assert (s_plain["kept_step"], s_plain["stopped_step"]) == (s_reused["kept_step"], s_reused["stopped_step"])
+    assert [step for step, _ in s_plain["scores"]] == [step for step, _ in s_reused["scores"]]
+    for (_, a), (_, b) in zip(s_plain["scores"], s_reused["scores"]):
+        assert b == pytest.approx(a, rel=1e-5)
+    for a, b in zip(plain, reused):
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.log_scale, b.log_scale)
+    if patience is None:  # the fit improves to its last step: kept, and its weights handed over
+        assert s_reused["kept_step"] == 6 and set(final) == {"l0.weight", "l1.weight"}
+        with torch.no_grad():  # as _write_back decodes
+            for layer in reused:
+                scale = layer.log_scale.detach().exp().float().reshape(1)
+                assert torch.equal(final[f"{layer.name}.weight"], layer.decode(scale).reshape(layer.shape))
+    else:  # every step is worse than the start: it stops after one check without gain, keeping the start
+        assert s_reused["kept_step"] == 0 and s_reused["stopped_step"] < 6 and not final

@@ -199,7 +199,8 @@ def generate(opts: GenerateOptions, progress: bool = False) -> tuple[Path, dict]
     sizes = Counter(row["group"] for row in report["layers"])
     report["templates_per_bank"] = {g: config.templates_for(n) - config.extra_templates for g, n in sizes.items()}
     del state
-    gc.collect()
+    if not release:  # a gradient fit's graphs can hold cycles; the closed-form path leaves none (0 found)
+        gc.collect()
     with torch.no_grad():
         recorded = record_features(model, batch)
         report["function"] = compare_features(reference, recorded)

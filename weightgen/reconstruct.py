@@ -247,27 +247,57 @@ def _behaviour(model: nn.Module, probe: _Probe, weights: dict[str, torch.Tensor]
     return (out.float() - ref).pow(2).mean() / ref.pow(2).mean().clamp(min=1e-30)
 
 
+class _Score:
+    """What mimic's kept state maximises (higher is better), told what a mimic step already computed.
+
+    ``measure(weights, weight_error)``: ``weights`` the decoded weights keyed ``name.weight`` (None: it
+    decodes them), ``weight_error`` the mean relative weight error of that state (None: it computes it).
+    A mimic step's pass already holds both for the state it starts from, so a check costs no decode.
+    """
+
+    def __init__(self, measure: Callable[[dict | None, float | None], float]):
+        self.measure = measure
+
+    def __call__(self, weights: dict | None = None, weight_error: float | None = None) -> float:
+        return self.measure(weights, weight_error)
+
+
+def _decoded(layers: list[_Layer]) -> dict[str, torch.Tensor]:
+    """Every layer's weight as the model computes with it, keyed ``name.weight`` (no graph)."""
+    with torch.no_grad():
+        return {f"{layer.name}.weight": layer.decode().to(layer.dtype).reshape(layer.shape) for layer in layers}
+
+
 def _mimic(layers: list[_Layer], steps: int, lr: float, progress: bool, model: nn.Module | None = None,
            probe: _Probe | None = None, behaviour_weight: float = 0.0, decode_dtype: str = "float32",
            score: Callable[[], float] | None = None, checks: int = 10,
-           patience: int | None = DEFAULT_PATIENCE) -> tuple[list[float], dict]:
+           patience: int | None = DEFAULT_PATIENCE, final: dict | None = None) -> tuple[list[float], dict]:
     """Adam with cosine decay on the joint loss. With ``score`` (higher is better), it is measured at
     the start and about ``checks`` times more (the last step included), and the layers end at the
     best-scoring state; else at the final one. With ``patience``, the fit stops once that many checks
     in a row found no better score than the best (the best is kept either way). Returns (loss per
-    step, selection record: kept step, scores, the step it stopped at)."""
+    step, selection record: kept step, scores, the step it stopped at).
+
+    A check of the state a step starts from runs inside that step: a :class:`_Score` is handed the
+    weight error of the step's pass and (with a behaviour term) the weights it decoded, so it decodes
+    nothing again; a plain ``score()`` decodes for itself. Only the final state is decoded for its check;
+    when that state is kept, ``final`` (a dict, if given) receives those weights, so the caller need not
+    decode them again. Both hold in float32 only: a bfloat16 pass is not what the checks measure.
+    """
     params = [t for layer in layers for t in (layer.latents, layer.log_scale)]
     every = max(1, math.ceil(steps / max(1, checks)))
     best: dict = {}
+    reuse = isinstance(score, _Score) and decode_dtype == "float32"
 
-    def check(step: int) -> None:
-        value = score()
+    def check(step: int, known: dict | None = None) -> bool:
+        """Score the current state (``step`` updates in); True when patience says stop here."""
+        value = score(**known) if known is not None else score()
         if not best or value > best["score"]:  # ties keep the earlier state (the start first)
             best.update(score=value, step=step, state=[t.detach().clone() for t in params])
         best.setdefault("scores", []).append((step, value))
+        since_best = sum(1 for checked, _ in best["scores"] if checked > best["step"])
+        return patience is not None and since_best >= patience and step < steps
 
-    if score is not None:
-        check(0)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     behave = behaviour_weight > 0 and probe is not None and model is not None
@@ -275,7 +305,10 @@ def _mimic(layers: list[_Layer], steps: int, lr: float, progress: bool, model: n
     buffers = {k: v.clone() for k, v in model.named_buffers()} if behave and probe.bn_train else {}
     history = []
     for step in tqdm(range(steps), desc="reconstruct (mimic)", disable=not progress):
-        grads, value = {}, 0.0
+        checking = score is not None and step % every == 0  # the state this step starts from (0: encode's)
+        if checking and not reuse and check(step):
+            break
+        grads, value, known = {}, 0.0, {}
         if behave:
             # 1. every layer decoded once, no graph; 2. the loss's gradient w.r.t. each decoded weight
             with torch.no_grad(), autocast():
@@ -286,20 +319,27 @@ def _mimic(layers: list[_Layer], steps: int, lr: float, progress: bool, model: n
             for name, g in zip(names, torch.autograd.grad(loss, [weights[n] for n in names])):
                 grads[name] = g * behaviour_weight
             value += behaviour_weight * loss.item()
+            if checking and reuse:
+                known["weights"] = {f"{n}.weight": w.detach() for n, w in weights.items()}
             del weights, loss
         opt.zero_grad(set_to_none=True)
         # 3. one chunk's graph at a time: the weight term plus the behaviour gradient reaching it, w.r.t. the
         # latents only (no gradient for the decoder's own weights: half the backward's cost)
-        for layer in layers:
-            value += layer.step_gradients(autocast, 1.0 / len(layers), grads.get(layer.name))
+        weight_value = sum(layer.step_gradients(autocast, 1.0 / len(layers), grads.get(layer.name))
+                           for layer in layers)
+        value += weight_value
+        if checking and reuse and check(step, {**known, "weight_error": weight_value}):
+            break  # before the update: the state checked is the one this step started from
+        del known
         history.append(value)
         opt.step()
         sched.step()
-        if score is not None and ((step + 1) % every == 0 or step + 1 == steps):
-            check(step + 1)
-            since_best = sum(1 for checked, _ in best["scores"] if checked > best["step"])
-            if patience is not None and since_best >= patience and step + 1 < steps:
-                break
+    else:
+        if score is not None:
+            decoded = _decoded(layers) if reuse else None
+            check(steps, {"weights": decoded} if reuse else None)
+            if final is not None and decoded is not None and best["step"] == steps:
+                final.update(decoded)
     if not best:
         return history, {"kept_step": steps, "scores": [], "stopped_step": steps}
     with torch.no_grad():
@@ -310,9 +350,10 @@ def _mimic(layers: list[_Layer], steps: int, lr: float, progress: bool, model: n
 
 @torch.no_grad()
 def _task_score(model: nn.Module, layers: list[_Layer], val: tuple[torch.Tensor, torch.Tensor],
-                reference: torch.Tensor, bn_train: bool) -> float:
-    """Val accuracy of the decoded weights, then (tie-break) minus the relative logit error there."""
-    weights = {f"{layer.name}.weight": layer.decode().to(layer.dtype).reshape(layer.shape) for layer in layers}
+                reference: torch.Tensor, bn_train: bool, weights: dict | None = None) -> float:
+    """Val accuracy of the decoded weights (``weights``: already decoded), then (tie-break) minus the
+    relative logit error there."""
+    weights = _decoded(layers) if weights is None else weights
     buffers = {k: v.clone() for k, v in model.named_buffers()} if bn_train else {}
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if bn_train else []
     x, y = val
@@ -329,13 +370,19 @@ def _task_score(model: nn.Module, layers: list[_Layer], val: tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def _weight_score(model: nn.Module, layers: list[_Layer], probe: _Probe | None, behaviour_weight: float) -> float:
-    """Minus the mimic objective on held-out inputs: the weight error, plus the behaviour term."""
-    weights = {layer.name: layer.decode().to(layer.dtype).reshape(layer.shape) for layer in layers}
-    value = sum(layer.weight_error(weights[layer.name]).item() for layer in layers) / len(layers)
-    if probe is not None and behaviour_weight > 0:
-        value += behaviour_weight * _behaviour(model, probe, {f"{n}.weight": w for n, w in weights.items()}, 0,
-                                               {}).item()
+def _weight_score(model: nn.Module, layers: list[_Layer], probe: _Probe | None, behaviour_weight: float,
+                  weights: dict | None = None, weight_error: float | None = None) -> float:
+    """Minus the mimic objective on held-out inputs: the weight error, plus the behaviour term.
+
+    ``weights`` / ``weight_error``: that state's, already computed (a weights-only score then decodes nothing).
+    """
+    held_out = probe is not None and behaviour_weight > 0
+    if weights is None and (weight_error is None or held_out):
+        weights = _decoded(layers)
+    value = (sum(layer.weight_error(weights[f"{layer.name}.weight"]).item() for layer in layers) / len(layers)
+             if weight_error is None else weight_error)
+    if held_out:
+        value += behaviour_weight * _behaviour(model, probe, weights, 0, {}).item()
     return -value
 
 
@@ -378,19 +425,19 @@ def _val_subset(task: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _selection_score(opts: ReconstructOptions, model: nn.Module, layers: list[_Layer], task: dict | None,
-                     has_bn: bool, behaviour_weight: float, device: torch.device) -> Callable[[], float]:
+                     has_bn: bool, behaviour_weight: float, device: torch.device) -> _Score:
     """What mimic's kept state maximises: the task's val split, else held-out noise (seed + 2)."""
     if task:
         x, y = _val_subset(task, opts.seed)
         x = x.to(device)
         reference = _logits(model, x).float()
-        return lambda: _task_score(model, layers, (x, y), reference, has_bn)
+        return _Score(lambda weights, _: _task_score(model, layers, (x, y), reference, has_bn, weights))
     held_out = None
     if behaviour_weight > 0:
         side = _model_side(model, opts.image_size)[1]
         inputs = example_batch(model, min(opts.probe_size, PROBE_BATCH), opts.seed + 2, max_side=side).to(device)
         held_out = _Probe(inputs, _logits(model, inputs), bn_train=False)
-    return lambda: _weight_score(model, layers, held_out, behaviour_weight)
+    return _Score(lambda weights, error: _weight_score(model, layers, held_out, behaviour_weight, weights, error))
 
 
 def _accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -474,13 +521,20 @@ def _behaviour_probe(opts: ReconstructOptions, model: nn.Module, task: dict | No
 
 
 @torch.no_grad()
-def _write_back(model: nn.Module, layers: list[_Layer]) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Decode every layer into the model's weight; one report row and the stored latents per layer."""
+def _write_back(model: nn.Module, layers: list[_Layer],
+                decoded: dict | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Decode every layer into the model's weight; one report row and the stored latents per layer.
+
+    ``decoded``: float32 weights of the current state keyed ``name.weight``, already decoded (mimic's last check).
+    """
     rows, latents = [], {}
+    decoded = decoded or {}
     for layer in layers:
         scale = layer.log_scale.detach().exp().float().reshape(1)  # stored: the decode uses exactly this
         z = layer.latents.detach().float().contiguous()
-        weight = layer.decode(scale).reshape(layer.shape)
+        weight = decoded.get(f"{layer.name}.weight")
+        if weight is None or weight.dtype != torch.float32:  # the same bits: one scale, one decode
+            weight = layer.decode(scale).reshape(layer.shape)
         latents[f"{layer.name}.latents"], latents[f"{layer.name}.scale"] = z, scale
         numbers = math.prod(layer.shape)
         rows.append({"name": layer.name, "shape": list(layer.shape), "kind": layer.kind, "depth": layer.depth,
@@ -535,13 +589,15 @@ def reconstruct(opts: ReconstructOptions, progress: bool = False) -> tuple[Path,
     decode_dtype = decode_autocast(opts.decode_dtype, device)[0] if steps else None
     fit_start, fit_cpu = time.perf_counter(), time.process_time()
     score = _selection_score(opts, model, layers, task, has_bn, behaviour_weight, device) if steps else None
+    final: dict = {}
     history, selection = _mimic(layers, steps, opts.lr, progress, model, probe, behaviour_weight,
-                                decode_dtype or "float32", score, patience=opts.patience or None
+                                decode_dtype or "float32", score, patience=opts.patience or None, final=final
                                 ) if steps and layers else ([], None)
     fit_seconds, fit_cpu_seconds = time.perf_counter() - fit_start, time.process_time() - fit_cpu
     del probe
 
-    rows, latents = _write_back(model, layers)
+    rows, latents = _write_back(model, layers, final)
+    del final
     batchnorm = "copied from the checkpoint" if has_bn else None
     if task and has_bn:  # the decoded weights make other activations: statistics of the task's train split
         _reestimate_bn(model, task["data"]["train"])
