@@ -74,25 +74,6 @@ def _median(runs: dict | list[dict]) -> dict:
     return merged
 
 
-def _children_cpu_split() -> tuple[float, float]:
-    """(user, system) seconds of every waited-for child so far."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime, usage.ru_stime
-
-
-def _median(runs: dict | list[dict]) -> dict:
-    """One measurement, or the per-field medians of repeated ones (``runs``: how many; ``range_*``: min, max)."""
-    if isinstance(runs, dict):  # a row of an older log: one process
-        return {**runs, "runs": 1}
-    merged = {**runs[0], "runs": len(runs)}
-    for key in ("wall_s", "cpu_s", "sys_s", "load_at_start", "peak_rss_bytes", "ratio"):
-        values = [r[key] for r in runs if r.get(key) is not None]
-        if values:
-            merged[key] = statistics.median(values)
-            merged[f"range_{key}"] = [min(values), max(values)]
-    return merged
-
-
 def _children_cpu() -> float:
     """User + system seconds of every waited-for child so far (run_measured waits for its child)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
